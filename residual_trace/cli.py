@@ -1,0 +1,113 @@
+"""The ``trace`` command line: one command = one config object + one library call.
+
+Bad input ends with a one-line ``Error: ...`` and exit status 1 (2 for usage errors);
+set ``RESIDUAL_TRACE_DEBUG=1`` to see the traceback of an unexpected internal error.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import click
+
+from residual_trace import __version__
+from residual_trace.errors import UserError
+
+_EPILOG_LAYERS = """\b
+Examples:
+  trace layers                                   # minilm, bundled sentences
+  trace layers --model bert-base-uncased --text "The dog chased the cat." --out runs/bert
+  trace layers --model smollm2 --file my_sentences.txt --out runs/smol
+  trace layers --model ./path/to/local/hf/checkpoint --format svg --save-attention
+"""
+
+
+class _Group(click.Group):
+    """Turns :class:`UserError` (and stray exceptions) into one line and a non-zero exit."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except UserError as error:
+            raise click.ClickException(str(error)) from None
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except KeyboardInterrupt:
+            raise click.Abort() from None
+        except Exception as error:
+            if os.environ.get("RESIDUAL_TRACE_DEBUG"):
+                raise
+            first = (str(error).strip().splitlines() or [""])[0]
+            raise click.ClickException(
+                f"internal error: {type(error).__name__}: {first} "
+                "(set RESIDUAL_TRACE_DEBUG=1 for the traceback)"
+            ) from None
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="residual-trace")
+def trace() -> None:
+    """Mechanistic residual-stream tracing: does the state at layer L still hold its token?
+
+    Every number comes with its null (a baseline, a control or an interval).
+    Run `trace COMMAND --help` for a command's options and examples.
+    """
+
+
+@trace.command("layers", epilog=_EPILOG_LAYERS)
+@click.option("--model", "-m", default="minilm", show_default=True,
+              help="Packaged alias (minilm, smollm2), Hugging Face name, or local checkpoint dir.")
+@click.option("--text", "-t", "texts", multiple=True,
+              help="A text to trace; repeat for several. Default: the bundled sentences.")
+@click.option("--file", "-f", type=click.Path(path_type=Path),
+              help="UTF-8 file with one text per non-blank line.")
+@click.option("--out", "-o", type=click.Path(path_type=Path),
+              help="Output directory (default: runs/<model>-<UTC timestamp>).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+              show_default=True)
+@click.option("--batch-size", type=int, default=16, show_default=True,
+              help="Texts per forward pass (results do not depend on it).")
+@click.option("--max-length", type=int, default=None,
+              help="Longest input in tokens incl. special tokens; longer texts are truncated "
+                   "with a warning. Default: the model's limit, at most 512.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed for bootstrap intervals and the figure's token sample.")
+@click.option("--save-attention", is_flag=True,
+              help="Also write attention patterns, one compressed .npz per text.")
+@click.option("--format", "figure_format", type=click.Choice(["png", "svg", "pdf"]),
+              default="png", show_default=True, help="Figure file format.")
+@click.option("--include-special", is_flag=True,
+              help="Keep [CLS]/[SEP]/BOS/EOS in the summary and figures (always in drift.csv).")
+@click.option("--heatmap-text", type=int, default=0, show_default=True,
+              help="text_id drawn in drift_heatmap.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar, no summary.")
+def layers(**options: Any) -> None:
+    """Capture every layer's residual stream and measure token drift.
+
+    Prints a per-layer summary and writes drift.csv (one row per text x position x
+    layer), summary.csv, texts.csv, run.json and three figures into --out.
+    """
+    from residual_trace.experiments.layers import LayersConfig, describe, run_layers
+
+    texts = list(options.pop("texts")) or None
+    config = LayersConfig(texts=texts, **options)
+    result = run_layers(config, echo=lambda message: click.echo(message, err=True))
+    if not config.quiet:
+        click.echo(describe(result))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Console-script entry point; ``argv`` lets tests run the CLI in-process."""
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    trace.main(args=list(argv) if argv is not None else None, prog_name="trace")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main(sys.argv[1:])

@@ -1,0 +1,328 @@
+"""The ``trace layers`` job: capture every layer, measure token drift, write tables and figures.
+
+One config in, one :class:`LayersResult` out; the CLI is a thin shell around
+:func:`run_layers`. Memory stays bounded: each batch is reduced to its rows of the drift
+table and appended to ``drift.csv`` before the next batch runs; only the few numeric columns
+the summary and figures need are kept.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from residual_trace.errors import UserError
+from residual_trace.figures import (
+    drift_heatmap_figure,
+    identifiable_share_figure,
+    token_drift_figure,
+)
+from residual_trace.models import TracedModel, load_model
+from residual_trace.runs import RunDir, default_out, texts_sha256, write_run_json, write_table
+from residual_trace.tracer import DriftConfig, iter_drift, layer_summary
+
+FIGURE_FORMATS = ("png", "svg", "pdf")
+_KEPT = (
+    "text_id",
+    "position",
+    "layer",
+    "token",
+    "is_special",
+    "cos_input",
+    "baseline",
+    "vocab_rank",
+    "cos_input_normed",
+    "baseline_normed",
+    "vocab_rank_normed",
+    "norm_ratio",
+    "top_dim_share",
+)
+
+
+def bundled_sentences() -> list[str]:
+    """The English sentences shipped with the package (written for this project)."""
+    text = resources.files("residual_trace").joinpath("data/sentences.txt").read_text("utf-8")
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+
+
+def read_texts(path: Path) -> list[str]:
+    """One text per non-blank line of a UTF-8 file."""
+    try:
+        content = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"--file {path}: no such file") from None
+    except IsADirectoryError:
+        raise UserError(f"--file {path}: is a directory, expected a text file") from None
+    except UnicodeDecodeError:
+        raise UserError(f"--file {path}: not UTF-8 text") from None
+    except OSError as error:
+        raise UserError(f"--file {path}: {error.strerror or error}") from None
+    texts = [line.strip() for line in content.splitlines() if line.strip()]
+    if not texts:
+        raise UserError(f"--file {path}: holds no text (one text per non-blank line)")
+    return texts
+
+
+@dataclass
+class LayersConfig:
+    """Everything ``trace layers`` needs; saved in ``run.json`` under ``options``."""
+
+    model: str = "minilm"
+    texts: list[str] | None = None
+    file: Path | None = None
+    out: Path | None = None
+    device: str = "auto"
+    batch_size: int = 16
+    max_length: int | None = None
+    seed: int = 0
+    quiet: bool = False
+    save_attention: bool = False
+    figure_format: str = "png"
+    include_special: bool = False
+    heatmap_text: int = 0
+    normed: bool = True
+
+    def __post_init__(self) -> None:
+        if self.texts is not None and self.file is not None:
+            raise UserError("give texts with --text or --file, not both")
+        if self.figure_format not in FIGURE_FORMATS:
+            raise UserError(f"--format must be one of {', '.join(FIGURE_FORMATS)}")
+        if self.heatmap_text < 0:
+            raise UserError("--heatmap-text must be a text id >= 0")
+        DriftConfig(batch_size=self.batch_size, max_length=self.max_length)  # validates
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["texts"] = None if self.texts is None else len(self.texts)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LayersConfig:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names and k != "texts"})
+
+
+@dataclass
+class LayersResult:
+    out: Path
+    summary: pd.DataFrame
+    n_texts: int
+    files: list[Path] = field(default_factory=list)
+    model: TracedModel | None = None
+
+
+def _load_inputs(config: LayersConfig) -> tuple[list[str], str]:
+    if config.texts is not None:
+        if not config.texts:
+            raise UserError("no text given")
+        return list(config.texts), "--text"
+    if config.file is not None:
+        return read_texts(config.file), str(config.file)
+    return bundled_sentences(), "bundled sentences (residual_trace/data/sentences.txt)"
+
+
+class _TableStream:
+    """Append DataFrames to ``NAME.csv`` (header once) and, with pyarrow, ``NAME.parquet``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.rows = 0
+        self._parquet: Any = None
+        try:
+            import pyarrow  # noqa: F401
+        except ImportError:
+            self._pyarrow = False
+        else:
+            self._pyarrow = True
+
+    @property
+    def files(self) -> list[str]:
+        names = [self.path.name]
+        return [*names, self.path.with_suffix(".parquet").name] if self._pyarrow else names
+
+    def write(self, frame: pd.DataFrame) -> None:
+        frame.to_csv(self.path, mode="a", header=self.rows == 0, index=False)
+        self.rows += len(frame)
+        if self._pyarrow:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            table = pa.Table.from_pandas(frame, preserve_index=False)
+            if self._parquet is None:
+                self._parquet = pq.ParquetWriter(self.path.with_suffix(".parquet"), table.schema)
+            self._parquet.write_table(table)
+
+    def close(self) -> None:
+        if self._parquet is not None:
+            self._parquet.close()
+            self._parquet = None
+
+
+def _attention_writer(folder: Path) -> Callable[[int, list[str], np.ndarray], None]:
+    folder.mkdir()
+
+    def save(text_id: int, tokens: list[str], pattern: np.ndarray) -> None:
+        np.savez_compressed(
+            folder / f"text_{text_id:05d}.npz",
+            pattern=pattern.astype(np.float16),
+            tokens=np.array(tokens, dtype=str),
+        )
+
+    return save
+
+
+def run_layers(
+    config: LayersConfig,
+    echo: Callable[[str], None] = lambda message: print(message, file=sys.stderr),
+    model: TracedModel | None = None,
+) -> LayersResult:
+    """Run ``trace layers``: see the module docstring and the README for the outputs.
+
+    Args:
+        config: the options.
+        echo: receives warnings and notes (one line each) for stderr.
+        model: an already loaded model to reuse (``config.model`` is then only a label).
+    """
+    torch.manual_seed(config.seed)
+    texts, source = _load_inputs(config)
+    out = Path(config.out) if config.out is not None else default_out(config.model)
+    progress = not config.quiet and sys.stderr.isatty()
+    with RunDir(out) as run:  # checks --out is writable before the model loads
+        if model is None:
+            model = load_model(
+                config.model, config.device, on_convert=lambda m: echo(f"note: {m}")
+            )
+        drift = DriftConfig(
+            batch_size=config.batch_size,
+            max_length=config.max_length,
+            normed=config.normed,
+            progress=progress,
+        )
+        patterns = _attention_writer(run.tmp / "attention") if config.save_attention else None
+        stream = _TableStream(run.tmp / "drift.csv")
+        kept: list[pd.DataFrame] = []
+        warn = lambda m: echo(f"warning: {m}")  # noqa: E731
+        for frame in iter_drift(model, texts, drift, patterns=patterns, warn=warn):
+            stream.write(frame)
+            kept.append(frame[list(_KEPT)])
+        stream.close()
+        table = pd.concat(kept, ignore_index=True)
+        table["model"] = model.name
+        summary = layer_summary(table, include_special=config.include_special, seed=config.seed)
+        files = [run.out / name for name in stream.files]
+        files += [run.out / p.name for p in write_table(summary, run.tmp / "summary.csv")]
+        text_rows = pd.DataFrame(
+            {
+                "text_id": np.arange(len(texts)),
+                "n_tokens": table[table["layer"] == 0].groupby("text_id").size().to_numpy(),
+                "text": texts,
+            }
+        )
+        text_rows.to_csv(run.tmp / "texts.csv", index=False)
+        files.append(run.out / "texts.csv")
+        files += _write_figures(config, model, table, run.tmp, run.out, len(texts))
+        if config.save_attention:
+            files.append(run.out / "attention")
+        write_run_json(
+            run.tmp / "run.json",
+            {
+                "command": "layers",
+                "model": {
+                    "name": model.name,
+                    "source": model.resolved.source,
+                    "directory": str(model.resolved.directory),
+                    "revision": model.resolved.revision,
+                    "weights_sha256": model.resolved.weights_sha256,
+                    "architecture": model.model_type,
+                    "family": model.spec.family,
+                    "norm_placement": model.spec.norm_placement,
+                    "n_blocks": model.n_layers,
+                    "d_model": model.d_model,
+                    "n_heads": model.n_heads,
+                    "d_vocab": model.d_vocab,
+                },
+                "device": str(model.device),
+                "inputs": {
+                    "source": source,
+                    "n_texts": len(texts),
+                    "texts_sha256": texts_sha256(texts),
+                },
+                "options": config.to_dict(),
+                "seed": config.seed,
+                "rows": stream.rows,
+                "files": [p.name for p in files],
+            },
+        )
+        files.append(run.out / "run.json")
+    return LayersResult(out=out, summary=summary, n_texts=len(texts), files=files, model=model)
+
+
+def _write_figures(
+    config: LayersConfig,
+    model: TracedModel,
+    table: pd.DataFrame,
+    tmp: Path,
+    out: Path,
+    n_texts: int,
+) -> list[Path]:
+    if config.heatmap_text >= n_texts:
+        raise UserError(f"--heatmap-text {config.heatmap_text}: only {n_texts} text(s) given")
+    variants = ("", "_normed") if model.spec.norm_placement == "pre" else ("",)
+    figures = {
+        "token_drift": token_drift_figure(
+            table, include_special=config.include_special, variants=variants, seed=config.seed
+        ),
+        "drift_heatmap": drift_heatmap_figure(table, text_id=config.heatmap_text),
+        "identifiable_share": identifiable_share_figure(
+            table, include_special=config.include_special, variants=variants, seed=config.seed
+        ),
+    }
+    written = []
+    for name, figure in figures.items():
+        filename = f"{name}.{config.figure_format}"
+        figure.savefig(tmp / filename, dpi=150)
+        written.append(out / filename)
+    return written
+
+
+__all__ = [
+    "FIGURE_FORMATS",
+    "LayersConfig",
+    "LayersResult",
+    "bundled_sentences",
+    "describe",
+    "read_texts",
+    "run_layers",
+]
+
+
+def _summary_title(model: TracedModel, n_texts: int, summary: pd.DataFrame) -> str:
+    tokens = int(summary["n_tokens"].iloc[0]) if len(summary) else 0
+    return (
+        f"{model.name}: {model.model_type} {model.spec.family}, {model.n_layers} blocks "
+        f"({model.n_layers + 1} layers), {n_texts} texts, {tokens} tokens measured per layer"
+    )
+
+
+def describe(result: LayersResult) -> str:
+    """Summary text for the terminal: title, per-layer table, what was written."""
+    from residual_trace.tracer import format_summary
+
+    assert result.model is not None
+    show_normed = result.model.spec.norm_placement == "pre"
+    parts = [
+        _summary_title(result.model, result.n_texts, result.summary),
+        format_summary(result.summary, show_normed=show_normed),
+        "cos_input: cosine to the input token's embedding; baseline: the same to the text's "
+        "other tokens (the null); identifiable: own token is the nearest vocabulary row.",
+        f"wrote {result.out}/: " + ", ".join(p.name for p in result.files),
+    ]
+    return "\n".join(parts)

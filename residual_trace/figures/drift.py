@@ -1,0 +1,147 @@
+"""Token-drift figures: pure functions from a drift table (see :mod:`residual_trace.tracer`)
+to a matplotlib :class:`~matplotlib.figure.Figure`. No model, no pyplot state, no I/O."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib.figure import Figure
+
+from residual_trace.stats import bootstrap_ci
+
+LAYER_LABEL = "layer (0 = embeddings, input of block 0; k = output of block k-1)"
+
+#: At most this many faint per-token lines are drawn (a seeded sample), to stay legible.
+MAX_TOKEN_LINES = 400
+
+
+def _tokens(table: pd.DataFrame, include_special: bool) -> pd.DataFrame:
+    return table if include_special else table[~table["is_special"]]
+
+
+def _mean_band(
+    table: pd.DataFrame, column: str, seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    layers, means, lows, highs = [], [], [], []
+    for layer, group in table.groupby("layer", sort=True):
+        values = group[column].to_numpy(dtype=np.float64)
+        lo, hi = bootstrap_ci(values, seed=seed)
+        layers.append(layer)
+        means.append(np.nanmean(values) if np.isfinite(values).any() else np.nan)
+        lows.append(lo)
+        highs.append(hi)
+    return np.array(layers), np.array(means), np.array(lows), np.array(highs)
+
+
+def _model_name(table: pd.DataFrame) -> str:
+    names = table["model"].unique() if "model" in table else []
+    return ", ".join(map(str, names)) or "model"
+
+
+def token_drift_figure(
+    table: pd.DataFrame,
+    include_special: bool = False,
+    variants: tuple[str, ...] = ("",),
+    seed: int = 0,
+) -> Figure:
+    """Layer on x, cosine to the input token's embedding on y.
+
+    A faint line per token (a seeded sample of at most :data:`MAX_TOKEN_LINES`), the mean
+    over tokens with its 95% bootstrap band, and the ``baseline`` (mean similarity to the
+    text's *other* tokens) as a dashed band: the level a state reaches without being its
+    token. ``variants`` picks panels: ``""`` (raw) and/or ``"_normed"``.
+    """
+    data = _tokens(table, include_special)
+    if data.empty:
+        raise ValueError("no tokens to plot (only special tokens? try include_special=True)")
+    fig = Figure(figsize=(6.4 * len(variants), 4.4), layout="constrained")
+    axes = fig.subplots(1, len(variants), squeeze=False)[0]
+    keys = data[["text_id", "position"]].drop_duplicates()
+    if len(keys) > MAX_TOKEN_LINES:
+        keys = keys.sample(MAX_TOKEN_LINES, random_state=seed)
+    sample = data.merge(keys, on=["text_id", "position"])
+    for ax, suffix in zip(axes, variants, strict=True):
+        for _, token in sample.groupby(["text_id", "position"], sort=False):
+            ax.plot(token["layer"], token[f"cos_input{suffix}"], color="0.55", lw=0.4, alpha=0.25)
+        layers, mean, lo, hi = _mean_band(data, f"cos_input{suffix}", seed)
+        ax.fill_between(layers, lo, hi, color="C0", alpha=0.35, lw=0)
+        ax.plot(layers, mean, color="C0", lw=2.2, marker="o", ms=3.5, label="mean cos_input")
+        layers, base, blo, bhi = _mean_band(data, f"baseline{suffix}", seed)
+        ax.fill_between(layers, blo, bhi, color="C3", alpha=0.25, lw=0)
+        ax.plot(layers, base, color="C3", lw=1.6, ls="--", label="baseline (other tokens)")
+        ax.axhline(0.0, color="0.3", lw=0.6)
+        ax.set_xlabel(LAYER_LABEL)
+        label = "cosine(h, W_E[token])" + (" after the model's norm" if suffix else "")
+        ax.set_ylabel(label)
+        ax.set_ylim(-0.35, 1.05)
+        ax.set_xlim(layers.min(), layers.max())
+        ax.set_title(
+            f"{_model_name(table)}: token drift{' (normalised)' if suffix else ''}\n"
+            f"{len(keys)} of {data[['text_id', 'position']].drop_duplicates().shape[0]} "
+            "tokens drawn; band = 95% bootstrap CI of the mean",
+            fontsize=9,
+        )
+        ax.legend(loc="upper right", fontsize=8, frameon=False)
+    return fig
+
+
+def drift_heatmap_figure(
+    table: pd.DataFrame, text_id: int = 0, column: str = "cos_input"
+) -> Figure:
+    """One text's tokens (rows) x layers (columns), coloured by ``column``."""
+    data = table[table["text_id"] == text_id]
+    if data.empty:
+        raise ValueError(f"text_id {text_id} is not in the table")
+    grid = data.pivot_table(index="position", columns="layer", values=column, sort=True)
+    tokens = data.drop_duplicates("position").set_index("position")["token"]
+    labels = [f"{p}: {tokens[p]}" for p in grid.index]
+    fig = Figure(
+        figsize=(1.2 + 0.42 * grid.shape[1], 1.2 + 0.28 * grid.shape[0]), layout="constrained"
+    )
+    ax = fig.subplots()
+    sns.heatmap(
+        grid,
+        ax=ax,
+        vmin=-1.0,
+        vmax=1.0,
+        cmap="vlag",
+        center=0.0,
+        yticklabels=labels,
+        cbar_kws={"label": f"{column} (cosine)"},
+    )
+    ax.set_xlabel("layer")
+    ax.set_ylabel("position: token")
+    ax.set_title(f"{_model_name(table)}: {column}, text {text_id}", fontsize=9)
+    return fig
+
+
+def identifiable_share_figure(
+    table: pd.DataFrame,
+    include_special: bool = False,
+    variants: tuple[str, ...] = ("",),
+    seed: int = 0,
+) -> Figure:
+    """Share of tokens whose own embedding is the nearest vocabulary row, per layer.
+
+    One line per variant (``""`` raw, ``"_normed"`` after the model's norm), each with
+    the 95% bootstrap band of the share.
+    """
+    data = _tokens(table, include_special)
+    fig = Figure(figsize=(6.4, 4.0), layout="constrained")
+    ax = fig.subplots()
+    styles = {"": ("raw", "C0"), "_normed": ("after the model's norm", "C2")}
+    for suffix in variants:
+        label, colour = styles[suffix]
+        hits = pd.DataFrame(
+            {"layer": data["layer"], "hit": (data[f"vocab_rank{suffix}"] == 1).astype(float)}
+        )
+        layers, mean, lo, hi = _mean_band(hits, "hit", seed)
+        ax.fill_between(layers, lo, hi, color=colour, alpha=0.25, lw=0)
+        ax.plot(layers, mean, color=colour, marker="o", ms=3.5, label=label)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel(LAYER_LABEL)
+    ax.set_ylabel("share of tokens with vocab_rank = 1")
+    ax.set_title(f"{_model_name(table)}: tokens identifiable by nearest neighbour", fontsize=9)
+    ax.legend(fontsize=8, frameon=False)
+    return fig

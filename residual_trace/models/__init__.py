@@ -1,0 +1,17 @@
+"""Model resolution and the hooked TransformerBridge: the only package that touches TransformerLens."""
+
+from residual_trace.models.architectures import ARCHITECTURES, ArchSpec
+from residual_trace.models.resolve import ALIASES, HUB_RENAMES, ResolvedModel, cache_dir
+from residual_trace.models.traced import Capture, TracedModel, load_model
+
+__all__ = [
+    "ALIASES",
+    "ARCHITECTURES",
+    "HUB_RENAMES",
+    "ArchSpec",
+    "Capture",
+    "ResolvedModel",
+    "TracedModel",
+    "cache_dir",
+    "load_model",
+]

@@ -1,0 +1,207 @@
+"""A booted TransformerBridge with the few things the tracer needs: the only TransformerLens user.
+
+The bridge returns raw Hugging Face numerics (compatibility mode, which folds and centres
+weights, stays off). :meth:`TracedModel.capture` registers forward hooks on exactly the
+hook points it needs and stops the forward right after the last block, so the LM/MLM head,
+which the drift measures never read, is not computed (for MiniLM it is as costly as the
+encoder itself).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from residual_trace._typing import (
+    AttentionMask,
+    EmbeddingMatrix,
+    Float,
+    PatternStack,
+    ResidStack,
+    Tensor,
+    TokenIds,
+)
+from residual_trace.errors import UserError
+from residual_trace.models.architectures import ArchSpec, spec_for
+from residual_trace.models.resolve import ResolvedModel, _quiet_transformers, resolve
+
+
+class _StopForward(Exception):
+    """Raised from the last hook we need: nothing after it is computed."""
+
+
+@dataclass
+class Capture:
+    """What one forward pass left behind, for one padded batch.
+
+    Attributes:
+        resid: residual stream at every layer (0 = block 0's input, k = block k-1's
+            output), ``[n_layers + 1, batch, pos, d_model]``.
+        patterns: attention patterns per block ``[n_layers, batch, head, q, k]`` (rows
+            sum to 1 over unmasked keys), or ``None`` when not requested.
+    """
+
+    resid: ResidStack
+    patterns: PatternStack | None
+
+
+def pick_device(device: str) -> torch.device:
+    """``auto`` (CUDA when available), ``cpu`` or ``cuda``; a clear error otherwise."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available here (use auto or cpu)")
+    if device not in {"cpu", "cuda"}:
+        raise UserError(f"--device {device}: expected auto, cpu or cuda")
+    return torch.device(device)
+
+
+class TracedModel:
+    """A hooked TransformerBridge plus its tokenizer, architecture data and input embeddings.
+
+    Build one with :func:`load_model`. Attributes:
+
+    - ``name``, ``resolved`` (where the weights came from, their hash), ``model_type``;
+    - ``spec``: the :class:`ArchSpec` with this architecture's hook sites;
+    - ``n_layers`` (blocks; the residual has ``n_layers + 1`` layers), ``d_model``,
+      ``n_heads``, ``d_vocab``, ``max_positions``;
+    - ``W_E``: the input token-embedding matrix ``[d_vocab, d_model]`` (no positions).
+    """
+
+    def __init__(self, bridge: Any, resolved: ResolvedModel, device: torch.device) -> None:
+        self.bridge = bridge
+        self.resolved = resolved
+        self.name = resolved.name
+        self.device = device
+        self.tokenizer = bridge.tokenizer
+        hf_config = bridge.original_model.config
+        self.model_type: str = hf_config.model_type
+        self.spec: ArchSpec = spec_for(self.model_type)
+        self.n_layers: int = int(bridge.cfg.n_layers)
+        self.d_model: int = int(bridge.cfg.d_model)
+        self.n_heads: int = int(bridge.cfg.n_heads)
+        self.max_positions: int = int(
+            getattr(hf_config, "max_position_embeddings", None)
+            or getattr(hf_config, "n_positions", None)
+            or 512
+        )
+        weight = bridge.original_model.get_input_embeddings().weight
+        self.W_E: EmbeddingMatrix = weight.detach().to(device=device, dtype=torch.float32)
+        self.d_vocab: int = int(self.W_E.shape[0])
+        if self.tokenizer is None:
+            raise UserError(f"model '{self.name}' has no tokenizer in {resolved.directory}")
+        self.special_ids: frozenset[int] = frozenset(
+            int(i) for i in self.tokenizer.all_special_ids if i is not None
+        )
+        self.pad_id: int = int(
+            self.tokenizer.pad_token_id
+            if self.tokenizer.pad_token_id is not None
+            else (self.tokenizer.eos_token_id or 0)
+        )
+
+    # -- tokens -------------------------------------------------------------------------
+    def encode(self, text: str, max_length: int | None = None) -> list[int]:
+        """Token ids of ``text`` with the model's special tokens ([CLS]/[SEP], or a BOS).
+
+        With ``max_length``, the tokenizer truncates so that the special tokens survive.
+        """
+        bos = self.tokenizer.bos_token_id
+        prepend = self.spec.prepend_bos and bos is not None
+        kwargs: dict[str, Any] = {"add_special_tokens": True}
+        if max_length is not None:
+            kwargs.update(truncation=True, max_length=max_length - int(prepend))
+        ids = [int(i) for i in self.tokenizer(text, **kwargs)["input_ids"]]
+        if prepend and (not ids or ids[0] != bos):
+            ids = [int(bos), *ids]
+        return ids[:max_length] if max_length is not None else ids
+
+    def token_strings(self, ids: Sequence[int]) -> list[str]:
+        return [str(t) for t in self.tokenizer.convert_ids_to_tokens(list(ids))]
+
+    # -- norms ----------------------------------------------------------------------------
+    def reader_norm_gain(self, layer: int) -> Float[Tensor, "d_model"] | None:
+        """Elementwise gain (gamma) of the norm that reads residual layer ``layer``.
+
+        ``None`` for post-LN models (their states are LayerNorm outputs already).
+        """
+        path = self.spec.reader_norm(layer, self.n_layers)
+        if path is None:
+            return None
+        module = self.bridge.get_submodule(path)
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.Tensor):
+            weight = module._original_component.weight
+        return weight.detach().to(device=self.device, dtype=torch.float32)
+
+    # -- forward ----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def capture(
+        self, ids: TokenIds, attention_mask: AttentionMask, patterns: bool = False
+    ) -> Capture:
+        """Run one padded batch and keep the residual stream (and patterns) of every layer."""
+        layers = self.n_layers + 1
+        resid_names = [self.spec.resid_hook(k) for k in range(layers)]
+        pattern_names = [self.spec.pattern_hook(b) for b in range(self.n_layers)] if patterns else []
+        store: dict[str, Tensor] = {}
+        last = resid_names[-1]
+
+        def keeper(name: str) -> Callable[[Tensor, Any], None]:
+            # Bridge hook points report canonical names (blocks.0.hook_in), not the alias
+            # requested (blocks.0.hook_resid_pre): key the store by the requested name.
+            def keep(tensor: Tensor, hook: Any) -> None:
+                store[name] = tensor
+                if name == last:
+                    raise _StopForward
+
+            return keep
+
+        hooks = [(name, keeper(name)) for name in [*resid_names, *pattern_names]]
+        ids = ids.to(self.device)
+        attention_mask = attention_mask.to(self.device)
+        with self.bridge.hooks(fwd_hooks=hooks):
+            try:
+                self.bridge(ids, attention_mask=attention_mask, return_type=None)
+            except _StopForward:
+                pass
+        missing = [n for n in [*resid_names, *pattern_names] if n not in store]
+        if missing:
+            raise RuntimeError(f"hooks did not fire for {self.model_type}: {missing[:3]}")
+        resid = torch.stack([store[n].to(torch.float32) for n in resid_names])
+        stacked = (
+            torch.stack([store[n].to(torch.float32) for n in pattern_names]) if patterns else None
+        )
+        return Capture(resid=resid, patterns=stacked)
+
+
+def load_model(
+    name: str = "minilm",
+    device: str = "auto",
+    on_convert: Callable[[str], None] | None = None,
+) -> TracedModel:
+    """Resolve ``name`` and boot it as a hooked TransformerBridge, offline where possible.
+
+    Args:
+        name: ``minilm`` (default), ``smollm2``, a Hugging Face name (``bert-base-uncased``,
+            ``gpt2``, ``org/name``) or a local checkpoint directory with its tokenizer.
+        device: ``auto``, ``cpu`` or ``cuda``.
+        on_convert: called with a message before a one-time conversion (GGUF) starts.
+    """
+    from transformer_lens.model_bridge import TransformerBridge
+
+    torch_device = pick_device(device)
+    resolved = resolve(name, on_convert=on_convert)
+    with _quiet_transformers():
+        try:
+            bridge = TransformerBridge.boot_transformers(
+                str(resolved.directory), device=str(torch_device)
+            )
+        except UserError:
+            raise
+        except Exception as error:
+            first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise UserError(f"cannot load model '{name}' from {resolved.directory}: {first}") from None
+    bridge.eval()
+    return TracedModel(bridge, resolved, torch_device)

@@ -1,0 +1,132 @@
+"""Run directories that never hold half-written outputs, and the ``run.json`` beside them.
+
+Everything is written into a hidden temporary sibling of ``--out`` and moved into place
+only when the run completes; a crash or Ctrl-C removes the temporary directory.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterable
+from importlib import metadata
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import pandas as pd
+
+from residual_trace.errors import UserError
+
+_VERSIONED = (
+    "residual-trace",
+    "torch",
+    "transformer-lens",
+    "transformers",
+    "numpy",
+    "pandas",
+    "seaborn",
+    "matplotlib",
+)
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in _VERSIONED:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def default_out(model: str, root: Path = Path("runs")) -> Path:
+    """``runs/<model>-<UTC timestamp>``, with the model name made path-safe."""
+    slug = "".join(c if c.isalnum() or c in "-_." else "-" for c in Path(model).name or model)
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    return root / f"{slug.strip('-.') or 'model'}-{stamp}"
+
+
+def texts_sha256(texts: Iterable[str]) -> str:
+    digest = hashlib.sha256()
+    for text in texts:
+        digest.update(text.encode("utf-8") + b"\n")
+    return digest.hexdigest()
+
+
+class RunDir:
+    """A context manager: write into :attr:`tmp`, get everything in ``out`` on success.
+
+    Examples:
+        >>> import tempfile, pathlib
+        >>> root = pathlib.Path(tempfile.mkdtemp())
+        >>> with RunDir(root / "run") as run:
+        ...     _ = (run.tmp / "a.txt").write_text("done")
+        >>> sorted(p.name for p in (root / "run").iterdir())
+        ['a.txt']
+    """
+
+    def __init__(self, out: Path) -> None:
+        self.out = Path(out)
+        if self.out.exists() and not self.out.is_dir():
+            raise UserError(f"--out {self.out} exists and is not a directory")
+        try:
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
+        except OSError as error:
+            raise UserError(f"cannot write to --out {self.out}: {error.strerror or error}") from None
+
+    def __enter__(self) -> RunDir:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
+        try:
+            if kind is None:
+                self._publish()
+        finally:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def _publish(self) -> None:
+        if not self.out.exists():
+            os.replace(self.tmp, self.out)
+            return
+        for item in sorted(self.tmp.iterdir()):
+            target = self.out / item.name
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            os.replace(item, target)
+
+
+def write_table(frame: pd.DataFrame, path: Path) -> list[Path]:
+    """Write ``path`` as CSV, plus a Parquet copy when pyarrow is installed."""
+    frame.to_csv(path, index=False)
+    written = [path]
+    try:
+        import pyarrow  # noqa: F401
+    except ImportError:
+        return written
+    parquet = path.with_suffix(".parquet")
+    frame.to_parquet(parquet, index=False)
+    written.append(parquet)
+    return written
+
+
+def write_run_json(path: Path, record: dict[str, Any]) -> None:
+    record = {
+        "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "argv": sys.argv,
+        "versions": package_versions(),
+        **record,
+    }
+    path.write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")

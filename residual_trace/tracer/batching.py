@@ -1,0 +1,69 @@
+"""Texts to padded, masked batches in input order (right padding, pads never measured)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from residual_trace._typing import AttentionMask, TokenIds
+from residual_trace.errors import UserError
+from residual_trace.models import TracedModel
+
+
+@dataclass(frozen=True)
+class EncodedText:
+    """One text's token ids (special tokens included) and whether it was truncated."""
+
+    text_id: int
+    ids: tuple[int, ...]
+    truncated: bool
+
+
+@dataclass(frozen=True)
+class Batch:
+    """A right-padded batch: ``mask`` is 1 on real tokens, 0 on padding."""
+
+    texts: tuple[EncodedText, ...]
+    ids: TokenIds
+    mask: AttentionMask
+
+
+def encode_texts(
+    model: TracedModel, texts: Sequence[str], max_length: int
+) -> list[EncodedText]:
+    """Tokenise every text; texts over ``max_length`` tokens keep their first tokens.
+
+    Special tokens survive truncation: [CLS] ... [SEP] stays well formed and a decoder keeps
+    its BOS. Raises :class:`UserError` for an empty text.
+    """
+    if max_length < 2:
+        raise UserError(f"--max-length must be at least 2, got {max_length}")
+    encoded = []
+    for index, text in enumerate(texts):
+        if not text.strip():
+            raise UserError(f"text {index} is empty (every text needs at least one word)")
+        ids = model.encode(text)
+        truncated = len(ids) > max_length
+        if truncated:
+            ids = model.encode(text, max_length=max_length)
+        encoded.append(EncodedText(text_id=index, ids=tuple(ids), truncated=truncated))
+    return encoded
+
+
+def iter_batches(
+    encoded: Sequence[EncodedText], batch_size: int, pad_id: int
+) -> Iterator[Batch]:
+    """Consecutive groups of ``batch_size`` texts, right-padded with ``pad_id``."""
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    for start in range(0, len(encoded), batch_size):
+        group = tuple(encoded[start : start + batch_size])
+        width = max(len(e.ids) for e in group)
+        ids = torch.full((len(group), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(group), width), dtype=torch.long)
+        for row, item in enumerate(group):
+            ids[row, : len(item.ids)] = torch.tensor(item.ids, dtype=torch.long)
+            mask[row, : len(item.ids)] = 1
+        yield Batch(texts=group, ids=ids, mask=mask)

@@ -1,0 +1,202 @@
+"""The `trace layers` command in-process: outputs, run.json, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from residual_trace.cli import trace
+
+
+def _run(args: list[str], **env: str):
+    return CliRunner().invoke(trace, args, env=env or None, catch_exceptions=False)
+
+
+def _assert_one_line_error(result, *fragments: str) -> None:
+    assert result.exit_code != 0
+    lines = [line for line in result.output.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, result.output
+    assert lines[0].startswith("Error:"), result.output
+    assert "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_layers_writes_every_output(tiny_dirs, tmp_path):
+    out = tmp_path / "run"
+    texts = ["The dog chased the cat.", "Rain fell."]
+    result = _run(
+        ["layers", "--model", str(tiny_dirs["llama"]), "--out", str(out), "--seed", "3",
+         "--text", texts[0], "--text", texts[1], "--batch-size", "1", "--save-attention"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "identifiable" in result.output and "layer" in result.output
+    for name in ("drift.csv", "summary.csv", "texts.csv", "run.json", "token_drift.png",
+                 "drift_heatmap.png", "identifiable_share.png"):
+        assert (out / name).is_file(), name
+    drift = pd.read_csv(out / "drift.csv")
+    record = json.loads((out / "run.json").read_text())
+    n_layers = record["model"]["n_blocks"] + 1
+    tokens = pd.read_csv(out / "texts.csv")["n_tokens"].sum()
+    assert len(drift) == tokens * n_layers == record["rows"]
+    assert record["seed"] == 3 and record["options"]["batch_size"] == 1
+    assert record["model"]["architecture"] == "llama"
+    assert len(record["model"]["weights_sha256"]) == 64
+    assert record["inputs"]["n_texts"] == 2
+    assert {"torch", "transformer-lens", "transformers"} <= set(record["versions"])
+    pattern = np.load(out / "attention" / "text_00001.npz")
+    n = int(pd.read_csv(out / "texts.csv")["n_tokens"][1])
+    assert pattern["pattern"].shape == (record["model"]["n_blocks"], record["model"]["n_heads"], n, n)
+    np.testing.assert_allclose(pattern["pattern"].astype(np.float32).sum(-1), 1.0, atol=5e-3)
+    assert list(pattern["tokens"])[0] == "<|endoftext|>"
+
+
+@pytest.mark.parametrize("fmt", ["svg", "pdf"])
+def test_figure_formats(tiny_dirs, tmp_path, fmt):
+    out = tmp_path / fmt
+    result = _run(["layers", "-m", str(tiny_dirs["bert"]), "-t", "A short text.", "-o", str(out),
+                   "--format", fmt, "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert result.output == ""  # --quiet prints nothing on success
+    assert (out / f"token_drift.{fmt}").stat().st_size > 1000
+
+
+def test_file_input_and_same_numbers_twice(tiny_dirs, tmp_path):
+    source = tmp_path / "texts.txt"
+    source.write_text("The dog chased the cat.\n\nThe cat chased the dog.\n", encoding="utf-8")
+    runs = []
+    for name in ("a", "b"):
+        result = _run(["layers", "-m", str(tiny_dirs["gpt2"]), "-f", str(source), "-o",
+                       str(tmp_path / name), "-q"])
+        assert result.exit_code == 0, result.output
+        runs.append(pd.read_csv(tmp_path / name / "drift.csv"))
+    assert runs[0]["text_id"].nunique() == 2  # blank line skipped
+    pd.testing.assert_frame_equal(runs[0], runs[1])
+
+
+def test_unknown_model_offline(tmp_path):
+    result = _run(["layers", "--model", "no-such-org/no-such-model", "-o", str(tmp_path / "x")],
+                  HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
+    _assert_one_line_error(result, "no-such-org/no-such-model", "minilm", "smollm2", "--model PATH")
+    assert not (tmp_path / "x").exists()
+
+
+def test_hub_name_offline_without_cache(tmp_path):
+    result = _run(["layers", "--model", "bert-base-uncased", "-o", str(tmp_path / "x")],
+                  HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
+    _assert_one_line_error(result, "bert-base-uncased", "hub is unreachable", "minilm")
+
+
+def test_missing_local_directory(tmp_path):
+    result = _run(["layers", "--model", "./does/not/exist", "-o", str(tmp_path / "x")])
+    _assert_one_line_error(result, "no such directory")
+
+
+@pytest.mark.parametrize("text", ["", "   "])
+def test_empty_text(tiny_dirs, tmp_path, text):
+    result = _run(["layers", "-m", str(tiny_dirs["bert"]), "-t", text, "-o", str(tmp_path / "x")])
+    _assert_one_line_error(result, "empty")
+    assert not (tmp_path / "x").exists()
+
+
+def test_missing_file(tmp_path):
+    result = _run(["layers", "-f", str(tmp_path / "nope.txt"), "-o", str(tmp_path / "x")])
+    _assert_one_line_error(result, "no such file")
+
+
+def test_empty_file(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n", encoding="utf-8")
+    result = _run(["layers", "-f", str(empty), "-o", str(tmp_path / "x")])
+    _assert_one_line_error(result, "holds no text")
+
+
+def test_unwritable_out(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    result = _run(["layers", "-t", "Hello.", "-o", str(blocker / "run")])
+    _assert_one_line_error(result, "cannot write to --out")
+
+
+def test_out_is_a_file(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    result = _run(["layers", "-t", "Hello.", "-o", str(blocker)])
+    _assert_one_line_error(result, "not a directory")
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--batch-size", "0"], "--batch-size"),
+        (["--max-length", "1"], "--max-length"),
+        (["-t", "x", "-f", "y.txt"], "not both"),
+        (["--heatmap-text", "-1"], "--heatmap-text"),
+    ],
+)
+def test_bad_options(tmp_path, args, fragment):
+    _assert_one_line_error(_run(["layers", "-o", str(tmp_path / "x"), *args]), fragment)
+
+
+def test_cuda_requested_without_cuda(monkeypatch, tmp_path):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    result = _run(["layers", "--device", "cuda", "-t", "Hi.", "-o", str(tmp_path / "x")])
+    _assert_one_line_error(result, "no CUDA device")
+
+
+def test_heatmap_text_out_of_range(tiny_dirs, tmp_path):
+    result = _run(["layers", "-m", str(tiny_dirs["bert"]), "-t", "One text.",
+                   "--heatmap-text", "5", "-o", str(tmp_path / "x")])
+    _assert_one_line_error(result, "--heatmap-text 5")
+    assert not (tmp_path / "x").exists()
+
+
+def test_crash_leaves_no_half_written_output(tiny_dirs, tmp_path, monkeypatch):
+    import residual_trace.experiments.layers as layers
+
+    def explode(*args, **kwargs):
+        raise RuntimeError("disk full while drawing")
+
+    monkeypatch.setattr(layers, "identifiable_share_figure", explode)
+    out = tmp_path / "run"
+    result = _run(["layers", "-m", str(tiny_dirs["bert"]), "-t", "Some text.", "-o", str(out)])
+    _assert_one_line_error(result, "internal error", "disk full while drawing")
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []  # the temporary directory is gone too
+
+
+def test_rerun_into_existing_directory_replaces_files(tiny_dirs, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "drift.csv").write_text("stale")
+    (out / "keep.txt").write_text("mine")
+    result = _run(["layers", "-m", str(tiny_dirs["bert"]), "-t", "Fresh text.", "-o", str(out), "-q"])
+    assert result.exit_code == 0, result.output
+    assert (out / "drift.csv").read_text().startswith("model,text_id")
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_help_has_examples_and_module_entry_point():
+    result = _run(["layers", "--help"])
+    assert result.exit_code == 0 and "Examples:" in result.output and "--save-attention" in result.output
+    completed = subprocess.run(
+        [sys.executable, "-m", "residual_trace", "--help"], capture_output=True, text=True, check=False
+    )
+    assert completed.returncode == 0 and "layers" in completed.stdout
+
+
+def test_readme_documents_every_drift_column():
+    from residual_trace.tracer import DRIFT_COLUMNS, SUMMARY_COLUMNS
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text(encoding="utf-8")
+    for column in (*DRIFT_COLUMNS, *SUMMARY_COLUMNS):
+        assert f"`{column}`" in readme, column

@@ -1,0 +1,142 @@
+"""Figures on synthetic tables, run directories, model-name resolution and architecture data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from residual_trace.errors import UserError
+from residual_trace.figures import (
+    drift_heatmap_figure,
+    identifiable_share_figure,
+    token_drift_figure,
+)
+from residual_trace.models import ARCHITECTURES, HUB_RENAMES
+from residual_trace.models.resolve import cache_dir, resolve
+from residual_trace.runs import RunDir
+from residual_trace.stats import bootstrap_ci
+from residual_trace.tracer import layer_summary
+
+
+def synthetic_table(n_texts: int = 3, n_tokens: int = 5, n_layers: int = 4) -> pd.DataFrame:
+    rng = np.random.default_rng(0)
+    rows = []
+    for text in range(n_texts):
+        for position in range(n_tokens):
+            for layer in range(n_layers):
+                cos = 1.0 - 0.2 * layer + rng.normal(0, 0.01)
+                rows.append(
+                    {"model": "synthetic", "text_id": text, "position": position, "layer": layer,
+                     "token": f"t{position}", "is_special": position == 0,
+                     "cos_input": cos, "baseline": 0.05, "vocab_rank": 1 if layer < 2 else 7,
+                     "cos_input_normed": cos, "baseline_normed": 0.05,
+                     "vocab_rank_normed": 1, "norm_ratio": 1.0, "top_dim_share": 0.1}
+                )
+    return pd.DataFrame(rows)
+
+
+def test_token_drift_figure_draws_a_line_per_token_mean_and_baseline():
+    table = synthetic_table()
+    fig = token_drift_figure(table, variants=("", "_normed"))
+    assert len(fig.axes) == 2
+    lines = fig.axes[0].get_lines()
+    non_special_tokens = 3 * 4
+    assert len(lines) == non_special_tokens + 3  # token lines + mean + baseline + zero line
+    mean_line = [line for line in lines if line.get_label() == "mean cos_input"][0]
+    np.testing.assert_allclose(mean_line.get_ydata(), [1.0, 0.8, 0.6, 0.4], atol=0.02)
+    assert "synthetic" in fig.axes[0].get_title()
+    assert "layer" in fig.axes[0].get_xlabel()
+
+
+def test_token_drift_figure_refuses_only_special_tokens():
+    table = synthetic_table()
+    with pytest.raises(ValueError, match="no tokens"):
+        token_drift_figure(table[table["is_special"]])
+
+
+def test_heatmap_has_one_row_per_token():
+    fig = drift_heatmap_figure(synthetic_table(), text_id=1)
+    labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
+    assert labels == [f"{p}: t{p}" for p in range(5)]
+
+
+def test_identifiable_share_follows_the_ranks():
+    fig = identifiable_share_figure(synthetic_table())
+    (line,) = [line for line in fig.axes[0].get_lines() if line.get_label() == "raw"]
+    assert list(line.get_ydata()) == [1.0, 1.0, 0.0, 0.0]
+
+
+def test_summary_leaves_special_tokens_out_and_brackets_the_mean():
+    summary = layer_summary(synthetic_table())
+    assert (summary["n_tokens"] == 3 * 4).all()
+    assert (summary["cos_input_lo"] <= summary["cos_input"]).all()
+    assert (summary["cos_input"] <= summary["cos_input_hi"]).all()
+    assert summary["identifiable"].tolist() == [1.0, 1.0, 0.0, 0.0]
+
+
+def test_bootstrap_interval_covers_a_known_mean():
+    values = np.random.default_rng(1).normal(5.0, 1.0, size=2000)
+    low, high = bootstrap_ci(values, seed=0)
+    assert low < 5.0 < high and high - low < 0.2
+    assert bootstrap_ci(values, seed=0) == (low, high)  # seeded: same interval
+
+
+def test_run_dir_publishes_on_success_and_cleans_up_on_error(tmp_path):
+    with RunDir(tmp_path / "ok") as run:
+        (run.tmp / "a.csv").write_text("1")
+    assert (tmp_path / "ok" / "a.csv").read_text() == "1"
+    with pytest.raises(RuntimeError), RunDir(tmp_path / "bad") as run:
+        (run.tmp / "a.csv").write_text("half")
+        raise RuntimeError("crash")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ok"]
+
+
+def test_hub_renames_point_to_official_ids():
+    assert HUB_RENAMES["bert-base-uncased"] == "google-bert/bert-base-uncased"
+    assert HUB_RENAMES["gpt2"] == "openai-community/gpt2"
+
+
+def test_local_directory_without_config(tmp_path):
+    with pytest.raises(UserError, match=r"no config\.json"):
+        resolve(str(tmp_path))
+
+
+def test_cached_hub_copy_is_used_offline(tmp_path, tiny_dirs, monkeypatch):
+    """A hub name whose snapshot sits in the HF cache loads with the hub unreachable."""
+    import shutil
+
+    snapshot = tmp_path / "hf" / "hub" / "models--acme--tiny-bert" / "snapshots" / "abc123"
+    shutil.copytree(tiny_dirs["bert"], snapshot)
+    refs = snapshot.parents[1] / "refs"
+    refs.mkdir()
+    (refs / "main").write_text("abc123")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    resolved = resolve("acme/tiny-bert")
+    assert resolved.directory == snapshot and resolved.revision == "abc123"
+
+
+def test_cache_dir_honours_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("RESIDUAL_TRACE_CACHE", str(tmp_path))
+    assert cache_dir() == tmp_path
+
+
+def test_every_architecture_names_distinct_sites():
+    for spec in ARCHITECTURES.values():
+        assert spec.pattern_hook(0) != spec.resid_hook(1)
+        assert spec.attn_delta.format(layer=0) != spec.mlp_delta.format(layer=0)
+        if spec.norm_placement == "pre":
+            assert spec.reader_norm(0, n_layers=2) == "blocks.0.ln1"
+        else:
+            assert spec.reader_norm(0, n_layers=2) is None
+
+
+def test_unsupported_architecture_message():
+    from residual_trace.models.architectures import spec_for
+
+    with pytest.raises(UserError, match="not supported yet.*bert, gpt2, llama"):
+        spec_for("mamba")
