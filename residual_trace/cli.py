@@ -60,31 +60,77 @@ def trace() -> None:
 
 
 @trace.command("layers", epilog=_EPILOG_LAYERS)
-@click.option("--model", "-m", default="minilm", show_default=True,
-              help="Packaged alias (minilm, smollm2), Hugging Face name, or local checkpoint dir.")
-@click.option("--text", "-t", "texts", multiple=True,
-              help="A text to trace; repeat for several. Default: the bundled sentences.")
-@click.option("--file", "-f", type=click.Path(path_type=Path),
-              help="UTF-8 file with one text per non-blank line.")
-@click.option("--out", "-o", type=click.Path(path_type=Path),
-              help="Output directory (default: runs/<model>-<UTC timestamp>).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
-              show_default=True)
-@click.option("--batch-size", type=int, default=16, show_default=True,
-              help="Texts per forward pass (results do not depend on it).")
-@click.option("--max-length", type=int, default=None,
-              help="Longest input in tokens incl. special tokens; longer texts are truncated "
-                   "with a warning. Default: the model's limit, at most 512.")
-@click.option("--seed", type=int, default=0, show_default=True,
-              help="Seed for bootstrap intervals and the figure's token sample.")
-@click.option("--save-attention", is_flag=True,
-              help="Also write attention patterns, one compressed .npz per text.")
-@click.option("--format", "figure_format", type=click.Choice(["png", "svg", "pdf"]),
-              default="png", show_default=True, help="Figure file format.")
-@click.option("--include-special", is_flag=True,
-              help="Keep [CLS]/[SEP]/BOS/EOS in the summary and figures (always in drift.csv).")
-@click.option("--heatmap-text", type=int, default=0, show_default=True,
-              help="text_id drawn in drift_heatmap.")
+@click.option(
+    "--model",
+    "-m",
+    default="minilm",
+    show_default=True,
+    help="Packaged alias (minilm, smollm2), Hugging Face name, or local checkpoint dir.",
+)
+@click.option(
+    "--text",
+    "-t",
+    "texts",
+    multiple=True,
+    help="A text to trace; repeat for several. Default: the bundled sentences.",
+)
+@click.option(
+    "--file",
+    "-f",
+    type=click.Path(path_type=Path),
+    help="UTF-8 file with one text per non-blank line.",
+)
+@click.option(
+    "--out",
+    "-o",
+    type=click.Path(path_type=Path),
+    help="Output directory (default: runs/<model>-<UTC timestamp>).",
+)
+@click.option(
+    "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True
+)
+@click.option(
+    "--batch-size",
+    type=int,
+    default=16,
+    show_default=True,
+    help="Texts per forward pass (results do not depend on it).",
+)
+@click.option(
+    "--max-length",
+    type=int,
+    default=None,
+    help="Longest input in tokens incl. special tokens; longer texts are truncated "
+    "with a warning. Default: the model's limit, at most 512.",
+)
+@click.option(
+    "--seed",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Seed for bootstrap intervals and the figure's token sample.",
+)
+@click.option(
+    "--save-attention",
+    is_flag=True,
+    help="Also write attention patterns, one compressed .npz per text.",
+)
+@click.option(
+    "--format",
+    "figure_format",
+    type=click.Choice(["png", "svg", "pdf"]),
+    default="png",
+    show_default=True,
+    help="Figure file format.",
+)
+@click.option(
+    "--include-special",
+    is_flag=True,
+    help="Keep [CLS]/[SEP]/BOS/EOS in the summary and figures (always in drift.csv).",
+)
+@click.option(
+    "--heatmap-text", type=int, default=0, show_default=True, help="text_id drawn in drift_heatmap."
+)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar, no summary.")
 def layers(**options: Any) -> None:
     """Capture every layer's residual stream and measure token drift.

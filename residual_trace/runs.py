@@ -80,7 +80,9 @@ class RunDir:
             self.out.parent.mkdir(parents=True, exist_ok=True)
             self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
         except OSError as error:
-            raise UserError(f"cannot write to --out {self.out}: {error.strerror or error}") from None
+            raise UserError(
+                f"cannot write to --out {self.out}: {error.strerror or error}"
+            ) from None
 
     def __enter__(self) -> RunDir:
         return self

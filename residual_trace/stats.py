@@ -25,6 +25,15 @@ def bootstrap_ci(
     if data.size == 0:
         return (float("nan"), float("nan"))
     rng = np.random.default_rng(seed)
-    means = data[rng.integers(0, data.size, size=(n_boot, data.size))].mean(axis=1)
+    # resample in chunks: memory stays ~ chunk * n values, not n_boot * n
+    chunk = max(1, min(n_boot, (1 << 21) // data.size))
+    means = np.concatenate(
+        [
+            data[rng.integers(0, data.size, size=(min(chunk, n_boot - start), data.size))].mean(
+                axis=1
+            )
+            for start in range(0, n_boot, chunk)
+        ]
+    )
     tail = (1.0 - level) / 2.0
     return (float(np.quantile(means, tail)), float(np.quantile(means, 1.0 - tail)))

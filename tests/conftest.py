@@ -102,15 +102,30 @@ def _save_decoder(root: Path, kind: str) -> Path:
     model: torch.nn.Module
     if kind == "gpt2":
         model = GPT2LMHeadModel(
-            GPT2Config(vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_positions=64,
-                       bos_token_id=0, eos_token_id=0)
+            GPT2Config(
+                vocab_size=vocab,
+                n_embd=64,
+                n_layer=2,
+                n_head=4,
+                n_positions=64,
+                bos_token_id=0,
+                eos_token_id=0,
+            )
         )
     else:
         model = LlamaForCausalLM(
-            LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128,
-                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                        max_position_embeddings=64, bos_token_id=0, eos_token_id=0,
-                        tie_word_embeddings=False)
+            LlamaConfig(
+                vocab_size=vocab,
+                hidden_size=64,
+                intermediate_size=128,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                max_position_embeddings=64,
+                bos_token_id=0,
+                eos_token_id=0,
+                tie_word_embeddings=False,
+            )
         )
     _randomise_norms(model, seed=12)
     assert sum(p.numel() for p in model.parameters()) < TINY_MAX_PARAMS

@@ -43,7 +43,9 @@ def _run(model: torch.nn.Module, model_type: str, ids: list[int]) -> tuple[list,
     if model_type != "bert":
         blocks = model.transformer.h if model_type == "gpt2" else model.model.layers
         handle = blocks[-1].register_forward_hook(
-            lambda module, args, output: last.append(output[0] if isinstance(output, tuple) else output)
+            lambda module, args, output: last.append(
+                output[0] if isinstance(output, tuple) else output
+            )
         )
     with torch.no_grad():
         out = model(torch.tensor([ids]), output_hidden_states=True, output_attentions=True)
@@ -54,6 +56,19 @@ def _run(model: torch.nn.Module, model_type: str, ids: list[int]) -> tuple[list,
     return [h[0].double().numpy() for h in states], [a[0].numpy() for a in out.attentions]
 
 
+#: Cosine tolerance of the rank band: rows this close to the own score count as ties.
+RANK_TOL = 1e-5
+
+
+def _rank_band(sims: np.ndarray, own_ids: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Exact rank and the band [lo, hi] a float32 computation may land in (ties at 1e-5)."""
+    own = sims[np.arange(len(own_ids)), own_ids][:, None]
+    exact = 1 + (sims > own).sum(1)
+    lo = 1 + (sims > own + RANK_TOL).sum(1)
+    hi = (sims > own - RANK_TOL).sum(1)  # counts the own row itself: 1 + others
+    return exact, lo, hi
+
+
 def reference_drift(
     directory: Path, model_type: str, texts: list[str], prepend_bos: bool
 ) -> pd.DataFrame:
@@ -62,48 +77,57 @@ def reference_drift(
     tokenizer = AutoTokenizer.from_pretrained(directory)
     model = _hf_model(directory, model_type)
     W_E = model.get_input_embeddings().weight.detach().double().numpy()
+    E_norm = np.linalg.norm(W_E, axis=1)
     gains = _reader_gains(model, model_type)
     centre = model_type != "llama"
+    E_c = W_E - W_E.mean(axis=1, keepdims=True) if centre else W_E
     special = set(tokenizer.all_special_ids)
-    rows = []
+    frames = []
     for text_id, text in enumerate(texts):
         ids = tokenizer(text)["input_ids"]
         if prepend_bos and ids[0] != tokenizer.bos_token_id:
             ids = [tokenizer.bos_token_id, *ids]
+        ids_np = np.array(ids)
+        differs = ids_np[:, None] != ids_np[None, :]
         states, _ = _run(model, model_type, ids)
         for layer, h in enumerate(states):
-            for i, t in enumerate(ids):
-                sims = _cos_rows(h[i], W_E)
-                others = [sims[t_j] for t_j in ids if t_j != t]
-                record = {
-                    "text_id": text_id,
-                    "position": i,
-                    "layer": layer,
-                    "token_id": t,
-                    "is_special": t in special,
-                    "cos_input": sims[t],
-                    "cos_layer0": float(
-                        h[i] @ states[0][i] / np.linalg.norm(h[i]) / np.linalg.norm(states[0][i])
-                    ),
-                    "baseline": np.mean(others) if others else np.nan,
-                    "vocab_rank": int(np.sum(sims > sims[t]) + 1),
-                    "emb_proj": float(h[i] @ W_E[t] / (W_E[t] @ W_E[t])),
-                    "norm_ratio": float(np.linalg.norm(h[i]) / np.linalg.norm(W_E[t])),
-                    "top_dim_share": float(np.max(h[i] ** 2) / np.sum(h[i] ** 2)),
-                }
-                if gains is None:
-                    normed = sims
-                else:
-                    g = gains[layer]
-                    x = h[i] - h[i].mean() if centre else h[i]
-                    E = W_E - W_E.mean(axis=1, keepdims=True) if centre else W_E
-                    normed = _cos_rows(g * x, E * g)
-                others_n = [normed[t_j] for t_j in ids if t_j != t]
-                record["cos_input_normed"] = normed[t]
-                record["baseline_normed"] = np.mean(others_n) if others_n else np.nan
-                record["vocab_rank_normed"] = int(np.sum(normed > normed[t]) + 1)
-                rows.append(record)
-    return pd.DataFrame(rows)
+            h_norm = np.linalg.norm(h, axis=1)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                sims = np.nan_to_num((h @ W_E.T) / np.outer(h_norm, E_norm))
+            if gains is None:
+                normed = sims
+            else:
+                g = gains[layer]
+                x = (h - h.mean(axis=1, keepdims=True) if centre else h) * g
+                rows = E_c * g
+                normed = (x @ rows.T) / np.outer(
+                    np.linalg.norm(x, axis=1), np.linalg.norm(rows, axis=1)
+                )
+            frame = {
+                "text_id": text_id,
+                "position": np.arange(len(ids)),
+                "layer": layer,
+                "token_id": ids_np,
+                "is_special": [t in special for t in ids],
+                "cos_layer0": (h * states[0]).sum(1) / h_norm / np.linalg.norm(states[0], axis=1),
+                "emb_proj": (h * W_E[ids_np]).sum(1) / (W_E[ids_np] ** 2).sum(1),
+                "norm_ratio": h_norm / E_norm[ids_np],
+                "top_dim_share": (h**2).max(1) / (h**2).sum(1),
+            }
+            for suffix, scores in (("", sims), ("_normed", normed)):
+                at_tokens = scores[:, ids_np]  # [position i, position j] = cos(h_i, W_E[t_j])
+                count = differs.sum(1)
+                with np.errstate(invalid="ignore"):
+                    frame[f"baseline{suffix}"] = np.where(
+                        count > 0, (at_tokens * differs).sum(1) / np.maximum(count, 1), np.nan
+                    )
+                frame[f"cos_input{suffix}"] = np.diag(at_tokens)
+                exact, lo, hi = _rank_band(scores, ids)
+                frame[f"vocab_rank{suffix}"] = exact
+                frame[f"vocab_rank{suffix}_lo"] = lo
+                frame[f"vocab_rank{suffix}_hi"] = hi
+            frames.append(pd.DataFrame(frame))
+    return pd.concat(frames, ignore_index=True)
 
 
 def hidden_states(

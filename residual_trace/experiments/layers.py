@@ -9,7 +9,7 @@ the summary and figures need are kept.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from importlib import resources
 from pathlib import Path
@@ -30,21 +30,22 @@ from residual_trace.runs import RunDir, default_out, texts_sha256, write_run_jso
 from residual_trace.tracer import DriftConfig, iter_drift, layer_summary
 
 FIGURE_FORMATS = ("png", "svg", "pdf")
-_KEPT = (
-    "text_id",
-    "position",
-    "layer",
-    "token",
-    "is_special",
-    "cos_input",
-    "baseline",
-    "vocab_rank",
-    "cos_input_normed",
-    "baseline_normed",
-    "vocab_rank_normed",
-    "norm_ratio",
-    "top_dim_share",
-)
+#: Columns kept in memory for the summary and figures, in compact dtypes (the full table
+#: streams to disk); token strings are kept only for the heatmap's text.
+_KEPT = {
+    "text_id": np.int32,
+    "position": np.int32,
+    "layer": np.int16,
+    "is_special": bool,
+    "cos_input": np.float32,
+    "baseline": np.float32,
+    "vocab_rank": np.int32,
+    "cos_input_normed": np.float32,
+    "baseline_normed": np.float32,
+    "vocab_rank_normed": np.int32,
+    "norm_ratio": np.float32,
+    "top_dim_share": np.float32,
+}
 
 
 def bundled_sentences() -> list[str]:
@@ -193,13 +194,13 @@ def run_layers(
     """
     torch.manual_seed(config.seed)
     texts, source = _load_inputs(config)
+    if config.heatmap_text >= len(texts):
+        raise UserError(f"--heatmap-text {config.heatmap_text}: only {len(texts)} text(s) given")
     out = Path(config.out) if config.out is not None else default_out(config.model)
     progress = not config.quiet and sys.stderr.isatty()
     with RunDir(out) as run:  # checks --out is writable before the model loads
         if model is None:
-            model = load_model(
-                config.model, config.device, on_convert=lambda m: echo(f"note: {m}")
-            )
+            model = load_model(config.model, config.device, on_convert=lambda m: echo(f"note: {m}"))
         drift = DriftConfig(
             batch_size=config.batch_size,
             max_length=config.max_length,
@@ -209,13 +210,19 @@ def run_layers(
         patterns = _attention_writer(run.tmp / "attention") if config.save_attention else None
         stream = _TableStream(run.tmp / "drift.csv")
         kept: list[pd.DataFrame] = []
+        heatmap_tokens: dict[int, str] = {}  # position -> token of the heatmap's text
         warn = lambda m: echo(f"warning: {m}")  # noqa: E731
         for frame in iter_drift(model, texts, drift, patterns=patterns, warn=warn):
             stream.write(frame)
-            kept.append(frame[list(_KEPT)])
+            kept.append(frame[list(_KEPT)].astype(_KEPT))
+            shown = frame[frame["text_id"] == config.heatmap_text]
+            heatmap_tokens.update(shown.set_index("position")["token"].to_dict())
         stream.close()
         table = pd.concat(kept, ignore_index=True)
         table["model"] = model.name
+        table["token"] = (
+            table["position"].map(heatmap_tokens).where(table["text_id"] == config.heatmap_text, "")
+        )
         summary = layer_summary(table, include_special=config.include_special, seed=config.seed)
         files = [run.out / name for name in stream.files]
         files += [run.out / p.name for p in write_table(summary, run.tmp / "summary.csv")]
@@ -228,7 +235,7 @@ def run_layers(
         )
         text_rows.to_csv(run.tmp / "texts.csv", index=False)
         files.append(run.out / "texts.csv")
-        files += _write_figures(config, model, table, run.tmp, run.out, len(texts))
+        files += _write_figures(config, model, table, run.tmp, run.out)
         if config.save_attention:
             files.append(run.out / "attention")
         write_run_json(
@@ -271,10 +278,7 @@ def _write_figures(
     table: pd.DataFrame,
     tmp: Path,
     out: Path,
-    n_texts: int,
 ) -> list[Path]:
-    if config.heatmap_text >= n_texts:
-        raise UserError(f"--heatmap-text {config.heatmap_text}: only {n_texts} text(s) given")
     variants = ("", "_normed") if model.spec.norm_placement == "pre" else ("",)
     figures = {
         "token_drift": token_drift_figure(

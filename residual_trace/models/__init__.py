@@ -1,4 +1,4 @@
-"""Model resolution and the hooked TransformerBridge: the only package that touches TransformerLens."""
+"""Model resolution and the hooked TransformerBridge: the only package touching TransformerLens."""
 
 from residual_trace.models.architectures import ARCHITECTURES, ArchSpec
 from residual_trace.models.resolve import ALIASES, HUB_RENAMES, ResolvedModel, cache_dir

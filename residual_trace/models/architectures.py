@@ -85,9 +85,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         final_norm=None,
     ),
     "gpt2": ArchSpec(family="decoder", norm_placement="pre", prepend_bos=True),
-    "llama": ArchSpec(
-        family="decoder", norm_placement="pre", prepend_bos=True, norm_centres=False
-    ),
+    "llama": ArchSpec(family="decoder", norm_placement="pre", prepend_bos=True, norm_centres=False),
 }
 
 

@@ -12,6 +12,7 @@ import importlib.util
 import os
 import shutil
 import socket
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -139,13 +140,16 @@ def convert_gguf(gguf_dir: Path, gguf_name: str, target: Path) -> None:
 
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+    bars = os.environ.get("TQDM_DISABLE")
+    if not sys.stderr.isatty():  # the GGUF reader's own progress bar: terminals only
+        os.environ["TQDM_DISABLE"] = "1"
     try:
         with _quiet_transformers():
             tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name)
             model = AutoModelForCausalLM.from_pretrained(
                 gguf_dir, gguf_file=gguf_name, dtype=torch.float32
             )
-            model.hf_quantizer = None
+            model.hf_quantizer = None  # type: ignore[assignment]
             if hasattr(model.config, "quantization_config"):
                 del model.config.quantization_config
             model.save_pretrained(tmp)
@@ -153,6 +157,10 @@ def convert_gguf(gguf_dir: Path, gguf_name: str, target: Path) -> None:
         os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if bars is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = bars
 
 
 def _resolve_smollm2(name: str, on_convert: Callable[[str], None] | None) -> ResolvedModel:
@@ -250,6 +258,6 @@ def resolve(name: str, on_convert: Callable[[str], None] | None = None) -> Resol
     path = Path(name).expanduser()
     if path.exists():
         return _resolve_local(name, path)
-    if name.startswith((".", "/", "~")) or os.sep in name and name.count("/") != 1:
+    if name.startswith((".", "/", "~")) or (os.sep in name and name.count("/") != 1):
         raise UserError(f"--model {name}: no such directory")
     return _resolve_hub(name)

@@ -9,6 +9,7 @@ encoder itself).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -122,7 +123,7 @@ class TracedModel:
         return [str(t) for t in self.tokenizer.convert_ids_to_tokens(list(ids))]
 
     # -- norms ----------------------------------------------------------------------------
-    def reader_norm_gain(self, layer: int) -> Float[Tensor, "d_model"] | None:
+    def reader_norm_gain(self, layer: int) -> Float[Tensor, " d_model"] | None:
         """Elementwise gain (gamma) of the norm that reads residual layer ``layer``.
 
         ``None`` for post-LN models (their states are LayerNorm outputs already).
@@ -144,7 +145,9 @@ class TracedModel:
         """Run one padded batch and keep the residual stream (and patterns) of every layer."""
         layers = self.n_layers + 1
         resid_names = [self.spec.resid_hook(k) for k in range(layers)]
-        pattern_names = [self.spec.pattern_hook(b) for b in range(self.n_layers)] if patterns else []
+        pattern_names = (
+            [self.spec.pattern_hook(b) for b in range(self.n_layers)] if patterns else []
+        )
         store: dict[str, Tensor] = {}
         last = resid_names[-1]
 
@@ -161,11 +164,8 @@ class TracedModel:
         hooks = [(name, keeper(name)) for name in [*resid_names, *pattern_names]]
         ids = ids.to(self.device)
         attention_mask = attention_mask.to(self.device)
-        with self.bridge.hooks(fwd_hooks=hooks):
-            try:
-                self.bridge(ids, attention_mask=attention_mask, return_type=None)
-            except _StopForward:
-                pass
+        with self.bridge.hooks(fwd_hooks=hooks), contextlib.suppress(_StopForward):
+            self.bridge(ids, attention_mask=attention_mask, return_type=None)
         missing = [n for n in [*resid_names, *pattern_names] if n not in store]
         if missing:
             raise RuntimeError(f"hooks did not fire for {self.model_type}: {missing[:3]}")
@@ -202,6 +202,8 @@ def load_model(
             raise
         except Exception as error:
             first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-            raise UserError(f"cannot load model '{name}' from {resolved.directory}: {first}") from None
+            raise UserError(
+                f"cannot load model '{name}' from {resolved.directory}: {first}"
+            ) from None
     bridge.eval()
     return TracedModel(bridge, resolved, torch_device)

@@ -30,9 +30,7 @@ class Batch:
     mask: AttentionMask
 
 
-def encode_texts(
-    model: TracedModel, texts: Sequence[str], max_length: int
-) -> list[EncodedText]:
+def encode_texts(model: TracedModel, texts: Sequence[str], max_length: int) -> list[EncodedText]:
     """Tokenise every text; texts over ``max_length`` tokens keep their first tokens.
 
     Special tokens survive truncation: [CLS] ... [SEP] stays well formed and a decoder keeps
@@ -52,9 +50,7 @@ def encode_texts(
     return encoded
 
 
-def iter_batches(
-    encoded: Sequence[EncodedText], batch_size: int, pad_id: int
-) -> Iterator[Batch]:
+def iter_batches(encoded: Sequence[EncodedText], batch_size: int, pad_id: int) -> Iterator[Batch]:
     """Consecutive groups of ``batch_size`` texts, right-padded with ``pad_id``."""
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")

@@ -115,19 +115,16 @@ class _Scorer:
     """
 
     rows: EmbeddingMatrix
-    row_norms: Float[Tensor, "d_vocab"]
-    gain: Float[Tensor, "d_model"] | None
+    row_norms: Float[Tensor, " d_vocab"]
+    gain: Float[Tensor, " d_model"] | None
     centre: bool
 
     @classmethod
     def build(
-        cls, W_E: EmbeddingMatrix, gain: Float[Tensor, "d_model"] | None, centre: bool
+        cls, W_E: EmbeddingMatrix, gain: Float[Tensor, " d_model"] | None, centre: bool
     ) -> _Scorer:
         rows = W_E - W_E.mean(-1, keepdim=True) if centre else W_E
-        if gain is None:
-            norms = rows.norm(dim=-1)
-        else:
-            norms = ((rows * rows) @ (gain * gain)).sqrt()
+        norms = rows.norm(dim=-1) if gain is None else (rows * rows @ (gain * gain)).sqrt()
         return cls(rows=rows, row_norms=norms.clamp_min(1e-12), gain=gain, centre=centre)
 
     def queries(self, h: Float[Tensor, "n d_model"]) -> Float[Tensor, "n d_model"]:
@@ -139,7 +136,7 @@ class _Scorer:
     def stats(
         self,
         h: Float[Tensor, "n d_model"],
-        token_ids: Int[Tensor, "n"],
+        token_ids: Int[Tensor, " n"],
         others: Bool[Tensor, "n n"],
     ) -> tuple[Tensor, Tensor, Tensor]:
         """``(cos to own token, baseline over other tokens of the text, vocab rank)``."""
@@ -170,9 +167,7 @@ def _batch_frame(
     token_ids = batch.ids.to(resid.device)[valid]
     text_rows = torch.arange(valid.shape[0], device=resid.device)[:, None].expand_as(valid)[valid]
     positions = torch.arange(valid.shape[1], device=resid.device)[None, :].expand_as(valid)[valid]
-    others = (text_rows[:, None] == text_rows[None, :]) & (
-        token_ids[:, None] != token_ids[None, :]
-    )
+    others = (text_rows[:, None] == text_rows[None, :]) & (token_ids[:, None] != token_ids[None, :])
     embedding = model.W_E[token_ids]
     emb_sq = (embedding * embedding).sum(-1).clamp_min(1e-12)
     columns: dict[str, list[np.ndarray]] = {name: [] for name in DRIFT_COLUMNS[7:]}
@@ -226,9 +221,7 @@ def _scorers(model: TracedModel, normed: bool) -> list[tuple[_Scorer, _Scorer | 
     out: list[tuple[_Scorer, _Scorer | None]] = []
     for layer in range(model.n_layers + 1):
         gain = model.reader_norm_gain(layer) if normed else None
-        variant = (
-            None if gain is None else _Scorer.build(model.W_E, gain, model.spec.norm_centres)
-        )
+        variant = None if gain is None else _Scorer.build(model.W_E, gain, model.spec.norm_centres)
         out.append((raw, variant))
     return out
 

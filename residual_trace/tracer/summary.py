@@ -49,7 +49,7 @@ def layer_summary(
         lo, hi = bootstrap_ci(group["cos_input"].to_numpy(), seed=seed)
         out.append(
             {
-                "layer": int(layer),  # type: ignore[call-overload]
+                "layer": int(layer),
                 "n_tokens": len(group),
                 "cos_input": float(group["cos_input"].mean()),
                 "cos_input_lo": lo,
@@ -73,8 +73,9 @@ def format_summary(summary: pd.DataFrame, show_normed: bool) -> str:
         head += f"  {'normed cos':>10}  {'normed base':>11}  {'normed ident.':>13}"
     lines = [head]
     for row in summary.itertuples(index=False):
+        interval = f"[{row.cos_input_lo:.3f}, {row.cos_input_hi:.3f}]"
         line = (
-            f"{row.layer:>5}  {row.cos_input:>7.3f} [{row.cos_input_lo:.3f}, {row.cos_input_hi:.3f}]"
+            f"{row.layer:>5}  {row.cos_input:>7.3f} {interval}"
             f"  {row.baseline:>8.3f}  {row.identifiable:>11.1%}"
         )
         if show_normed:

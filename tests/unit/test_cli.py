@@ -33,13 +33,34 @@ def test_layers_writes_every_output(tiny_dirs, tmp_path):
     out = tmp_path / "run"
     texts = ["The dog chased the cat.", "Rain fell."]
     result = _run(
-        ["layers", "--model", str(tiny_dirs["llama"]), "--out", str(out), "--seed", "3",
-         "--text", texts[0], "--text", texts[1], "--batch-size", "1", "--save-attention"]
+        [
+            "layers",
+            "--model",
+            str(tiny_dirs["llama"]),
+            "--out",
+            str(out),
+            "--seed",
+            "3",
+            "--text",
+            texts[0],
+            "--text",
+            texts[1],
+            "--batch-size",
+            "1",
+            "--save-attention",
+        ]
     )
     assert result.exit_code == 0, result.output
     assert "identifiable" in result.output and "layer" in result.output
-    for name in ("drift.csv", "summary.csv", "texts.csv", "run.json", "token_drift.png",
-                 "drift_heatmap.png", "identifiable_share.png"):
+    for name in (
+        "drift.csv",
+        "summary.csv",
+        "texts.csv",
+        "run.json",
+        "token_drift.png",
+        "drift_heatmap.png",
+        "identifiable_share.png",
+    ):
         assert (out / name).is_file(), name
     drift = pd.read_csv(out / "drift.csv")
     record = json.loads((out / "run.json").read_text())
@@ -53,16 +74,33 @@ def test_layers_writes_every_output(tiny_dirs, tmp_path):
     assert {"torch", "transformer-lens", "transformers"} <= set(record["versions"])
     pattern = np.load(out / "attention" / "text_00001.npz")
     n = int(pd.read_csv(out / "texts.csv")["n_tokens"][1])
-    assert pattern["pattern"].shape == (record["model"]["n_blocks"], record["model"]["n_heads"], n, n)
+    assert pattern["pattern"].shape == (
+        record["model"]["n_blocks"],
+        record["model"]["n_heads"],
+        n,
+        n,
+    )
     np.testing.assert_allclose(pattern["pattern"].astype(np.float32).sum(-1), 1.0, atol=5e-3)
-    assert list(pattern["tokens"])[0] == "<|endoftext|>"
+    assert next(iter(pattern["tokens"])) == "<|endoftext|>"
 
 
 @pytest.mark.parametrize("fmt", ["svg", "pdf"])
 def test_figure_formats(tiny_dirs, tmp_path, fmt):
     out = tmp_path / fmt
-    result = _run(["layers", "-m", str(tiny_dirs["bert"]), "-t", "A short text.", "-o", str(out),
-                   "--format", fmt, "--quiet"])
+    result = _run(
+        [
+            "layers",
+            "-m",
+            str(tiny_dirs["bert"]),
+            "-t",
+            "A short text.",
+            "-o",
+            str(out),
+            "--format",
+            fmt,
+            "--quiet",
+        ]
+    )
     assert result.exit_code == 0, result.output
     assert result.output == ""  # --quiet prints nothing on success
     assert (out / f"token_drift.{fmt}").stat().st_size > 1000
@@ -73,8 +111,18 @@ def test_file_input_and_same_numbers_twice(tiny_dirs, tmp_path):
     source.write_text("The dog chased the cat.\n\nThe cat chased the dog.\n", encoding="utf-8")
     runs = []
     for name in ("a", "b"):
-        result = _run(["layers", "-m", str(tiny_dirs["gpt2"]), "-f", str(source), "-o",
-                       str(tmp_path / name), "-q"])
+        result = _run(
+            [
+                "layers",
+                "-m",
+                str(tiny_dirs["gpt2"]),
+                "-f",
+                str(source),
+                "-o",
+                str(tmp_path / name),
+                "-q",
+            ]
+        )
         assert result.exit_code == 0, result.output
         runs.append(pd.read_csv(tmp_path / name / "drift.csv"))
     assert runs[0]["text_id"].nunique() == 2  # blank line skipped
@@ -82,15 +130,21 @@ def test_file_input_and_same_numbers_twice(tiny_dirs, tmp_path):
 
 
 def test_unknown_model_offline(tmp_path):
-    result = _run(["layers", "--model", "no-such-org/no-such-model", "-o", str(tmp_path / "x")],
-                  HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
+    result = _run(
+        ["layers", "--model", "no-such-org/no-such-model", "-o", str(tmp_path / "x")],
+        HF_HUB_OFFLINE="1",
+        HF_HOME=str(tmp_path / "hf"),
+    )
     _assert_one_line_error(result, "no-such-org/no-such-model", "minilm", "smollm2", "--model PATH")
     assert not (tmp_path / "x").exists()
 
 
 def test_hub_name_offline_without_cache(tmp_path):
-    result = _run(["layers", "--model", "bert-base-uncased", "-o", str(tmp_path / "x")],
-                  HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
+    result = _run(
+        ["layers", "--model", "bert-base-uncased", "-o", str(tmp_path / "x")],
+        HF_HUB_OFFLINE="1",
+        HF_HOME=str(tmp_path / "hf"),
+    )
     _assert_one_line_error(result, "bert-base-uncased", "hub is unreachable", "minilm")
 
 
@@ -154,8 +208,19 @@ def test_cuda_requested_without_cuda(monkeypatch, tmp_path):
 
 
 def test_heatmap_text_out_of_range(tiny_dirs, tmp_path):
-    result = _run(["layers", "-m", str(tiny_dirs["bert"]), "-t", "One text.",
-                   "--heatmap-text", "5", "-o", str(tmp_path / "x")])
+    result = _run(
+        [
+            "layers",
+            "-m",
+            str(tiny_dirs["bert"]),
+            "-t",
+            "One text.",
+            "--heatmap-text",
+            "5",
+            "-o",
+            str(tmp_path / "x"),
+        ]
+    )
     _assert_one_line_error(result, "--heatmap-text 5")
     assert not (tmp_path / "x").exists()
 
@@ -179,7 +244,9 @@ def test_rerun_into_existing_directory_replaces_files(tiny_dirs, tmp_path):
     out.mkdir()
     (out / "drift.csv").write_text("stale")
     (out / "keep.txt").write_text("mine")
-    result = _run(["layers", "-m", str(tiny_dirs["bert"]), "-t", "Fresh text.", "-o", str(out), "-q"])
+    result = _run(
+        ["layers", "-m", str(tiny_dirs["bert"]), "-t", "Fresh text.", "-o", str(out), "-q"]
+    )
     assert result.exit_code == 0, result.output
     assert (out / "drift.csv").read_text().startswith("model,text_id")
     assert (out / "keep.txt").read_text() == "mine"
@@ -187,9 +254,16 @@ def test_rerun_into_existing_directory_replaces_files(tiny_dirs, tmp_path):
 
 def test_help_has_examples_and_module_entry_point():
     result = _run(["layers", "--help"])
-    assert result.exit_code == 0 and "Examples:" in result.output and "--save-attention" in result.output
+    assert (
+        result.exit_code == 0
+        and "Examples:" in result.output
+        and "--save-attention" in result.output
+    )
     completed = subprocess.run(
-        [sys.executable, "-m", "residual_trace", "--help"], capture_output=True, text=True, check=False
+        [sys.executable, "-m", "residual_trace", "--help"],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert completed.returncode == 0 and "layers" in completed.stdout
 

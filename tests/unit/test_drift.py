@@ -106,7 +106,10 @@ def test_truncation_warns_and_keeps_special_tokens(tiny_models, sentences):
     long_text = sentences[-1]
     frames = list(
         iter_drift(
-            tiny_models["bert"], [long_text, "Yes."], DriftConfig(max_length=6), warn=warnings.append
+            tiny_models["bert"],
+            [long_text, "Yes."],
+            DriftConfig(max_length=6),
+            warn=warnings.append,
         )
     )
     table = pd.concat(frames)

@@ -27,11 +27,22 @@ def synthetic_table(n_texts: int = 3, n_tokens: int = 5, n_layers: int = 4) -> p
             for layer in range(n_layers):
                 cos = 1.0 - 0.2 * layer + rng.normal(0, 0.01)
                 rows.append(
-                    {"model": "synthetic", "text_id": text, "position": position, "layer": layer,
-                     "token": f"t{position}", "is_special": position == 0,
-                     "cos_input": cos, "baseline": 0.05, "vocab_rank": 1 if layer < 2 else 7,
-                     "cos_input_normed": cos, "baseline_normed": 0.05,
-                     "vocab_rank_normed": 1, "norm_ratio": 1.0, "top_dim_share": 0.1}
+                    {
+                        "model": "synthetic",
+                        "text_id": text,
+                        "position": position,
+                        "layer": layer,
+                        "token": f"t{position}",
+                        "is_special": position == 0,
+                        "cos_input": cos,
+                        "baseline": 0.05,
+                        "vocab_rank": 1 if layer < 2 else 7,
+                        "cos_input_normed": cos,
+                        "baseline_normed": 0.05,
+                        "vocab_rank_normed": 1,
+                        "norm_ratio": 1.0,
+                        "top_dim_share": 0.1,
+                    }
                 )
     return pd.DataFrame(rows)
 
@@ -43,7 +54,7 @@ def test_token_drift_figure_draws_a_line_per_token_mean_and_baseline():
     lines = fig.axes[0].get_lines()
     non_special_tokens = 3 * 4
     assert len(lines) == non_special_tokens + 3  # token lines + mean + baseline + zero line
-    mean_line = [line for line in lines if line.get_label() == "mean cos_input"][0]
+    mean_line = next(line for line in lines if line.get_label() == "mean cos_input")
     np.testing.assert_allclose(mean_line.get_ydata(), [1.0, 0.8, 0.6, 0.4], atol=0.02)
     assert "synthetic" in fig.axes[0].get_title()
     assert "layer" in fig.axes[0].get_xlabel()
@@ -138,5 +149,5 @@ def test_every_architecture_names_distinct_sites():
 def test_unsupported_architecture_message():
     from residual_trace.models.architectures import spec_for
 
-    with pytest.raises(UserError, match="not supported yet.*bert, gpt2, llama"):
+    with pytest.raises(UserError, match=r"not supported yet.*bert, gpt2, llama"):
         spec_for("mamba")

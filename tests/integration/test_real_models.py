@@ -1,0 +1,115 @@
+"""The packaged real models, offline: MiniLM (post-LN BERT) and SmolLM2 (Llama, from GGUF)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from residual_trace import DriftConfig, drift_table, load_model
+from residual_trace.cli import trace
+from residual_trace.experiments import bundled_sentences
+from tests.reference import reference_drift
+
+pytestmark = pytest.mark.slow
+
+COLUMNS = ["cos_input", "cos_layer0", "baseline", "cos_input_normed", "emb_proj", "norm_ratio"]
+
+
+@pytest.fixture(scope="module")
+def texts() -> list[str]:
+    sentences = bundled_sentences()
+    return [sentences[0], sentences[55], "Yes.", sentences[190]]
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    return load_model("minilm", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory):
+    """Converted from the GGUF into an empty cache once, then loaded again from the cache."""
+    cache = tmp_path_factory.mktemp("cache")
+    patch = pytest.MonkeyPatch()
+    patch.setenv("RESIDUAL_TRACE_CACHE", str(cache))
+    notes: list[str] = []
+    first = load_model("smollm2", device="cpu", on_convert=notes.append)
+    assert len(notes) == 1 and "converting" in notes[0]
+    second = load_model("smollm2", device="cpu", on_convert=notes.append)
+    assert len(notes) == 1, "the second load must come from the safetensors cache"
+    assert second.resolved.directory == first.resolved.directory
+    assert (first.resolved.directory / "model.safetensors").is_file()
+    yield second
+    patch.undo()
+
+
+def _compare(ours: pd.DataFrame, ref: pd.DataFrame) -> None:
+    merged = ours.merge(ref, on=["text_id", "position", "layer"], suffixes=("", "_ref"))
+    assert len(merged) == len(ref) == len(ours)
+    for column in COLUMNS:
+        np.testing.assert_allclose(
+            merged[column], merged[f"{column}_ref"], atol=1e-4, rtol=1e-4, err_msg=column
+        )
+    # vocab ranks: inside the band a float32 computation may reach (ties within 1e-5)
+    for column in ("vocab_rank", "vocab_rank_normed"):
+        assert (merged[column] >= merged[f"{column}_lo"]).all(), column
+        assert (merged[column] <= merged[f"{column}_hi"]).all(), column
+
+
+def test_minilm_matches_hugging_face(minilm, texts):
+    ours = drift_table(minilm, texts, DriftConfig(batch_size=3))
+    ref = reference_drift(minilm.resolved.directory, "bert", texts, prepend_bos=False)
+    _compare(ours, ref)
+    # MiniLM is a 6-block BERT with the bert-base-uncased vocabulary
+    assert minilm.n_layers == 6 and minilm.d_model == 384 and minilm.d_vocab == 30522
+
+
+def test_smollm2_matches_hugging_face(smollm2, texts):
+    ours = drift_table(smollm2, texts, DriftConfig(batch_size=3))
+    ref = reference_drift(smollm2.resolved.directory, "llama", texts, prepend_bos=True)
+    _compare(ours, ref)
+    assert smollm2.n_layers == 30 and smollm2.d_model == 576
+
+
+def test_smollm2_is_the_real_model(smollm2):
+    """The dequantised weights predict ' Paris' (guards against a silently random model)."""
+    import torch
+
+    ids = torch.tensor([smollm2.encode("The capital of France is")])
+    with torch.inference_mode():
+        logits = smollm2.bridge(ids)
+    assert smollm2.tokenizer.decode(int(logits[0, -1].argmax())).strip() == "Paris"
+
+
+def test_trace_layers_default_model_end_to_end(tmp_path):
+    """`trace layers` with no options: minilm on the bundled sentences."""
+    out = tmp_path / "run"
+    result = CliRunner().invoke(trace, ["layers", "--out", str(out)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    summary = pd.read_csv(out / "summary.csv")
+    record = json.loads((out / "run.json").read_text())
+    assert record["model"]["name"] == "minilm" and record["inputs"]["n_texts"] >= 200
+    assert len(summary) == 7
+    # literature sanity (Brunner et al. 2020), not constants: identity fades with depth but
+    # stays far above the anisotropy baseline, and most tokens stay identifiable
+    assert summary["cos_input"].iloc[0] > summary["cos_input"].iloc[-1]
+    assert (summary["cos_input_lo"] > summary["baseline"]).all()
+    assert summary["identifiable"].iloc[0] > 0.95
+
+
+def test_trace_layers_smollm2_cli(tmp_path, smollm2):
+    out = tmp_path / "smol"
+    result = CliRunner().invoke(
+        trace,
+        ["layers", "--model", "smollm2", "--text", "The dog chased the cat.", "--out", str(out)],
+        env={"RESIDUAL_TRACE_CACHE": str(smollm2.resolved.directory.parent)},
+        catch_exceptions=False,
+    )
+    assert result.exit_code == 0, result.output
+    drift = pd.read_csv(out / "drift.csv")
+    assert drift["layer"].max() == 30
+    assert "normed" in result.output  # pre-norm decoder: the normalised variant is shown
