@@ -74,7 +74,8 @@ def token_drift_figure(
         ax.set_xlabel(LAYER_LABEL)
         label = "cosine(h, W_E[token])" + (" after the model's norm" if suffix else "")
         ax.set_ylabel(label)
-        ax.set_ylim(-0.35, 1.05)
+        lowest = float(np.nanmin(sample[f"cos_input{suffix}"].to_numpy(dtype=np.float64)))
+        ax.set_ylim(max(-1.05, min(-0.35, lowest - 0.05)), 1.05)
         ax.set_xlim(layers.min(), layers.max())
         ax.set_title(
             f"{_model_name(table)}: token drift{' (normalised)' if suffix else ''}\n"
