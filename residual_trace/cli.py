@@ -49,7 +49,17 @@ class _Group(click.Group):
             ) from None
 
 
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+_EPILOG_GROUP = """\b
+Examples:
+  trace layers                                  # token drift on minilm, bundled sentences
+  trace layers --model smollm2 --text "The dog chased the cat."
+  trace layers --help                           # every option, with examples
+"""
+
+
+@click.group(
+    cls=_Group, context_settings={"help_option_names": ["-h", "--help"]}, epilog=_EPILOG_GROUP
+)
 @click.version_option(__version__, prog_name="residual-trace")
 def trace() -> None:
     """Mechanistic residual-stream tracing: does the state at layer L still hold its token?

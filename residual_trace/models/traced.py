@@ -189,10 +189,10 @@ def load_model(
         device: ``auto``, ``cpu`` or ``cuda``.
         on_convert: called with a message before a one-time conversion (GGUF) starts.
     """
+    torch_device = pick_device(device)
+    resolved = resolve(name, on_convert=on_convert)  # before the slow import: fail fast
     from transformer_lens.model_bridge import TransformerBridge
 
-    torch_device = pick_device(device)
-    resolved = resolve(name, on_convert=on_convert)
     with _quiet_transformers():
         try:
             bridge = TransformerBridge.boot_transformers(
