@@ -99,6 +99,11 @@ def test_trace_layers_default_model_end_to_end(tmp_path):
     assert summary["cos_input"].iloc[0] > summary["cos_input"].iloc[-1]
     assert (summary["cos_input_lo"] > summary["baseline"]).all()
     assert summary["identifiable"].iloc[0] > 0.95
+    # the written drift.csv itself matches the independent reference (first three texts)
+    drift = pd.read_csv(out / "drift.csv")
+    texts = pd.read_csv(out / "texts.csv")["text"].tolist()[:3]
+    ref = reference_drift(record["model"]["directory"], "bert", texts, prepend_bos=False)
+    _compare(drift[drift["text_id"] < 3], ref)
 
 
 def test_trace_layers_smollm2_cli(tmp_path, smollm2):
@@ -112,4 +117,8 @@ def test_trace_layers_smollm2_cli(tmp_path, smollm2):
     assert result.exit_code == 0, result.output
     drift = pd.read_csv(out / "drift.csv")
     assert drift["layer"].max() == 30
+    ref = reference_drift(
+        smollm2.resolved.directory, "llama", ["The dog chased the cat."], prepend_bos=True
+    )
+    _compare(drift, ref)
     assert "normed" in result.output  # pre-norm decoder: the normalised variant is shown
