@@ -110,18 +110,55 @@ class RunDir:
             os.replace(item, target)
 
 
-def write_table(frame: pd.DataFrame, path: Path) -> list[Path]:
-    """Write ``path`` as CSV, plus a Parquet copy when pyarrow is installed."""
-    frame.to_csv(path, index=False)
-    written = [path]
+def has_pyarrow() -> bool:
+    """Whether Parquet copies can be written (pyarrow is optional)."""
     try:
         import pyarrow  # noqa: F401
     except ImportError:
-        return written
+        return False
+    return True
+
+
+def write_table(frame: pd.DataFrame, path: Path) -> list[Path]:
+    """Write ``path`` as CSV, plus a Parquet copy when pyarrow is installed."""
+    frame.to_csv(path, index=False)
+    if not has_pyarrow():
+        return [path]
     parquet = path.with_suffix(".parquet")
     frame.to_parquet(parquet, index=False)
-    written.append(parquet)
-    return written
+    return [path, parquet]
+
+
+class TableStream:
+    """Append DataFrames to ``NAME.csv`` (header once) and, with pyarrow, ``NAME.parquet``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.rows = 0
+        self._parquet: Any = None
+        self._pyarrow = has_pyarrow()
+
+    @property
+    def files(self) -> list[str]:
+        names = [self.path.name]
+        return [*names, self.path.with_suffix(".parquet").name] if self._pyarrow else names
+
+    def write(self, frame: pd.DataFrame) -> None:
+        frame.to_csv(self.path, mode="a", header=self.rows == 0, index=False)
+        self.rows += len(frame)
+        if self._pyarrow:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            table = pa.Table.from_pandas(frame, preserve_index=False)
+            if self._parquet is None:
+                self._parquet = pq.ParquetWriter(self.path.with_suffix(".parquet"), table.schema)
+            self._parquet.write_table(table)
+
+    def close(self) -> None:
+        if self._parquet is not None:
+            self._parquet.close()
+            self._parquet = None
 
 
 def write_run_json(path: Path, record: dict[str, Any]) -> None:

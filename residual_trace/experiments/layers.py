@@ -26,8 +26,25 @@ from residual_trace.figures import (
     token_drift_figure,
 )
 from residual_trace.models import TracedModel, load_model
-from residual_trace.runs import RunDir, default_out, texts_sha256, write_run_json, write_table
-from residual_trace.tracer import DriftConfig, iter_drift, layer_summary
+from residual_trace.runs import (
+    RunDir,
+    TableStream,
+    default_out,
+    texts_sha256,
+    write_run_json,
+    write_table,
+)
+from residual_trace.tracer import DriftConfig, format_summary, iter_drift, layer_summary
+
+__all__ = [
+    "FIGURE_FORMATS",
+    "LayersConfig",
+    "LayersResult",
+    "bundled_sentences",
+    "describe",
+    "read_texts",
+    "run_layers",
+]
 
 FIGURE_FORMATS = ("png", "svg", "pdf")
 #: Columns kept in memory for the summary and figures, in compact dtypes (the full table
@@ -130,43 +147,6 @@ def _load_inputs(config: LayersConfig) -> tuple[list[str], str]:
     return bundled_sentences(), "bundled sentences (residual_trace/data/sentences.txt)"
 
 
-class _TableStream:
-    """Append DataFrames to ``NAME.csv`` (header once) and, with pyarrow, ``NAME.parquet``."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.rows = 0
-        self._parquet: Any = None
-        try:
-            import pyarrow  # noqa: F401
-        except ImportError:
-            self._pyarrow = False
-        else:
-            self._pyarrow = True
-
-    @property
-    def files(self) -> list[str]:
-        names = [self.path.name]
-        return [*names, self.path.with_suffix(".parquet").name] if self._pyarrow else names
-
-    def write(self, frame: pd.DataFrame) -> None:
-        frame.to_csv(self.path, mode="a", header=self.rows == 0, index=False)
-        self.rows += len(frame)
-        if self._pyarrow:
-            import pyarrow as pa
-            import pyarrow.parquet as pq
-
-            table = pa.Table.from_pandas(frame, preserve_index=False)
-            if self._parquet is None:
-                self._parquet = pq.ParquetWriter(self.path.with_suffix(".parquet"), table.schema)
-            self._parquet.write_table(table)
-
-    def close(self) -> None:
-        if self._parquet is not None:
-            self._parquet.close()
-            self._parquet = None
-
-
 def _attention_writer(folder: Path) -> Callable[[int, list[str], np.ndarray], None]:
     folder.mkdir()
 
@@ -208,7 +188,7 @@ def run_layers(
             progress=progress,
         )
         patterns = _attention_writer(run.tmp / "attention") if config.save_attention else None
-        stream = _TableStream(run.tmp / "drift.csv")
+        stream = TableStream(run.tmp / "drift.csv")
         kept: list[pd.DataFrame] = []
         heatmap_tokens: dict[int, str] = {}  # position -> token of the heatmap's text
         warn = lambda m: echo(f"warning: {m}")  # noqa: E731
@@ -297,34 +277,16 @@ def _write_figures(
     return written
 
 
-__all__ = [
-    "FIGURE_FORMATS",
-    "LayersConfig",
-    "LayersResult",
-    "bundled_sentences",
-    "describe",
-    "read_texts",
-    "run_layers",
-]
-
-
-def _summary_title(model: TracedModel, n_texts: int, summary: pd.DataFrame) -> str:
-    tokens = int(summary["n_tokens"].iloc[0]) if len(summary) else 0
-    return (
-        f"{model.name}: {model.model_type} {model.spec.family}, {model.n_layers} blocks "
-        f"({model.n_layers + 1} layers), {n_texts} texts, {tokens} tokens measured per layer"
-    )
-
-
 def describe(result: LayersResult) -> str:
     """Summary text for the terminal: title, per-layer table, what was written."""
-    from residual_trace.tracer import format_summary
-
-    assert result.model is not None
-    show_normed = result.model.spec.norm_placement == "pre"
+    model = result.model
+    assert model is not None
+    tokens = int(result.summary["n_tokens"].iloc[0]) if len(result.summary) else 0
     parts = [
-        _summary_title(result.model, result.n_texts, result.summary),
-        format_summary(result.summary, show_normed=show_normed),
+        f"{model.name}: {model.model_type} {model.spec.family}, {model.n_layers} blocks "
+        f"({model.n_layers + 1} layers), {result.n_texts} texts, {tokens} tokens measured "
+        "per layer",
+        format_summary(result.summary, show_normed=model.spec.norm_placement == "pre"),
         "cos_input: cosine to the input token's embedding; baseline: the same to the text's "
         "other tokens (the null); identifiable: own token is the nearest vocabulary row.",
         f"wrote {result.out}/: " + ", ".join(p.name for p in result.files),
