@@ -40,6 +40,9 @@ class ArchSpec:
             block's first norm); ``None`` for post-LN models, whose states are normalised.
         final_norm: bridge module of the final norm that reads the last layer.
         norm_centres: whether that norm subtracts the mean (LayerNorm) or not (RMSNorm).
+        post_norms: for post-LN models, the bridge modules of the norm after the attention
+            sublayer and after the MLP (each with a ``hook_scale`` holding its divisor);
+            ``None`` for pre-LN models, whose residual stream is additive.
     """
 
     family: Literal["encoder", "decoder"]
@@ -51,6 +54,7 @@ class ArchSpec:
     reader_norm_template: str | None = "blocks.{layer}.ln1"
     final_norm: str | None = "ln_final"
     norm_centres: bool = True
+    post_norms: tuple[str, str] | None = None
 
     @staticmethod
     def resid_hook(layer: int) -> str:
@@ -63,6 +67,17 @@ class ArchSpec:
 
     def pattern_hook(self, block: int) -> str:
         return self.attn_pattern.format(layer=block)
+
+    def delta_hooks(self, block: int) -> tuple[str, str]:
+        """Hooks holding block ``block``'s attention and MLP sublayer outputs (the deltas)."""
+        return self.attn_delta.format(layer=block), self.mlp_delta.format(layer=block)
+
+    def post_norm_modules(self, block: int) -> tuple[str, str] | None:
+        """The two post-sublayer norms of block ``block`` (post-LN models only)."""
+        if self.post_norms is None:
+            return None
+        first, second = self.post_norms
+        return first.format(layer=block), second.format(layer=block)
 
     def reader_norm(self, layer: int, n_layers: int) -> str | None:
         """The norm module that reads residual layer ``layer`` (0..n_layers), if any."""
@@ -83,6 +98,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         attn_delta="blocks.{layer}.attn.o.hook_out",
         reader_norm_template=None,
         final_norm=None,
+        post_norms=("blocks.{layer}.ln1", "blocks.{layer}.ln2"),
     ),
     "gpt2": ArchSpec(family="decoder", norm_placement="pre", prepend_bos=True),
     "llama": ArchSpec(family="decoder", norm_placement="pre", prepend_bos=True, norm_centres=False),

@@ -138,18 +138,32 @@ class TracedModel:
         return weight.detach().to(device=self.device, dtype=torch.float32)
 
     # -- forward ----------------------------------------------------------------------------
-    @torch.inference_mode()
-    def capture(
-        self, ids: TokenIds, attention_mask: AttentionMask, patterns: bool = False
-    ) -> Capture:
-        """Run one padded batch and keep the residual stream (and patterns) of every layer."""
-        layers = self.n_layers + 1
-        resid_names = [self.spec.resid_hook(k) for k in range(layers)]
-        pattern_names = (
-            [self.spec.pattern_hook(b) for b in range(self.n_layers)] if patterns else []
+    def norm_parameters(self, path: str) -> tuple[Tensor, Tensor | None, float]:
+        """``(weight, bias or None, eps)`` of the norm module at bridge path ``path``."""
+        module = self.bridge.get_submodule(path)
+        inner = getattr(module, "_original_component", module)
+        bias = getattr(inner, "bias", None)
+        eps: Any = getattr(inner, "eps", None)
+        if eps is None:
+            eps = getattr(inner, "variance_epsilon", 1e-5)
+        return (
+            inner.weight.detach().to(device=self.device, dtype=torch.float32),
+            None if bias is None else bias.detach().to(device=self.device, dtype=torch.float32),
+            float(eps),
         )
+
+    @torch.inference_mode()
+    def run_hooks(
+        self, ids: TokenIds, attention_mask: AttentionMask, names: Sequence[str]
+    ) -> dict[str, Tensor]:
+        """One forward pass keeping the activations at ``names`` (float32).
+
+        The forward stops right after the last block's output: hooks of the final norm or
+        the LM head cannot be requested, and the head is never computed.
+        """
+        last = self.spec.resid_hook(self.n_layers)
+        wanted = list(dict.fromkeys([*names, last]))
         store: dict[str, Tensor] = {}
-        last = resid_names[-1]
 
         def keeper(name: str) -> Callable[[Tensor, Any], None]:
             # Bridge hook points report canonical names (blocks.0.hook_in), not the alias
@@ -161,18 +175,27 @@ class TracedModel:
 
             return keep
 
-        hooks = [(name, keeper(name)) for name in [*resid_names, *pattern_names]]
+        hooks = [(name, keeper(name)) for name in wanted]
         ids = ids.to(self.device)
         attention_mask = attention_mask.to(self.device)
         with self.bridge.hooks(fwd_hooks=hooks), contextlib.suppress(_StopForward):
             self.bridge(ids, attention_mask=attention_mask, return_type=None)
-        missing = [n for n in [*resid_names, *pattern_names] if n not in store]
+        missing = [n for n in wanted if n not in store]
         if missing:
             raise RuntimeError(f"hooks did not fire for {self.model_type}: {missing[:3]}")
-        resid = torch.stack([store[n].to(torch.float32) for n in resid_names])
-        stacked = (
-            torch.stack([store[n].to(torch.float32) for n in pattern_names]) if patterns else None
+        return {name: store[name].to(torch.float32) for name in names}
+
+    def capture(
+        self, ids: TokenIds, attention_mask: AttentionMask, patterns: bool = False
+    ) -> Capture:
+        """Run one padded batch and keep the residual stream (and patterns) of every layer."""
+        resid_names = [self.spec.resid_hook(k) for k in range(self.n_layers + 1)]
+        pattern_names = (
+            [self.spec.pattern_hook(b) for b in range(self.n_layers)] if patterns else []
         )
+        store = self.run_hooks(ids, attention_mask, [*resid_names, *pattern_names])
+        resid = torch.stack([store[n] for n in resid_names])
+        stacked = torch.stack([store[n] for n in pattern_names]) if patterns else None
         return Capture(resid=resid, patterns=stacked)
 
 

@@ -122,3 +122,22 @@ def test_trace_layers_smollm2_cli(tmp_path, smollm2):
     )
     _compare(drift, ref)
     assert "normed" in result.output  # pre-norm decoder: the normalised variant is shown
+
+
+@pytest.mark.parametrize("name", ["minilm", "smollm2"])
+def test_decomposition_reconstructs_real_models(name, minilm, smollm2, texts):
+    from residual_trace.tracer.decompose import RECONSTRUCTION_TOLERANCE, decompose_table
+    from tests.reference import hidden_states
+
+    model = {"minilm": minilm, "smollm2": smollm2}[name]
+    local, cumulative = decompose_table(model, texts[:2], batch_size=2)
+    assert local["recon_error"].max() < RECONSTRUCTION_TOLERANCE
+    np.testing.assert_allclose(cumulative.groupby("layer")["share"].sum(), 1.0, atol=1e-3)
+    ids = model.encode(texts[0])
+    states, _ = hidden_states(model.resolved.directory, model.model_type, ids)
+    W_E = model.W_E.numpy()
+    unit = W_E[ids] / np.linalg.norm(W_E[ids], axis=1, keepdims=True)
+    last = local[(local["text_id"] == 0) & (local["layer"] == model.n_layers)]
+    np.testing.assert_allclose(
+        last.sort_values("position")["proj_post"], (states[-1] * unit).sum(1), rtol=1e-4, atol=1e-3
+    )

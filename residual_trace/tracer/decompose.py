@@ -1,0 +1,318 @@
+"""Exact split of every layer's state into residual, attention, MLP and norm-bias parts.
+
+Pre-LN decoders (GPT-2, Llama) are additive: resid_mid = resid_pre + attn and
+resid_post = resid_mid + mlp, where attn and mlp are the sublayers' own outputs.
+
+Post-LN encoders (BERT) normalise after each sublayer: mid = LN1(pre + attn) and
+post = LN2(mid + mlp). LayerNorm is affine once its divisor s (the scale of the *sum*, read
+from the ``hook_scale`` hooks) is fixed: LN(x) = gamma * (x - mean(x)) / s + beta. So each
+part p of the sum is carried as gamma * (p - mean(p)) / s, and beta is a part of its own.
+The parts then add up to the block output exactly. TransformerLens's ``decompose_resid``
+adds the post-LN ``hook_attn_out`` (LN1's *output*, a residual, not a delta) and so misses
+the true state silently; this module does not, and checks at run time that its parts
+reconstruct ``resid_post`` (relative error below :data:`RECONSTRUCTION_TOLERANCE`).
+
+Two views:
+
+- *local*: layer k (the output of block k-1) = residual part (block input carried through
+  the block's norms) + attention part + MLP part + bias part;
+- *cumulative*: layer k = the layer-0 state carried through every later norm + each earlier
+  sublayer's part carried the same way (+ one bias part, the sum of every carried beta).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from residual_trace._typing import Float, Tensor
+from residual_trace.models import TracedModel
+from residual_trace.tracer.batching import Batch, encode_texts, iter_batches
+
+#: Largest tolerated relative error ``|sum(parts) - resid_post| / |resid_post|`` (float32).
+RECONSTRUCTION_TOLERANCE = 1e-4
+
+
+class ReconstructionError(RuntimeError):
+    """The named parts do not add up to the model's own state: the split is wrong."""
+
+
+@dataclass(frozen=True)
+class PostNorm:
+    """One LayerNorm of a post-LN block, with the divisor it used on this batch.
+
+    Attributes:
+        weight: gamma ``[d_model]``.
+        bias: beta ``[d_model]`` (zeros when the norm has none).
+        scale: the divisor s = sqrt(var(x) + eps) of the norm's input ``[batch, pos, 1]``.
+    """
+
+    weight: Float[Tensor, " d_model"]
+    bias: Float[Tensor, " d_model"]
+    scale: Float[Tensor, "batch pos 1"]
+
+    def carry(self, part: Float[Tensor, "*parts batch pos d_model"]) -> Tensor:
+        """The share of ``part`` in the norm's output: gamma * (part - mean(part)) / s."""
+        return self.weight * (part - part.mean(-1, keepdim=True)) / self.scale
+
+
+@dataclass(frozen=True)
+class BlockParts:
+    """One block's output split into named parts that add up to it exactly.
+
+    Attributes:
+        resid: the block input, carried through the block's norms.
+        attn: the attention sublayer's output, carried through the norms after it.
+        mlp: the MLP sublayer's output, carried likewise.
+        bias: the norms' betas, carried likewise (zero for pre-LN models).
+    """
+
+    resid: Float[Tensor, "batch pos d_model"]
+    attn: Float[Tensor, "batch pos d_model"]
+    mlp: Float[Tensor, "batch pos d_model"]
+    bias: Float[Tensor, "batch pos d_model"]
+
+    def total(self) -> Tensor:
+        return self.resid + self.attn + self.mlp + self.bias
+
+
+def split_block(
+    resid_pre: Float[Tensor, "batch pos d_model"],
+    attn: Float[Tensor, "batch pos d_model"],
+    mlp: Float[Tensor, "batch pos d_model"],
+    norms: tuple[PostNorm, PostNorm] | None,
+) -> BlockParts:
+    """Split a block's output; ``norms`` are (LN1, LN2) for post-LN, ``None`` for pre-LN.
+
+    Examples:
+        >>> x, a, m = torch.ones(1, 1, 2), torch.full((1, 1, 2), 2.0), torch.zeros(1, 1, 2)
+        >>> split_block(x, a, m, norms=None).total().tolist()
+        [[[3.0, 3.0]]]
+    """
+    if norms is None:
+        return BlockParts(resid=resid_pre, attn=attn, mlp=mlp, bias=torch.zeros_like(resid_pre))
+    ln1, ln2 = norms
+    return BlockParts(
+        resid=ln2.carry(ln1.carry(resid_pre)),
+        attn=ln2.carry(ln1.carry(attn)),
+        mlp=ln2.carry(mlp),
+        bias=ln2.carry(ln1.bias.expand_as(resid_pre)) + ln2.bias,
+    )
+
+
+def carry_through_block(
+    parts: Float[Tensor, "part batch pos d_model"], norms: tuple[PostNorm, PostNorm] | None
+) -> Tensor:
+    """Carry earlier parts of the block input through the block (identity for pre-LN)."""
+    if norms is None:
+        return parts
+    ln1, ln2 = norms
+    return ln2.carry(ln1.carry(parts))
+
+
+def relative_error(
+    estimate: Float[Tensor, "batch pos d_model"],
+    target: Float[Tensor, "batch pos d_model"],
+) -> Float[Tensor, "batch pos"]:
+    """|estimate - target| / |target| per position."""
+    return (estimate - target).norm(dim=-1) / target.norm(dim=-1).clamp_min(1e-12)
+
+
+def check_reconstruction(estimate: Tensor, target: Tensor, valid: Tensor, where: str) -> float:
+    """Raise :class:`ReconstructionError` if the parts miss the state on any valid token."""
+    error = float(relative_error(estimate, target)[valid].max()) if bool(valid.any()) else 0.0
+    if not error < RECONSTRUCTION_TOLERANCE:
+        raise ReconstructionError(
+            f"{where}: the decomposition misses resid_post by a relative error of {error:.2e} "
+            f"(tolerance {RECONSTRUCTION_TOLERANCE:.0e}); this architecture's hook sites in "
+            "residual_trace/models/architectures.py are wrong"
+        )
+    return error
+
+
+# -- tables ------------------------------------------------------------------------------
+
+#: Columns of the local decomposition table (one row per text x position x layer 1..L).
+DECOMPOSE_COLUMNS = (
+    "model",
+    "text_id",
+    "position",
+    "layer",
+    "token",
+    "token_id",
+    "is_special",
+    "attn_norm_rel",
+    "mlp_norm_rel",
+    "proj_pre",
+    "proj_resid",
+    "proj_attn",
+    "proj_mlp",
+    "proj_bias",
+    "proj_post",
+    "recon_error",
+)
+
+
+def _post_norms(
+    model: TracedModel, block: int, store: dict[str, Tensor]
+) -> tuple[PostNorm, PostNorm] | None:
+    paths = model.spec.post_norm_modules(block)
+    if paths is None:
+        return None
+    norms = []
+    for path in paths:
+        weight, bias, _ = model.norm_parameters(path)
+        norms.append(
+            PostNorm(
+                weight=weight,
+                bias=torch.zeros_like(weight) if bias is None else bias,
+                scale=store[f"{path}.hook_scale"],
+            )
+        )
+    return norms[0], norms[1]
+
+
+def _hook_names(model: TracedModel) -> list[str]:
+    names = [model.spec.resid_hook(k) for k in range(model.n_layers + 1)]
+    for block in range(model.n_layers):
+        names += model.spec.delta_hooks(block)
+        paths = model.spec.post_norm_modules(block)
+        if paths is not None:
+            names += [f"{path}.hook_scale" for path in paths]
+    return names
+
+
+@dataclass
+class BatchDecomposition:
+    """One batch's local table and its cumulative sums (to be pooled over batches)."""
+
+    local: pd.DataFrame
+    cumulative: pd.DataFrame
+
+
+def decompose_batch(model: TracedModel, batch: Batch) -> BatchDecomposition:
+    """Split every layer of one batch; raises :class:`ReconstructionError` if parts miss."""
+    store = model.run_hooks(batch.ids, batch.mask, _hook_names(model))
+    valid = batch.mask.bool().to(model.device)
+    ids = batch.ids.to(model.device)
+    e_hat = F.normalize(model.W_E[ids], dim=-1)  # unit input-token direction [b, p, d]
+    special = torch.isin(ids, torch.tensor(sorted(model.special_ids), device=model.device))
+    content = valid & ~special
+
+    def proj(x: Tensor) -> Tensor:
+        return (x * e_hat).sum(-1)
+
+    resid = [store[model.spec.resid_hook(k)] for k in range(model.n_layers + 1)]
+    sources, labels = resid[0][None], ["embedding"]
+    bias = torch.zeros_like(resid[0])
+    local: dict[str, list[Tensor]] = {name: [] for name in DECOMPOSE_COLUMNS[7:]}
+    cumulative_rows = []
+    for block in range(model.n_layers):
+        attn_name, mlp_name = model.spec.delta_hooks(block)
+        x, a, m, post = resid[block], store[attn_name], store[mlp_name], resid[block + 1]
+        norms = _post_norms(model, block, store)
+        parts = split_block(x, a, m, norms)
+        where = f"{model.name} ({model.model_type}), block {block}"
+        error = relative_error(parts.total(), post)
+        check_reconstruction(parts.total(), post, valid, where)
+        mlp_input = x + a if norms is None else norms[0].carry(x + a) + norms[0].bias
+        values = {
+            "attn_norm_rel": a.norm(dim=-1) / x.norm(dim=-1).clamp_min(1e-12),
+            "mlp_norm_rel": m.norm(dim=-1) / mlp_input.norm(dim=-1).clamp_min(1e-12),
+            "proj_pre": proj(x),
+            "proj_resid": proj(parts.resid),
+            "proj_attn": proj(parts.attn),
+            "proj_mlp": proj(parts.mlp),
+            "proj_bias": proj(parts.bias),
+            "proj_post": proj(post),
+            "recon_error": error,
+        }
+        for name, tensor in values.items():
+            local[name].append(tensor[valid])
+        sources = torch.cat(
+            [carry_through_block(sources, norms), parts.attn[None], parts.mlp[None]]
+        )
+        labels += [f"attn.{block}", f"mlp.{block}"]
+        bias = (carry_through_block(bias[None], norms)[0] if norms else bias) + parts.bias
+        check_reconstruction(sources.sum(0) + bias, post, valid, f"{where}, cumulative")
+        squared = (post * post).sum(-1).clamp_min(1e-12)
+        for label, part in zip([*labels, "bias"], [*sources, bias], strict=True):
+            cumulative_rows.append(
+                {
+                    "layer": block + 1,
+                    "source": label,
+                    "n_tokens": int(content.sum()),
+                    "sum_proj": float(proj(part)[content].sum()),
+                    "sum_share": float(((part * post).sum(-1) / squared)[content].sum()),
+                    "sum_norm": float(part.norm(dim=-1)[content].sum()),
+                }
+            )
+    n_layers, token_ids = model.n_layers, ids[valid]
+    text_rows = torch.arange(valid.shape[0], device=valid.device)[:, None].expand_as(valid)[valid]
+    positions = torch.arange(valid.shape[1], device=valid.device)[None, :].expand_as(valid)[valid]
+    text_ids = np.array([t.text_id for t in batch.texts], dtype=np.int64)
+    ids_np = token_ids.cpu().numpy()
+    frame = pd.DataFrame(
+        {
+            "model": model.name,
+            "text_id": np.tile(text_ids[text_rows.cpu().numpy()], n_layers),
+            "position": np.tile(positions.cpu().numpy(), n_layers),
+            "layer": np.repeat(np.arange(1, n_layers + 1, dtype=np.int64), len(ids_np)),
+            "token": np.tile(
+                np.array(model.token_strings(ids_np.tolist()), dtype=object), n_layers
+            ),
+            "token_id": np.tile(ids_np, n_layers),
+            "is_special": np.tile(special[valid].cpu().numpy(), n_layers),
+            **{name: torch.cat(parts).cpu().numpy() for name, parts in local.items()},
+        }
+    )
+    frame = frame.sort_values(["text_id", "position", "layer"], kind="stable")
+    return BatchDecomposition(
+        local=frame.reset_index(drop=True)[list(DECOMPOSE_COLUMNS)],
+        cumulative=pd.DataFrame(cumulative_rows),
+    )
+
+
+def pool_cumulative(parts: list[pd.DataFrame], model_name: str) -> pd.DataFrame:
+    """Means over all non-special tokens of every batch: one row per layer x source.
+
+    Columns: ``layer`` (1..L), ``source`` (``embedding``, ``attn.b``, ``mlp.b``, ``bias``),
+    ``proj`` (mean projection on the unit input-token direction), ``share`` (mean share of
+    the state's squared norm, (part . h) / |h|^2: sums to 1 over sources), ``norm`` (mean
+    norm of the carried part), ``n_tokens``.
+    """
+    sums = pd.concat(parts).groupby(["layer", "source"], sort=False).sum().reset_index()
+    n = sums["n_tokens"].clip(lower=1)
+    return pd.DataFrame(
+        {
+            "model": model_name,
+            "layer": sums["layer"],
+            "source": sums["source"],
+            "proj": sums["sum_proj"] / n,
+            "share": sums["sum_share"] / n,
+            "norm": sums["sum_norm"] / n,
+            "n_tokens": sums["n_tokens"],
+        }
+    )
+
+
+def decompose_table(
+    model: TracedModel,
+    texts: Sequence[str],
+    batch_size: int = 16,
+    max_length: int | None = None,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``(local, cumulative)`` decomposition tables for ``texts`` (see the module docstring)."""
+    encoded = encode_texts(model, texts, max_length or min(model.max_positions, 512))
+    locals_, cumulative = [], []
+    with torch.inference_mode():
+        for batch in iter_batches(encoded, batch_size, model.pad_id):
+            result = decompose_batch(model, batch)
+            locals_.append(result.local)
+            cumulative.append(result.cumulative)
+    return pd.concat(locals_, ignore_index=True), pool_cumulative(cumulative, model.name)

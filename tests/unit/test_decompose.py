@@ -1,0 +1,134 @@
+"""Attention-vs-MLP decomposition: exact reconstruction, TransformerLens agreement where it is
+right (pre-LN), and where it is wrong (post-LN BERT)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from residual_trace.tracer.decompose import (
+    RECONSTRUCTION_TOLERANCE,
+    PostNorm,
+    ReconstructionError,
+    decompose_table,
+    split_block,
+)
+from tests.reference import hidden_states
+
+KINDS = ["bert", "gpt2", "llama"]
+TEXTS = ["The dog chased the cat.", "The committee rejected the proposal after a long debate."]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_parts_reconstruct_every_layer(kind, tiny_models, tiny_dirs):
+    model = tiny_models[kind]
+    local, cumulative = decompose_table(model, TEXTS, batch_size=2)
+    assert (local["recon_error"] < RECONSTRUCTION_TOLERANCE).all()
+    parts = local[["proj_resid", "proj_attn", "proj_mlp", "proj_bias"]].sum(axis=1)
+    np.testing.assert_allclose(parts, local["proj_post"], atol=1e-4)
+    # proj_post against an independent Hugging Face forward: h . W_E[t] / |W_E[t]|
+    W_E = model.W_E.numpy()
+    for text_id, text in enumerate(TEXTS):
+        ids = model.encode(text)
+        states, _ = hidden_states(tiny_dirs[kind], kind, ids)
+        unit = W_E[ids] / np.linalg.norm(W_E[ids], axis=1, keepdims=True)
+        rows = local[local["text_id"] == text_id]
+        for layer in range(1, model.n_layers + 1):
+            got = rows[rows["layer"] == layer].sort_values("position")
+            np.testing.assert_allclose(
+                got["proj_post"], (states[layer] * unit).sum(1), atol=1e-4, rtol=1e-4
+            )
+            np.testing.assert_allclose(
+                got["proj_pre"], (states[layer - 1] * unit).sum(1), atol=1e-4, rtol=1e-4
+            )
+    # cumulative shares of the squared norm add up to one at every layer
+    np.testing.assert_allclose(cumulative.groupby("layer")["share"].sum(), 1.0, atol=1e-4)
+    assert set(cumulative["source"]) == {"embedding", "bias"} | {
+        f"{kind}.{b}" for kind in ("attn", "mlp") for b in range(model.n_layers)
+    }
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_pre_ln_split_equals_transformer_lens_decompose_resid(kind, tiny_models):
+    model = tiny_models[kind]
+    text = TEXTS[1]
+    _, cumulative = decompose_table(model, [text])
+    ids = torch.tensor([model.encode(text)])
+    with torch.inference_mode():
+        _, cache = model.bridge.run_with_cache(ids)
+    stack, labels = cache.decompose_resid(layer=model.n_layers, return_labels=True)
+    special = torch.isin(ids[0], torch.tensor(sorted(model.special_ids)))
+    unit = torch.nn.functional.normalize(model.W_E[ids[0]], dim=-1)
+    theirs = {label: stack[i, 0] for i, label in enumerate(labels)}
+    embedding = sum(v for k, v in theirs.items() if "embed" in k)
+    ours = cumulative[cumulative["layer"] == model.n_layers].set_index("source")
+    expected = {"embedding": embedding}
+    for block in range(model.n_layers):
+        expected[f"attn.{block}"] = theirs[f"{block}_attn_out"]
+        expected[f"mlp.{block}"] = theirs[f"{block}_mlp_out"]
+    for source, part in expected.items():
+        proj = (part * unit).sum(-1)[~special].mean().item()
+        norm = part.norm(dim=-1)[~special].mean().item()
+        assert ours.loc[source, "proj"] == pytest.approx(proj, abs=1e-4), source
+        assert ours.loc[source, "norm"] == pytest.approx(norm, rel=1e-4), source
+    assert ours.loc["bias", "norm"] == 0.0  # no norm bias parts in a pre-LN model
+
+
+def test_transformer_lens_decompose_resid_misses_post_ln_bert_and_ours_does_not(tiny_models):
+    model = tiny_models["bert"]
+    ids = torch.tensor([model.encode(TEXTS[1])])
+    with torch.inference_mode():
+        _, cache = model.bridge.run_with_cache(ids)
+    stack = cache.decompose_resid(layer=model.n_layers)
+    final = cache[f"blocks.{model.n_layers - 1}.hook_resid_post"]
+    their_error = ((stack.sum(0) - final).norm(dim=-1) / final.norm(dim=-1)).max().item()
+    assert their_error > 0.1  # silently wrong: no warning, a large miss
+    local, _ = decompose_table(model, [TEXTS[1]])
+    assert local["recon_error"].max() < RECONSTRUCTION_TOLERANCE
+
+
+def test_wrong_hook_site_fails_loudly(tiny_models, monkeypatch):
+    """Using LN1's output as the attention delta (TransformerLens's reading) must raise."""
+    model = tiny_models["bert"]
+    wrong = dataclasses.replace(model.spec, attn_delta="blocks.{layer}.hook_attn_out")
+    monkeypatch.setattr(model, "spec", wrong)
+    with pytest.raises(ReconstructionError, match="misses resid_post"):
+        decompose_table(model, TEXTS)
+
+
+def test_post_ln_split_by_hand():
+    """LN(x + a) with a known divisor: each part centred, scaled by gamma / s, beta apart."""
+    x = torch.tensor([[[1.0, 3.0]]])
+    a = torch.tensor([[[2.0, 0.0]]])
+    m = torch.tensor([[[0.0, 4.0]]])
+    gamma, beta = torch.tensor([2.0, 1.0]), torch.tensor([0.5, -0.5])
+    u = x + a  # [3, 3]: variance 0
+    s1 = (u.var(-1, keepdim=True, unbiased=False) + 1.0).sqrt()  # eps = 1 keeps s finite
+    ln1 = PostNorm(weight=gamma, bias=beta, scale=s1)
+    mid = gamma * (u - u.mean(-1, keepdim=True)) / s1 + beta
+    v = mid + m
+    s2 = (v.var(-1, keepdim=True, unbiased=False) + 1.0).sqrt()
+    ln2 = PostNorm(weight=gamma, bias=beta, scale=s2)
+    post = gamma * (v - v.mean(-1, keepdim=True)) / s2 + beta
+    parts = split_block(x, a, m, norms=(ln1, ln2))
+    torch.testing.assert_close(parts.total(), post)
+    # x = [1, 3] centred is [-1, 1]; through LN1 (s1 = 1): gamma * [-1, 1] = [-2, 1]
+    torch.testing.assert_close(ln1.carry(x), torch.tensor([[[-2.0, 1.0]]]))
+
+
+def test_batches_do_not_change_the_split(tiny_models):
+    model = tiny_models["llama"]
+    texts = [*TEXTS, "Yes."]
+    one, _ = decompose_table(model, texts, batch_size=1)
+    three, _ = decompose_table(model, texts, batch_size=3)
+    numeric = one.select_dtypes("number").columns
+    pd.testing.assert_frame_equal(
+        one[numeric].drop(columns="recon_error"),
+        three[numeric].drop(columns="recon_error"),
+        atol=1e-5,
+        rtol=0,
+    )
