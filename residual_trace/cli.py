@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,7 @@ _EPILOG_GROUP = """\b
 Examples:
   trace layers                                  # token drift on minilm, bundled sentences
   trace layers --model smollm2 --text "The dog chased the cat."
+  trace decompose --model minilm --text "The dog chased the cat."
   trace layers --help                           # every option, with examples
 """
 
@@ -69,79 +70,95 @@ def trace() -> None:
     """
 
 
+_SHARED_OPTIONS = [
+    click.option(
+        "--model",
+        "-m",
+        default="minilm",
+        show_default=True,
+        help="Packaged alias (minilm, smollm2), Hugging Face name, or local checkpoint dir.",
+    ),
+    click.option(
+        "--text",
+        "-t",
+        "texts",
+        multiple=True,
+        help="A text to trace; repeat for several. Default: the bundled sentences.",
+    ),
+    click.option(
+        "--file",
+        "-f",
+        type=click.Path(path_type=Path),
+        help="UTF-8 file with one text per non-blank line.",
+    ),
+    click.option(
+        "--out",
+        "-o",
+        type=click.Path(path_type=Path),
+        help="Output directory (default: runs/<model>-<UTC timestamp>).",
+    ),
+    click.option(
+        "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True
+    ),
+    click.option(
+        "--batch-size",
+        type=int,
+        default=16,
+        show_default=True,
+        help="Texts per forward pass (results do not depend on it).",
+    ),
+    click.option(
+        "--max-length",
+        type=int,
+        default=None,
+        help="Longest input in tokens incl. special tokens; longer texts are truncated "
+        "with a warning. Default: the model's limit, at most 512.",
+    ),
+    click.option(
+        "--seed",
+        type=int,
+        default=0,
+        show_default=True,
+        help="Seed for bootstrap intervals and the figure's token sample.",
+    ),
+    click.option(
+        "--format",
+        "figure_format",
+        type=click.Choice(["png", "svg", "pdf"]),
+        default="png",
+        show_default=True,
+        help="Figure file format.",
+    ),
+    click.option(
+        "--include-special",
+        is_flag=True,
+        help="Keep [CLS]/[SEP]/BOS/EOS in the summary and figures (always in the tables).",
+    ),
+    click.option("--quiet", "-q", is_flag=True, help="No progress bar, no summary."),
+]
+
+
+def _shared_options(command: Callable[..., None]) -> Callable[..., None]:
+    """The options every tracing command takes, in the same order."""
+    for option in reversed(_SHARED_OPTIONS):
+        command = option(command)
+    return command
+
+
+def _echo_err(message: str) -> None:
+    click.echo(message, err=True)
+
+
 @trace.command("layers", epilog=_EPILOG_LAYERS)
-@click.option(
-    "--model",
-    "-m",
-    default="minilm",
-    show_default=True,
-    help="Packaged alias (minilm, smollm2), Hugging Face name, or local checkpoint dir.",
-)
-@click.option(
-    "--text",
-    "-t",
-    "texts",
-    multiple=True,
-    help="A text to trace; repeat for several. Default: the bundled sentences.",
-)
-@click.option(
-    "--file",
-    "-f",
-    type=click.Path(path_type=Path),
-    help="UTF-8 file with one text per non-blank line.",
-)
-@click.option(
-    "--out",
-    "-o",
-    type=click.Path(path_type=Path),
-    help="Output directory (default: runs/<model>-<UTC timestamp>).",
-)
-@click.option(
-    "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True
-)
-@click.option(
-    "--batch-size",
-    type=int,
-    default=16,
-    show_default=True,
-    help="Texts per forward pass (results do not depend on it).",
-)
-@click.option(
-    "--max-length",
-    type=int,
-    default=None,
-    help="Longest input in tokens incl. special tokens; longer texts are truncated "
-    "with a warning. Default: the model's limit, at most 512.",
-)
-@click.option(
-    "--seed",
-    type=int,
-    default=0,
-    show_default=True,
-    help="Seed for bootstrap intervals and the figure's token sample.",
-)
+@_shared_options
 @click.option(
     "--save-attention",
     is_flag=True,
     help="Also write attention patterns, one compressed .npz per text.",
 )
 @click.option(
-    "--format",
-    "figure_format",
-    type=click.Choice(["png", "svg", "pdf"]),
-    default="png",
-    show_default=True,
-    help="Figure file format.",
-)
-@click.option(
-    "--include-special",
-    is_flag=True,
-    help="Keep [CLS]/[SEP]/BOS/EOS in the summary and figures (always in drift.csv).",
-)
-@click.option(
     "--heatmap-text", type=int, default=0, show_default=True, help="text_id drawn in drift_heatmap."
 )
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar, no summary.")
 def layers(**options: Any) -> None:
     """Capture every layer's residual stream and measure token drift.
 
@@ -152,7 +169,33 @@ def layers(**options: Any) -> None:
 
     texts = list(options.pop("texts")) or None
     config = LayersConfig(texts=texts, **options)
-    result = run_layers(config, echo=lambda message: click.echo(message, err=True))
+    result = run_layers(config, echo=_echo_err)
+    if not config.quiet:
+        click.echo(describe(result))
+
+
+_EPILOG_DECOMPOSE = """\b
+Examples:
+  trace decompose --model minilm --text "The dog chased the cat." --out runs/dec
+  trace decompose --model smollm2 --file sentences.txt
+"""
+
+
+@trace.command("decompose", epilog=_EPILOG_DECOMPOSE)
+@_shared_options
+def decompose(**options: Any) -> None:
+    """Split every layer exactly into attention, MLP, carried-residual and norm-bias parts.
+
+    Exact also for post-LN BERT (where TransformerLens's decompose_resid misses): each
+    part is carried through the LayerNorms linearly and the parts are checked, at run time,
+    to add up to the model's own block output. Writes decompose.csv (one row per text x
+    position x layer), summary.csv, cumulative.csv, run.json and two figures.
+    """
+    from residual_trace.experiments.decompose import DecomposeConfig, describe, run_decompose
+
+    texts = list(options.pop("texts")) or None
+    config = DecomposeConfig(texts=texts, **options)
+    result = run_decompose(config, echo=_echo_err)
     if not config.quiet:
         click.echo(describe(result))
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,13 @@ import pandas as pd
 import torch
 
 from residual_trace.errors import UserError
+from residual_trace.experiments.common import (
+    bundled_sentences,
+    inputs_record,
+    load_inputs,
+    model_record,
+    read_texts,
+)
 from residual_trace.figures import (
     drift_heatmap_figure,
     identifiable_share_figure,
@@ -30,7 +36,6 @@ from residual_trace.runs import (
     RunDir,
     TableStream,
     default_out,
-    texts_sha256,
     write_run_json,
     write_table,
 )
@@ -65,30 +70,6 @@ _KEPT = {
 }
 
 
-def bundled_sentences() -> list[str]:
-    """The English sentences shipped with the package (written for this project)."""
-    text = resources.files("residual_trace").joinpath("data/sentences.txt").read_text("utf-8")
-    return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
-
-
-def read_texts(path: Path) -> list[str]:
-    """One text per non-blank line of a UTF-8 file."""
-    try:
-        content = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(f"--file {path}: no such file") from None
-    except IsADirectoryError:
-        raise UserError(f"--file {path}: is a directory, expected a text file") from None
-    except UnicodeDecodeError:
-        raise UserError(f"--file {path}: not UTF-8 text") from None
-    except OSError as error:
-        raise UserError(f"--file {path}: {error.strerror or error}") from None
-    texts = [line.strip() for line in content.splitlines() if line.strip()]
-    if not texts:
-        raise UserError(f"--file {path}: holds no text (one text per non-blank line)")
-    return texts
-
-
 @dataclass
 class LayersConfig:
     """Everything ``trace layers`` needs; saved in ``run.json`` under ``options``."""
@@ -109,8 +90,6 @@ class LayersConfig:
     normed: bool = True
 
     def __post_init__(self) -> None:
-        if self.texts is not None and self.file is not None:
-            raise UserError("give texts with --text or --file, not both")
         if self.figure_format not in FIGURE_FORMATS:
             raise UserError(f"--format must be one of {', '.join(FIGURE_FORMATS)}")
         if self.heatmap_text < 0:
@@ -135,16 +114,6 @@ class LayersResult:
     n_texts: int
     files: list[Path] = field(default_factory=list)
     model: TracedModel | None = None
-
-
-def _load_inputs(config: LayersConfig) -> tuple[list[str], str]:
-    if config.texts is not None:
-        if not config.texts:
-            raise UserError("no text given")
-        return list(config.texts), "--text"
-    if config.file is not None:
-        return read_texts(config.file), str(config.file)
-    return bundled_sentences(), "bundled sentences (residual_trace/data/sentences.txt)"
 
 
 def _attention_writer(folder: Path) -> Callable[[int, list[str], np.ndarray], None]:
@@ -173,7 +142,7 @@ def run_layers(
         model: an already loaded model to reuse (``config.model`` is then only a label).
     """
     torch.manual_seed(config.seed)
-    texts, source = _load_inputs(config)
+    texts, source = load_inputs(config.texts, config.file)
     if config.heatmap_text >= len(texts):
         raise UserError(f"--heatmap-text {config.heatmap_text}: only {len(texts)} text(s) given")
     out = Path(config.out) if config.out is not None else default_out(config.model)
@@ -222,26 +191,9 @@ def run_layers(
             run.tmp / "run.json",
             {
                 "command": "layers",
-                "model": {
-                    "name": model.name,
-                    "source": model.resolved.source,
-                    "directory": str(model.resolved.directory),
-                    "revision": model.resolved.revision,
-                    "weights_sha256": model.resolved.weights_sha256,
-                    "architecture": model.model_type,
-                    "family": model.spec.family,
-                    "norm_placement": model.spec.norm_placement,
-                    "n_blocks": model.n_layers,
-                    "d_model": model.d_model,
-                    "n_heads": model.n_heads,
-                    "d_vocab": model.d_vocab,
-                },
+                "model": model_record(model),
                 "device": str(model.device),
-                "inputs": {
-                    "source": source,
-                    "n_texts": len(texts),
-                    "texts_sha256": texts_sha256(texts),
-                },
+                "inputs": inputs_record(texts, source),
                 "options": config.to_dict(),
                 "seed": config.seed,
                 "rows": stream.rows,

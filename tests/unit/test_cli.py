@@ -268,9 +268,77 @@ def test_help_has_examples_and_module_entry_point():
     assert completed.returncode == 0 and "layers" in completed.stdout
 
 
-def test_readme_documents_every_drift_column():
+def test_readme_documents_every_output_column(tiny_models):
+    from residual_trace.experiments.decompose import decompose_summary
     from residual_trace.tracer import DRIFT_COLUMNS, SUMMARY_COLUMNS
+    from residual_trace.tracer.decompose import DECOMPOSE_COLUMNS, decompose_table
 
+    local, cumulative = decompose_table(tiny_models["bert"], ["A short text."])
     readme = (Path(__file__).parents[2] / "README.md").read_text(encoding="utf-8")
-    for column in (*DRIFT_COLUMNS, *SUMMARY_COLUMNS):
+    columns = [
+        *DRIFT_COLUMNS,
+        *SUMMARY_COLUMNS,
+        *DECOMPOSE_COLUMNS,
+        *cumulative.columns,
+        *decompose_summary(local, include_special=True).columns,
+    ]
+    for column in columns:
         assert f"`{column}`" in readme, column
+
+
+def test_decompose_writes_every_output(tiny_dirs, tmp_path):
+    out = tmp_path / "dec"
+    result = _run(
+        [
+            "decompose",
+            "-m",
+            str(tiny_dirs["bert"]),
+            "-o",
+            str(out),
+            "-t",
+            "The dog chased the cat.",
+            "-t",
+            "Rain fell.",
+            "--batch-size",
+            "1",
+        ]
+    )
+    assert result.exit_code == 0, result.output
+    assert "reconstruct every layer" in result.output
+    for name in (
+        "decompose.csv",
+        "summary.csv",
+        "cumulative.csv",
+        "run.json",
+        "sublayers.png",
+        "cumulative.png",
+    ):
+        assert (out / name).is_file(), name
+    table = pd.read_csv(out / "decompose.csv")
+    record = json.loads((out / "run.json").read_text())
+    assert record["command"] == "decompose" and record["max_recon_error"] < 1e-4
+    n_tokens = table[table["layer"] == 1].shape[0]
+    assert len(table) == n_tokens * record["model"]["n_blocks"] == record["rows"]
+    parts = table[["proj_resid", "proj_attn", "proj_mlp", "proj_bias"]].sum(axis=1)
+    np.testing.assert_allclose(parts, table["proj_post"], atol=1e-4)
+    summary = pd.read_csv(out / "summary.csv")
+    np.testing.assert_allclose(
+        summary["proj_change"],
+        summary[["proj_attn", "proj_mlp", "proj_carried_change", "proj_bias"]].sum(axis=1),
+        atol=1e-4,
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["-t", "  "], "empty"),
+        (["--batch-size", "0"], "--batch-size"),
+        (["-f", "nope.txt"], "no such file"),
+    ],
+)
+def test_decompose_errors(tiny_dirs, tmp_path, args, fragment):
+    out = tmp_path / "x"
+    result = _run(["decompose", "-m", str(tiny_dirs["gpt2"]), "-o", str(out), *args])
+    _assert_one_line_error(result, fragment)
+    assert not out.exists()

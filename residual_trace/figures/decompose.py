@@ -1,0 +1,94 @@
+"""Attention-vs-MLP figures: pure functions from the decomposition tables to a Figure."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from residual_trace.stats import bootstrap_ci
+
+_PAIRS = {
+    "norms": (
+        ("attn_norm_rel", "attention: |Δ_attn| / |resid_pre|", "C0"),
+        ("mlp_norm_rel", "MLP: |Δ_mlp| / |residual it is added to|", "C1"),
+    ),
+    "projection": (
+        ("proj_attn", "attention part", "C0"),
+        ("proj_mlp", "MLP part", "C1"),
+        ("proj_carried_change", "carried input − input (norm rescaling)", "0.5"),
+    ),
+}
+
+
+def _bars(ax, table: pd.DataFrame, columns, seed: int) -> None:
+    layers = np.array(sorted(table["layer"].unique()))
+    width = 0.8 / len(columns)
+    for index, (column, label, colour) in enumerate(columns):
+        means, errors = [], []
+        for layer in layers:
+            values = table.loc[table["layer"] == layer, column].to_numpy(dtype=np.float64)
+            lo, hi = bootstrap_ci(values, seed=seed)
+            mean = float(np.mean(values))
+            means.append(mean)
+            errors.append((mean - lo, hi - mean))
+        offsets = layers + (index - (len(columns) - 1) / 2) * width
+        ax.bar(
+            offsets,
+            means,
+            width=width,
+            color=colour,
+            label=label,
+            yerr=np.array(errors).T,
+            capsize=2,
+            error_kw={"lw": 0.8},
+        )
+    ax.set_xticks(layers)
+    ax.set_xlabel("layer k (output of block k-1)")
+    ax.legend(fontsize=8, frameon=False)
+
+
+def sublayer_figure(table: pd.DataFrame, include_special: bool = False, seed: int = 0) -> Figure:
+    """Two panels per layer: relative size of each sublayer's update, and its signed effect
+    on the state's projection onto the unit input-token direction (95% bootstrap bars)."""
+    data = table if include_special else table[~table["is_special"]]
+    if data.empty:
+        raise ValueError("no tokens to plot (only special tokens? try include_special=True)")
+    data = data.assign(proj_carried_change=data["proj_resid"] - data["proj_pre"])
+    name = ", ".join(map(str, data["model"].unique()))
+    fig = Figure(figsize=(7.0, 7.0), layout="constrained")
+    top, bottom = fig.subplots(2, 1)
+    _bars(top, data, _PAIRS["norms"], seed)
+    top.set_ylabel("update norm / residual norm")
+    top.set_title(f"{name}: how large is each sublayer's update?", fontsize=9)
+    _bars(bottom, data, _PAIRS["projection"], seed)
+    bottom.axhline(0.0, color="0.3", lw=0.6)
+    bottom.set_ylabel("Δ projection on W_E[token] / |W_E[token]|")
+    bottom.set_title(
+        "does it push the state toward (+) or away from (−) its input token?", fontsize=9
+    )
+    return fig
+
+
+def cumulative_figure(cumulative: pd.DataFrame) -> Figure:
+    """Share of the last layer's squared norm from each source (embedding, attn.b, mlp.b)."""
+    last = cumulative[cumulative["layer"] == cumulative["layer"].max()]
+    fig = Figure(figsize=(max(5.0, 0.28 * len(last) + 2), 3.8), layout="constrained")
+    ax = fig.subplots()
+    colours = [
+        "C2"
+        if s == "embedding"
+        else "C0"
+        if s.startswith("attn")
+        else "C1"
+        if s.startswith("mlp")
+        else "0.5"
+        for s in last["source"]
+    ]
+    ax.bar(range(len(last)), last["share"], color=colours)
+    ax.set_xticks(range(len(last)), last["source"], rotation=90, fontsize=7)
+    ax.axhline(0.0, color="0.3", lw=0.6)
+    ax.set_ylabel("share of |h|² (part · h / |h|²)")
+    name = ", ".join(map(str, last["model"].unique()))
+    ax.set_title(f"{name}: where the last layer's state comes from", fontsize=9)
+    return fig
