@@ -183,13 +183,28 @@ Examples:
 
 @trace.command("decompose", epilog=_EPILOG_DECOMPOSE)
 @_shared_options
+@click.option(
+    "--mixing-text",
+    type=int,
+    default=0,
+    show_default=True,
+    help="text_id whose per-pair mixing map is written (mixing_pairs.csv, mixing_heatmap).",
+)
+@click.option(
+    "--mixing-layer",
+    type=int,
+    default=None,
+    help="Layer drawn in mixing_heatmap (1..L; default: the middle layer).",
+)
 def decompose(**options: Any) -> None:
     """Split every layer exactly into attention, MLP, carried-residual and norm-bias parts.
 
     Exact also for post-LN BERT (where TransformerLens's decompose_resid misses): each
     part is carried through the LayerNorms linearly and the parts are checked, at run time,
-    to add up to the model's own block output. Writes decompose.csv (one row per text x
-    position x layer), summary.csv, cumulative.csv, run.json and two figures.
+    to add up to the model's own block output. Also measures context mixing (raw attention,
+    attention rollout, norm-based with residual and LayerNorm). Writes decompose.csv and
+    mixing.csv (one row per text x position x layer), summary.csv, cumulative.csv,
+    mixing_pairs.csv, run.json and four figures.
     """
     from residual_trace.experiments.decompose import DecomposeConfig, describe, run_decompose
 

@@ -14,16 +14,23 @@ from tqdm.auto import tqdm
 
 from residual_trace.errors import UserError
 from residual_trace.experiments.common import inputs_record, load_inputs, model_record
-from residual_trace.figures.decompose import cumulative_figure, sublayer_figure
+from residual_trace.figures.decompose import (
+    cumulative_figure,
+    mixing_figure,
+    mixing_heatmap_figure,
+    sublayer_figure,
+)
 from residual_trace.models import TracedModel, load_model
 from residual_trace.runs import RunDir, TableStream, default_out, write_run_json, write_table
 from residual_trace.stats import bootstrap_ci
 from residual_trace.tracer import encode_texts, iter_batches
-from residual_trace.tracer.decompose import decompose_batch, pool_cumulative
+from residual_trace.tracer.decompose import decompose_batch, decompose_hooks, pool_cumulative
+from residual_trace.tracer.mixing import mixing_batch, mixing_hooks
 
 __all__ = ["DecomposeConfig", "DecomposeResult", "decompose_summary", "describe", "run_decompose"]
 
 FIGURE_FORMATS = ("png", "svg", "pdf")
+_MIX_KEPT = ["layer", "is_special", "mix_raw", "mix_norm_attn", "mix_norm", "mix_rollout"]
 _KEPT = [
     "layer",
     "is_special",
@@ -54,8 +61,14 @@ class DecomposeConfig:
     quiet: bool = False
     figure_format: str = "png"
     include_special: bool = False
+    mixing_text: int = 0
+    mixing_layer: int | None = None
 
     def __post_init__(self) -> None:
+        if self.mixing_text < 0:
+            raise UserError("--mixing-text must be a text id >= 0")
+        if self.mixing_layer is not None and self.mixing_layer < 1:
+            raise UserError("--mixing-layer must be a layer >= 1 (the output of block 0)")
         if self.batch_size < 1:
             raise UserError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.max_length is not None and self.max_length < 2:
@@ -79,7 +92,10 @@ class DecomposeResult:
 
 
 def decompose_summary(
-    table: pd.DataFrame, include_special: bool = False, seed: int = 0
+    table: pd.DataFrame,
+    include_special: bool = False,
+    seed: int = 0,
+    mixing: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
     """One row per layer: mean update sizes and signed effects on the input-token projection.
 
@@ -88,7 +104,9 @@ def decompose_summary(
     ``proj_mlp``, ``proj_mlp_lo``, ``proj_mlp_hi`` (mean signed contribution to the projection
     on the unit input-token direction, with 95% bootstrap intervals), ``proj_carried_change``
     (carried input minus input: the norms' rescaling), ``proj_bias``, ``proj_change``
-    (``proj_post - proj_pre``), ``max_recon_error``.
+    (``proj_post - proj_pre``), ``max_recon_error``; with ``mixing``, also the mean
+    ``mix_raw``, ``mix_norm_attn``, ``mix_norm`` (with ``mix_norm_lo``/``mix_norm_hi``) and
+    ``mix_rollout`` (see :mod:`residual_trace.tracer.mixing`).
     """
     rows = table if include_special else table[~table["is_special"]]
     out = []
@@ -106,7 +124,25 @@ def decompose_summary(
         record["proj_change"] = float((group["proj_post"] - group["proj_pre"]).mean())
         record["max_recon_error"] = float(group["recon_error"].max())
         out.append(record)
-    return pd.DataFrame(out)
+    summary = pd.DataFrame(out)
+    if mixing is None:
+        return summary
+    mixes = mixing if include_special else mixing[~mixing["is_special"]]
+    extra = []
+    for layer, group in mixes.groupby("layer", sort=True):
+        lo, hi = bootstrap_ci(group["mix_norm"].to_numpy(), seed=seed)
+        extra.append(
+            {
+                "layer": int(layer),
+                "mix_raw": float(group["mix_raw"].mean()),
+                "mix_norm_attn": float(group["mix_norm_attn"].mean()),
+                "mix_norm": float(group["mix_norm"].mean()),
+                "mix_norm_lo": lo,
+                "mix_norm_hi": hi,
+                "mix_rollout": float(group["mix_rollout"].mean()),
+            }
+        )
+    return summary.merge(pd.DataFrame(extra), on="layer", how="left")
 
 
 def run_decompose(
@@ -117,11 +153,17 @@ def run_decompose(
     """Run ``trace decompose``: tables, figures and run.json into ``config.out``."""
     torch.manual_seed(config.seed)
     texts, source = load_inputs(config.texts, config.file)
+    if config.mixing_text >= len(texts):
+        raise UserError(f"--mixing-text {config.mixing_text}: only {len(texts)} text(s) given")
     out = Path(config.out) if config.out is not None else default_out(config.model)
     progress = not config.quiet and sys.stderr.isatty()
     with RunDir(out) as run:
         if model is None:
             model = load_model(config.model, config.device, on_convert=lambda m: echo(f"note: {m}"))
+        if config.mixing_layer is not None and config.mixing_layer > model.n_layers:
+            raise UserError(
+                f"--mixing-layer {config.mixing_layer}: {model.name} has {model.n_layers} blocks"
+            )
         max_length = config.max_length or min(model.max_positions, 512)
         encoded = encode_texts(model, texts, max_length)
         truncated = [e.text_id for e in encoded if e.truncated]
@@ -131,7 +173,9 @@ def run_decompose(
                 "tokens were truncated"
             )
         stream = TableStream(run.tmp / "decompose.csv")
-        kept, pooled = [], []
+        mixing_stream = TableStream(run.tmp / "mixing.csv")
+        names = list(dict.fromkeys([*decompose_hooks(model), *mixing_hooks(model)]))
+        kept, pooled, mixes, pair_frames = [], [], [], []
         batches = iter_batches(encoded, config.batch_size, model.pad_id)
         n_batches = -(-len(encoded) // config.batch_size)
         with torch.inference_mode():
@@ -143,21 +187,39 @@ def run_decompose(
                 disable=not progress,
                 leave=False,
             ):
-                result = decompose_batch(model, batch)
+                store = model.run_hooks(batch.ids, batch.mask, names)
+                result = decompose_batch(model, batch, store)
                 stream.write(result.local)
                 kept.append(result.local[_KEPT])
                 pooled.append(result.cumulative)
+                mixing, pairs = mixing_batch(model, batch, store, config.mixing_text)
+                mixing_stream.write(mixing)
+                mixes.append(mixing[_MIX_KEPT])
+                if pairs is not None:
+                    pair_frames.append(pairs)
         stream.close()
+        mixing_stream.close()
+        mixing_table = pd.concat(mixes, ignore_index=True)
+        mixing_table["model"] = model.name
+        pair_table = pd.concat(pair_frames, ignore_index=True)
+        mixing_layer = config.mixing_layer or max(1, (model.n_layers + 1) // 2)
         table = pd.concat(kept, ignore_index=True)
         table["model"] = model.name
-        summary = decompose_summary(table, config.include_special, config.seed)
+        summary = decompose_summary(table, config.include_special, config.seed, mixing_table)
         cumulative = pool_cumulative(pooled, model.name)
-        files = [run.out / name for name in stream.files]
-        for frame, name in ((summary, "summary.csv"), (cumulative, "cumulative.csv")):
+        files = [run.out / name for name in [*stream.files, *mixing_stream.files]]
+        tables = (
+            (summary, "summary.csv"),
+            (cumulative, "cumulative.csv"),
+            (pair_table, "mixing_pairs.csv"),
+        )
+        for frame, name in tables:
             files += [run.out / p.name for p in write_table(frame, run.tmp / name)]
         figures = {
             "sublayers": sublayer_figure(table, config.include_special, config.seed),
             "cumulative": cumulative_figure(cumulative),
+            "mixing": mixing_figure(mixing_table, config.include_special, config.seed),
+            "mixing_heatmap": mixing_heatmap_figure(pair_table, mixing_layer),
         }
         for name, figure in figures.items():
             filename = f"{name}.{config.figure_format}"
@@ -189,19 +251,23 @@ def describe(result: DecomposeResult) -> str:
         f"{model.n_layers} blocks, {result.n_texts} texts; parts reconstruct every layer "
         f"(max relative error {result.summary['max_recon_error'].max():.1e})",
         f"{'layer':>5}  {'|attn|/|x|':>10}  {'|mlp|/|x|':>10}  {'attn → token':>19}  "
-        f"{'mlp → token':>19}  {'carried':>8}  {'net change':>10}",
+        f"{'mlp → token':>19}  {'carried':>8}  {'net change':>10}  "
+        f"{'mix raw':>7}  {'rollout':>7}  {'mix norm':>8}",
     ]
     for row in result.summary.itertuples(index=False):
         lines.append(
             f"{row.layer:>5}  {row.attn_norm_rel:>10.3f}  {row.mlp_norm_rel:>10.3f}  "
             f"{row.proj_attn:>+7.3f} [{row.proj_attn_lo:+.2f},{row.proj_attn_hi:+.2f}]  "
             f"{row.proj_mlp:>+7.3f} [{row.proj_mlp_lo:+.2f},{row.proj_mlp_hi:+.2f}]  "
-            f"{row.proj_carried_change:>+8.3f}  {row.proj_change:>+10.3f}"
+            f"{row.proj_carried_change:>+8.3f}  {row.proj_change:>+10.3f}  "
+            f"{row.mix_raw:>7.3f}  {row.mix_rollout:>7.3f}  {row.mix_norm:>8.3f}"
         )
     lines += [
         "x → token: signed change of the state's projection on the unit input-token direction "
         "(+ restores identity, − erodes it), mean with 95% CI; carried: the norms' rescaling of "
         "the block input (0 for pre-LN); net change = attn + mlp + carried + norm biases.",
+        "mix: share of each token's attention-block output from other tokens: raw attention "
+        "weight, attention rollout, and norm-based with residual and LN (Kobayashi et al.).",
         f"wrote {result.out}/: " + ", ".join(p.name for p in result.files),
     ]
     return "\n".join(lines)

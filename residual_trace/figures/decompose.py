@@ -92,3 +92,60 @@ def cumulative_figure(cumulative: pd.DataFrame) -> Figure:
     name = ", ".join(map(str, last["model"].unique()))
     ax.set_title(f"{name}: where the last layer's state comes from", fontsize=9)
     return fig
+
+
+_MEASURES = (
+    ("mix_raw", "raw attention on other tokens", "0.5", "--"),
+    ("mix_rollout", "attention rollout (Abnar & Zuidema)", "C2", "-."),
+    ("mix_norm_attn", "norm-based, attention only (Kobayashi 2020)", "C0", ":"),
+    ("mix_norm", "norm-based + residual + LN (Kobayashi 2021)", "C3", "-"),
+)
+
+
+def mixing_figure(mixing: pd.DataFrame, include_special: bool = False, seed: int = 0) -> Figure:
+    """Share of each position's attention-block output that comes from *other* tokens, per
+    layer, by three measures side by side (means with 95% bootstrap bands)."""
+    data = mixing if include_special else mixing[~mixing["is_special"]]
+    fig = Figure(figsize=(6.6, 4.2), layout="constrained")
+    ax = fig.subplots()
+    for column, label, colour, style in _MEASURES:
+        layers, means, lows, highs = [], [], [], []
+        for layer, group in data.groupby("layer", sort=True):
+            values = group[column].to_numpy(dtype=np.float64)
+            lo, hi = bootstrap_ci(values, seed=seed)
+            layers.append(layer)
+            means.append(float(np.mean(values)))
+            lows.append(lo)
+            highs.append(hi)
+        ax.fill_between(layers, lows, highs, color=colour, alpha=0.2, lw=0)
+        ax.plot(layers, means, color=colour, ls=style, marker="o", ms=3, label=label)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("layer k (output of block k-1)")
+    ax.set_ylabel("mixing ratio (share from other tokens)")
+    name = ", ".join(map(str, data["model"].unique()))
+    ax.set_title(f"{name}: how much of each token's update comes from other tokens?", fontsize=9)
+    ax.legend(fontsize=7.5, frameon=False)
+    return fig
+
+
+def mixing_heatmap_figure(pairs: pd.DataFrame, layer: int) -> Figure:
+    """Target (rows) x source (columns) norm-based contribution shares of one text and layer."""
+    data = pairs[pairs["layer"] == layer]
+    if data.empty:
+        raise ValueError(f"layer {layer} is not in the pair table")
+    grid = data.pivot_table(index="target", columns="source", values="share", sort=True)
+    tokens = data.drop_duplicates("target").set_index("target")["target_token"]
+    labels = [f"{i}: {tokens[i]}" for i in grid.index]
+    size = 1.5 + 0.32 * len(labels)
+    fig = Figure(figsize=(size + 1.2, size), layout="constrained")
+    ax = fig.subplots()
+    image = ax.imshow(grid.to_numpy(), cmap="viridis", vmin=0.0, vmax=1.0)
+    ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=7)
+    ax.set_yticks(range(len(labels)), labels, fontsize=7)
+    ax.set_xlabel("source token j")
+    ax.set_ylabel("target token i")
+    fig.colorbar(image, ax=ax, label="share of |F_i(x_j)| in row i (diagonal: + residual)")
+    name = ", ".join(map(str, data["model"].unique()))
+    text_id = int(data["text_id"].iloc[0])
+    ax.set_title(f"{name}: norm-based mixing, text {text_id}, layer {layer}", fontsize=9)
+    return fig

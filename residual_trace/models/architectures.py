@@ -34,6 +34,9 @@ class ArchSpec:
         prepend_bos: prepend the tokenizer's BOS token when the tokenizer does not add it
             (the TransformerLens convention for decoders: position 0 is an attention sink).
         attn_pattern: hook holding the attention pattern ``[batch head q k]``.
+        attn_values: hook holding the value vectors ``[batch pos kv_head d_head]`` (bias
+            included; grouped-query models have fewer kv heads than query heads).
+        attn_z: hook holding each head's mixed values ``[batch pos head d_head]``.
         attn_delta: hook holding the attention sublayer's own output (what it adds).
         mlp_delta: hook holding the MLP sublayer's own output.
         reader_norm_template: bridge module of the norm that *reads* layer ``k`` (the next
@@ -49,6 +52,8 @@ class ArchSpec:
     norm_placement: Literal["pre", "post"]
     prepend_bos: bool
     attn_pattern: str = "blocks.{layer}.attn.hook_pattern"
+    attn_values: str = "blocks.{layer}.attn.hook_v"
+    attn_z: str = "blocks.{layer}.attn.hook_z"
     attn_delta: str = "blocks.{layer}.hook_attn_out"
     mlp_delta: str = "blocks.{layer}.hook_mlp_out"
     reader_norm_template: str | None = "blocks.{layer}.ln1"

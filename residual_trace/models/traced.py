@@ -152,6 +152,18 @@ class TracedModel:
             float(eps),
         )
 
+    def output_weights(
+        self, block: int
+    ) -> tuple[Float[Tensor, "head_index d_head d_model"], Float[Tensor, " d_model"] | None]:
+        """``(W_O, b_O)`` of block ``block``'s attention: head outputs z_h @ W_O[h] sum (+ b_O)
+        to the attention sublayer's output."""
+        attention = self.bridge.blocks[block].attn
+        bias = attention.b_O
+        return (
+            attention.W_O.detach().to(device=self.device, dtype=torch.float32),
+            None if bias is None else bias.detach().to(device=self.device, dtype=torch.float32),
+        )
+
     @torch.inference_mode()
     def run_hooks(
         self, ids: TokenIds, attention_mask: AttentionMask, names: Sequence[str]

@@ -177,7 +177,7 @@ def _post_norms(
     return norms[0], norms[1]
 
 
-def _hook_names(model: TracedModel) -> list[str]:
+def decompose_hooks(model: TracedModel) -> list[str]:
     names = [model.spec.resid_hook(k) for k in range(model.n_layers + 1)]
     for block in range(model.n_layers):
         names += model.spec.delta_hooks(block)
@@ -195,9 +195,16 @@ class BatchDecomposition:
     cumulative: pd.DataFrame
 
 
-def decompose_batch(model: TracedModel, batch: Batch) -> BatchDecomposition:
-    """Split every layer of one batch; raises :class:`ReconstructionError` if parts miss."""
-    store = model.run_hooks(batch.ids, batch.mask, _hook_names(model))
+def decompose_batch(
+    model: TracedModel, batch: Batch, store: dict[str, Tensor] | None = None
+) -> BatchDecomposition:
+    """Split every layer of one batch; raises :class:`ReconstructionError` if parts miss.
+
+    ``store`` may hold the activations already (from :meth:`TracedModel.run_hooks` with at
+    least :func:`decompose_hooks`), so that one forward pass serves several analyses.
+    """
+    if store is None:
+        store = model.run_hooks(batch.ids, batch.mask, decompose_hooks(model))
     valid = batch.mask.bool().to(model.device)
     ids = batch.ids.to(model.device)
     e_hat = F.normalize(model.W_E[ids], dim=-1)  # unit input-token direction [b, p, d]

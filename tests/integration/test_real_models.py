@@ -141,3 +141,19 @@ def test_decomposition_reconstructs_real_models(name, minilm, smollm2, texts):
     np.testing.assert_allclose(
         last.sort_values("position")["proj_post"], (states[-1] * unit).sum(1), rtol=1e-4, atol=1e-3
     )
+
+
+@pytest.mark.parametrize("name", ["minilm", "smollm2"])
+def test_mixing_on_real_models(name, minilm, smollm2, texts):
+    """Literature sanity, not constants: with the residual and LayerNorm accounted for,
+    far less of a token's update comes from other tokens than raw attention suggests
+    (Kobayashi et al. 2021)."""
+    from residual_trace.tracer.mixing import mixing_table
+
+    model = {"minilm": minilm, "smollm2": smollm2}[name]
+    table, pairs = mixing_table(model, texts, pair_text=0)
+    content = table[~table["is_special"]]
+    assert content["mix_norm"].mean() < content["mix_raw"].mean() - 0.2
+    assert content[["mix_raw", "mix_norm", "mix_rollout"]].stack().between(0, 1).all()
+    assert pairs is not None
+    np.testing.assert_allclose(pairs.groupby(["layer", "target"])["share"].sum(), 1.0, atol=1e-4)

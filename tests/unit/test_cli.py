@@ -272,15 +272,20 @@ def test_readme_documents_every_output_column(tiny_models):
     from residual_trace.experiments.decompose import decompose_summary
     from residual_trace.tracer import DRIFT_COLUMNS, SUMMARY_COLUMNS
     from residual_trace.tracer.decompose import DECOMPOSE_COLUMNS, decompose_table
+    from residual_trace.tracer.mixing import MIXING_COLUMNS, mixing_table
 
     local, cumulative = decompose_table(tiny_models["bert"], ["A short text."])
+    mixing, pairs = mixing_table(tiny_models["bert"], ["A short text."], pair_text=0)
+    assert pairs is not None
     readme = (Path(__file__).parents[2] / "README.md").read_text(encoding="utf-8")
     columns = [
         *DRIFT_COLUMNS,
         *SUMMARY_COLUMNS,
         *DECOMPOSE_COLUMNS,
         *cumulative.columns,
-        *decompose_summary(local, include_special=True).columns,
+        *decompose_summary(local, include_special=True, mixing=mixing).columns,
+        *MIXING_COLUMNS,
+        *pairs.columns,
     ]
     for column in columns:
         assert f"`{column}`" in readme, column
@@ -321,7 +326,16 @@ def test_decompose_writes_every_output(tiny_dirs, tmp_path):
     assert len(table) == n_tokens * record["model"]["n_blocks"] == record["rows"]
     parts = table[["proj_resid", "proj_attn", "proj_mlp", "proj_bias"]].sum(axis=1)
     np.testing.assert_allclose(parts, table["proj_post"], atol=1e-4)
+    mixing = pd.read_csv(out / "mixing.csv")
+    assert len(mixing) == len(table)  # one row per text x position x layer, like decompose
+    assert (
+        mixing[["mix_raw", "mix_norm", "mix_norm_attn", "mix_rollout"]].stack().between(0, 1).all()
+    )
+    pairs = pd.read_csv(out / "mixing_pairs.csv")
+    assert set(pairs["text_id"]) == {0}
     summary = pd.read_csv(out / "summary.csv")
+    means = mixing[~mixing["is_special"]].groupby("layer")["mix_norm"].mean()
+    np.testing.assert_allclose(summary["mix_norm"], means.to_numpy(), atol=1e-6)
     np.testing.assert_allclose(
         summary["proj_change"],
         summary[["proj_attn", "proj_mlp", "proj_carried_change", "proj_bias"]].sum(axis=1),

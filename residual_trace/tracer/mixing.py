@@ -1,0 +1,264 @@
+"""Context mixing: how much of position i's attention-block output comes from *other* tokens.
+
+Three measures per layer and position, each a share in [0, 1] (0 = no mixing):
+
+- ``mix_raw``: 1 - the attention weight on itself, averaged over heads (the naive reading).
+- ``mix_norm``: norm-based mixing with the residual and, for post-LN models, LayerNorm
+  accounted for (Kobayashi et al. 2020, 2021). Position j's contribution to i is
+  F_i(x_j) = sum_h alpha^h_ij f_h(x_j), with f_h(x_j) = v_h(x_j) W_O^h (values include their
+  bias; b_O is attributed to no token). Post-LN models carry each term through LN1 as
+  gamma * (term - mean(term)) / s_i. The self term absorbs the residual x_i (carried likewise).
+  mix_norm_i = sum_{j!=i} |F_i(x_j)| / (sum_{j!=i} |F_i(x_j)| + |F_i(x_i) + residual_i|).
+  ``mix_norm_attn`` is the same without the residual (the 2020 attention-only measure).
+- ``mix_rollout``: 1 - R[i, i] with attention rollout (Abnar and Zuidema 2020):
+  R_l = (0.5 * mean_h A_l + 0.5 * I) R_{l-1}, R_0 = I: how much of position i's state no
+  longer traces back to its own input token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+from residual_trace._typing import Float, Tensor
+from residual_trace.models import TracedModel
+from residual_trace.tracer.batching import Batch, encode_texts, iter_batches
+
+#: Query rows per chunk of the (query x key x d_model) contribution tensor.
+_ROW_CHUNK = 32
+
+
+@dataclass(frozen=True)
+class LayerMixing:
+    """One layer's mixing measures for one text (``n`` tokens, no padding).
+
+    Attributes:
+        raw_self: mean over heads of the attention weight on itself ``[n]``.
+        mix_norm_attn: norm-based share from other tokens, attention terms only ``[n]``.
+        mix_norm: the same with the residual (and LayerNorm) accounted for ``[n]``.
+        contributions: |F_i(x_j)| ``[n (target i), n (source j)]``, with the residual added
+            to the diagonal (the per-pair mixing map).
+    """
+
+    raw_self: Float[Tensor, " n"]
+    mix_norm_attn: Float[Tensor, " n"]
+    mix_norm: Float[Tensor, " n"]
+    contributions: Float[Tensor, "n n"]
+
+
+def norm_mixing(
+    pattern: Float[Tensor, "head_index n n"],
+    head_values: Float[Tensor, "n head_index d_model"],
+    residual: Float[Tensor, "n d_model"],
+    ln_gamma: Float[Tensor, " d_model"] | None = None,
+    ln_scale: Float[Tensor, "n 1"] | None = None,
+) -> LayerMixing:
+    """Mixing measures of one layer of one text.
+
+    Args:
+        pattern: attention weights per head, rows = targets i, columns = sources j.
+        head_values: f_h(x_j) = v_h(x_j) W_O^h for every source j and head h.
+        residual: what the attention output is added to at each target (the block input).
+        ln_gamma, ln_scale: for post-LN models, LN1's gain and the divisor it used at each
+            target; every term is then centred and scaled by gamma / s_i. ``None`` for pre-LN.
+
+    Examples:
+        >>> n, h, d = 3, 2, 4
+        >>> eye = torch.eye(n).expand(h, n, n)
+        >>> mixing = norm_mixing(eye, torch.randn(n, h, d), torch.randn(n, d))
+        >>> float(mixing.mix_norm.abs().max()), float(mixing.mix_norm_attn.abs().max())
+        (0.0, 0.0)
+    """
+    n = pattern.shape[-1]
+    post_ln = ln_gamma is not None and ln_scale is not None
+
+    def carry(x: Tensor, scale: Tensor) -> Tensor:
+        if not post_ln:
+            return x
+        assert ln_gamma is not None
+        return ln_gamma * (x - x.mean(-1, keepdim=True)) / scale
+
+    norms, self_total = [], []
+    for start in range(0, n, _ROW_CHUNK):
+        rows = slice(start, min(n, start + _ROW_CHUNK))
+        terms = torch.einsum("hij,jhm->ijm", pattern[:, rows], head_values)  # [i, j, d]
+        scale = ln_scale[rows][:, None] if post_ln and ln_scale is not None else None
+        terms = carry(terms, scale) if scale is not None else terms
+        index = torch.arange(rows.start, rows.stop, device=pattern.device)
+        own = terms[index - rows.start, index]  # F_i(x_i)
+        res = residual[rows]
+        res = carry(res, ln_scale[rows]) if post_ln and ln_scale is not None else res
+        norms.append(terms.norm(dim=-1))
+        self_total.append((own + res).norm(dim=-1))
+    contributions = torch.cat(norms)  # [i, j]
+    self_norm = torch.cat(self_total)
+    diagonal = torch.eye(n, dtype=torch.bool, device=pattern.device)
+    others = contributions.masked_fill(diagonal, 0.0).sum(-1)
+    attention_total = contributions.sum(-1)
+    with_residual = contributions.masked_fill(diagonal, 0.0) + torch.diag(self_norm)
+    return LayerMixing(
+        raw_self=pattern.diagonal(dim1=-2, dim2=-1).mean(0),
+        mix_norm_attn=others / attention_total.clamp_min(1e-12),
+        mix_norm=others / (others + self_norm).clamp_min(1e-12),
+        contributions=with_residual,
+    )
+
+
+def rollout_step(
+    previous: Float[Tensor, "n n"], pattern: Float[Tensor, "head_index n n"]
+) -> Float[Tensor, "n n"]:
+    """One step of attention rollout: (0.5 * mean_h A + 0.5 * I) @ previous.
+
+    Examples:
+        >>> uniform = torch.full((1, 2, 2), 0.5)
+        >>> rollout_step(torch.eye(2), uniform).tolist()
+        [[0.75, 0.25], [0.25, 0.75]]
+    """
+    n = pattern.shape[-1]
+    mixed = 0.5 * pattern.mean(0) + 0.5 * torch.eye(n, device=pattern.device)
+    return mixed @ previous
+
+
+# -- batches ----------------------------------------------------------------------------
+
+MIXING_COLUMNS = (
+    "model",
+    "text_id",
+    "position",
+    "layer",
+    "token",
+    "token_id",
+    "is_special",
+    "raw_self",
+    "mix_raw",
+    "mix_norm_attn",
+    "mix_norm",
+    "rollout_self",
+    "mix_rollout",
+)
+
+
+def mixing_hooks(model: TracedModel) -> list[str]:
+    """Hooks :func:`mixing_batch` reads (block inputs, patterns, values, LN1 scales)."""
+    names = []
+    for block in range(model.n_layers):
+        names += [
+            model.spec.resid_hook(block),
+            model.spec.pattern_hook(block),
+            model.spec.attn_values.format(layer=block),
+        ]
+        paths = model.spec.post_norm_modules(block)
+        if paths is not None:
+            names.append(f"{paths[0]}.hook_scale")
+    return names
+
+
+def mixing_batch(
+    model: TracedModel,
+    batch: Batch,
+    store: dict[str, Tensor],
+    pair_text: int | None = None,
+) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """Per-token mixing rows for one batch, and the per-pair map of text ``pair_text``.
+
+    The pair table has one row per layer x target x source: ``contribution`` (the norm of
+    F_i(x_j), the residual added on the diagonal), ``share`` (its share of the target's
+    row sum) and ``attention`` (mean raw attention weight over heads).
+    """
+    weights = [model.output_weights(block) for block in range(model.n_layers)]
+    gammas = [
+        model.norm_parameters(paths[0])[0]
+        if (paths := model.spec.post_norm_modules(block)) is not None
+        else None
+        for block in range(model.n_layers)
+    ]
+    rows, pairs = [], []
+    for row, item in enumerate(batch.texts):
+        n = len(item.ids)
+        rollout = torch.eye(n, device=model.device)
+        ids = torch.tensor(item.ids, device=model.device)
+        special = torch.isin(ids, torch.tensor(sorted(model.special_ids), device=model.device))
+        tokens = model.token_strings(item.ids)
+        for block in range(model.n_layers):
+            pattern = store[model.spec.pattern_hook(block)][row, :, :n, :n]
+            values = store[model.spec.attn_values.format(layer=block)][row, :n]
+            W_O, _ = weights[block]
+            repeat = W_O.shape[0] // values.shape[1]  # grouped-query attention: share kv heads
+            values = values.repeat_interleave(repeat, dim=1)
+            head_values = torch.einsum("jhd,hdm->jhm", values, W_O)
+            paths = model.spec.post_norm_modules(block)
+            scale = store[f"{paths[0]}.hook_scale"][row, :n] if paths is not None else None
+            mixing = norm_mixing(
+                pattern,
+                head_values,
+                store[model.spec.resid_hook(block)][row, :n],
+                ln_gamma=gammas[block],
+                ln_scale=scale,
+            )
+            rollout = rollout_step(rollout, pattern)
+            rollout_self = rollout.diagonal()
+            rows.append(
+                pd.DataFrame(
+                    {
+                        "model": model.name,
+                        "text_id": item.text_id,
+                        "position": np.arange(n),
+                        "layer": block + 1,
+                        "token": tokens,
+                        "token_id": list(item.ids),
+                        "is_special": special.cpu().numpy(),
+                        "raw_self": mixing.raw_self.cpu().numpy(),
+                        "mix_raw": (1.0 - mixing.raw_self).cpu().numpy(),
+                        "mix_norm_attn": mixing.mix_norm_attn.cpu().numpy(),
+                        "mix_norm": mixing.mix_norm.cpu().numpy(),
+                        "rollout_self": rollout_self.cpu().numpy(),
+                        "mix_rollout": (1.0 - rollout_self).cpu().numpy(),
+                    }
+                )
+            )
+            if item.text_id == pair_text:
+                contribution = mixing.contributions.cpu().numpy()
+                share = contribution / np.clip(contribution.sum(-1, keepdims=True), 1e-12, None)
+                target, source = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
+                pairs.append(
+                    pd.DataFrame(
+                        {
+                            "model": model.name,
+                            "text_id": item.text_id,
+                            "layer": block + 1,
+                            "target": target.ravel(),
+                            "source": source.ravel(),
+                            "target_token": np.array(tokens, dtype=object)[target.ravel()],
+                            "source_token": np.array(tokens, dtype=object)[source.ravel()],
+                            "contribution": contribution.ravel(),
+                            "share": share.ravel(),
+                            "attention": pattern.mean(0).cpu().numpy().ravel(),
+                        }
+                    )
+                )
+    frame = pd.concat(rows, ignore_index=True)
+    frame = frame.sort_values(["text_id", "position", "layer"], kind="stable")
+    return frame.reset_index(drop=True)[list(MIXING_COLUMNS)], (
+        pd.concat(pairs, ignore_index=True) if pairs else None
+    )
+
+
+def mixing_table(
+    model: TracedModel, texts: list[str], batch_size: int = 16, pair_text: int | None = None
+) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """Mixing rows for ``texts`` (and the pair map of ``pair_text``)."""
+    encoded = encode_texts(model, texts, min(model.max_positions, 512))
+    frames, pair_frames = [], []
+    with torch.inference_mode():
+        for batch in iter_batches(encoded, batch_size, model.pad_id):
+            store = model.run_hooks(batch.ids, batch.mask, mixing_hooks(model))
+            frame, pairs = mixing_batch(model, batch, store, pair_text)
+            frames.append(frame)
+            if pairs is not None:
+                pair_frames.append(pairs)
+    return pd.concat(frames, ignore_index=True), (
+        pd.concat(pair_frames, ignore_index=True) if pair_frames else None
+    )

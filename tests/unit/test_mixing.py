@@ -1,0 +1,145 @@
+"""Context mixing: constructed cases with known answers, and an independent reference built
+from Hugging Face weights and output_attentions for BERT (post-LN) and GPT-2 (pre-LN)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from residual_trace.tracer.mixing import mixing_table, norm_mixing, rollout_step
+
+TEXTS = ["The dog chased the cat.", "My grandmother baked bread for the village."]
+
+
+def test_identity_attention_mixes_nothing():
+    n, heads, d = 5, 3, 8
+    eye = torch.eye(n).expand(heads, n, n)
+    mixing = norm_mixing(eye, torch.randn(n, heads, d), torch.randn(n, d))
+    assert torch.equal(mixing.raw_self, torch.ones(n))
+    assert mixing.mix_norm.abs().max() == 0 and mixing.mix_norm_attn.abs().max() == 0
+    rollout = torch.eye(n)
+    for _ in range(4):
+        rollout = rollout_step(rollout, eye)
+    torch.testing.assert_close(rollout, torch.eye(n))
+
+
+def test_uniform_attention_with_equal_values_by_hand():
+    n, d = 4, 3
+    f = torch.tensor([3.0, 0.0, 4.0])  # |f| = 5
+    residual = torch.tensor([[0.0, 2.0, 0.0]]).expand(n, d)
+    pattern = torch.full((1, n, n), 1.0 / n)
+    mixing = norm_mixing(pattern, f.expand(n, 1, d), residual)
+    others = (n - 1) * 5.0 / n  # three sources, each |f / 4| = 1.25
+    own = torch.linalg.norm(torch.tensor([0.75, 2.0, 1.0]))  # |f / 4 + residual|
+    torch.testing.assert_close(mixing.mix_norm, torch.full((n,), others / (others + own)))
+    torch.testing.assert_close(mixing.mix_norm_attn, torch.full((n,), (n - 1) / n))
+    torch.testing.assert_close(mixing.raw_self, torch.full((n,), 1.0 / n))
+
+
+def test_post_ln_terms_are_centred_and_scaled_by_hand():
+    pattern = torch.tensor([[[0.5, 0.5], [0.5, 0.5]]])
+    values = torch.tensor([[[2.0, 0.0]], [[0.0, 2.0]]])  # f(x_0) = [2, 0], f(x_1) = [0, 2]
+    residual = torch.zeros(2, 2)
+    gamma, scale = torch.tensor([1.0, 1.0]), torch.full((2, 1), 2.0)
+    mixing = norm_mixing(pattern, values, residual, ln_gamma=gamma, ln_scale=scale)
+    # 0.5 * [2, 0] = [1, 0], centred [0.5, -0.5], / 2 -> norm sqrt(0.125)
+    expected = float(np.sqrt(0.125))
+    torch.testing.assert_close(mixing.contributions, torch.full((2, 2), expected))
+    torch.testing.assert_close(mixing.mix_norm, torch.full((2,), 0.5))
+
+
+def _reference(directory, kind, text):
+    """mix_norm, mix_norm_attn and raw self-attention from Hugging Face modules, NumPy."""
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    model = AutoModel.from_pretrained(directory, attn_implementation="eager").eval()
+    ids = tokenizer(text)["input_ids"]
+    if kind == "gpt2":
+        ids = [tokenizer.bos_token_id, *ids]
+    with torch.no_grad():
+        out = model(torch.tensor([ids]), output_hidden_states=True, output_attentions=True)
+    results = []
+    blocks = model.encoder.layer if kind == "bert" else model.h
+    for layer, block in enumerate(blocks):
+        x = out.hidden_states[layer][0].double().numpy()
+        A = out.attentions[layer][0].double().numpy()  # [head, i, j]
+        heads, n = A.shape[0], A.shape[1]
+        if kind == "bert":
+            Wv = block.attention.self.value.weight.detach().double().numpy()
+            bv = block.attention.self.value.bias.detach().double().numpy()
+            Wo = block.attention.output.dense.weight.detach().double().numpy()  # [d_out, d_in]
+            values = x @ Wv.T + bv
+            ln = block.attention.output.LayerNorm
+            gamma, eps = ln.weight.detach().double().numpy(), ln.eps
+        else:
+            ln_1 = block.ln_1
+            with torch.no_grad():
+                normed = ln_1(out.hidden_states[layer][0]).double().numpy()
+            W = block.attn.c_attn.weight.detach().double().numpy()  # Conv1D [d_in, 3 d]
+            b = block.attn.c_attn.bias.detach().double().numpy()
+            d = x.shape[1]
+            values = normed @ W[:, 2 * d :] + b[2 * d :]
+            Wo = block.attn.c_proj.weight.detach().double().numpy().T  # -> [d_out, d_in]
+        d_head = values.shape[1] // heads
+        f = np.stack(
+            [
+                values[:, h * d_head : (h + 1) * d_head] @ Wo[:, h * d_head : (h + 1) * d_head].T
+                for h in range(heads)
+            ],
+            axis=1,
+        )  # [j, h, d]
+        terms = np.einsum("hij,jhm->ijm", A, f)
+        residual = x.copy()
+        if kind == "bert":
+            attn_out = terms.sum(1) + block.attention.output.dense.bias.detach().double().numpy()
+            u = x + attn_out
+            scale = np.sqrt(u.var(-1, keepdims=True) + eps)
+            terms = gamma * (terms - terms.mean(-1, keepdims=True)) / scale[:, None]
+            residual = gamma * (x - x.mean(-1, keepdims=True)) / scale
+        norms = np.linalg.norm(terms, axis=-1)
+        own = np.linalg.norm(terms[np.arange(n), np.arange(n)] + residual, axis=-1)
+        others = norms.sum(1) - np.diag(norms)
+        results.append(
+            {
+                "mix_norm": others / (others + own),
+                "mix_norm_attn": others / norms.sum(1),
+                "raw_self": np.diagonal(A, axis1=1, axis2=2).mean(0),
+            }
+        )
+    return results
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2"])
+def test_mixing_matches_independent_reference(kind, tiny_models, tiny_dirs):
+    table, _ = mixing_table(tiny_models[kind], TEXTS, batch_size=2)
+    for text_id, text in enumerate(TEXTS):
+        reference = _reference(tiny_dirs[kind], kind, text)
+        for layer, expected in enumerate(reference, start=1):
+            got = table[(table["text_id"] == text_id) & (table["layer"] == layer)]
+            got = got.sort_values("position")
+            for column, values in expected.items():
+                np.testing.assert_allclose(got[column], values, atol=1e-4, err_msg=column)
+
+
+def test_grouped_query_model_and_pairs(tiny_models):
+    model = tiny_models["llama"]  # 4 query heads share 2 kv heads
+    table, pairs = mixing_table(model, TEXTS, pair_text=1)
+    assert table["mix_norm"].between(0, 1).all() and table["mix_rollout"].between(0, 1).all()
+    # causal: the first position can only attend to itself, so nothing mixes into it
+    first = table[table["position"] == 0]
+    np.testing.assert_allclose(first[["mix_raw", "mix_norm", "mix_rollout"]], 0.0, atol=1e-6)
+    assert pairs is not None and set(pairs["text_id"]) == {1}
+    shares = pairs.groupby(["layer", "target"])["share"].sum()
+    np.testing.assert_allclose(shares, 1.0, atol=1e-5)
+    assert (pairs.loc[pairs["source"] > pairs["target"], "contribution"] == 0).all()
+
+
+def test_mixing_does_not_depend_on_batch_size(tiny_models):
+    model = tiny_models["bert"]
+    texts = [*TEXTS, "Yes."]
+    one, _ = mixing_table(model, texts, batch_size=1)
+    three, _ = mixing_table(model, texts, batch_size=3)
+    columns = ["raw_self", "mix_norm_attn", "mix_norm", "rollout_self"]
+    np.testing.assert_allclose(one[columns], three[columns], atol=1e-5)
