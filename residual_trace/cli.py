@@ -178,6 +178,7 @@ _EPILOG_DECOMPOSE = """\b
 Examples:
   trace decompose --model minilm --text "The dog chased the cat." --out runs/dec
   trace decompose --model smollm2 --file sentences.txt
+  trace decompose --model minilm --per-head --mixing-text 3 --mixing-layer 2
 """
 
 
@@ -189,6 +190,11 @@ Examples:
     default=0,
     show_default=True,
     help="text_id whose per-pair mixing map is written (mixing_pairs.csv, mixing_heatmap).",
+)
+@click.option(
+    "--per-head",
+    is_flag=True,
+    help="Also split the attention part by head (heads.csv, heads figure).",
 )
 @click.option(
     "--mixing-layer",

@@ -16,6 +16,7 @@ from residual_trace.errors import UserError
 from residual_trace.experiments.common import inputs_record, load_inputs, model_record
 from residual_trace.figures.decompose import (
     cumulative_figure,
+    heads_figure,
     mixing_figure,
     mixing_heatmap_figure,
     sublayer_figure,
@@ -30,6 +31,7 @@ from residual_trace.tracer.mixing import mixing_batch, mixing_hooks
 __all__ = ["DecomposeConfig", "DecomposeResult", "decompose_summary", "describe", "run_decompose"]
 
 FIGURE_FORMATS = ("png", "svg", "pdf")
+_HEAD_KEPT = ["layer", "head", "is_special", "proj_head"]
 _MIX_KEPT = ["layer", "is_special", "mix_raw", "mix_norm_attn", "mix_norm", "mix_rollout"]
 _KEPT = [
     "layer",
@@ -63,6 +65,7 @@ class DecomposeConfig:
     include_special: bool = False
     mixing_text: int = 0
     mixing_layer: int | None = None
+    per_head: bool = False
 
     def __post_init__(self) -> None:
         if self.mixing_text < 0:
@@ -174,8 +177,11 @@ def run_decompose(
             )
         stream = TableStream(run.tmp / "decompose.csv")
         mixing_stream = TableStream(run.tmp / "mixing.csv")
-        names = list(dict.fromkeys([*decompose_hooks(model), *mixing_hooks(model)]))
-        kept, pooled, mixes, pair_frames = [], [], [], []
+        heads_stream = TableStream(run.tmp / "heads.csv") if config.per_head else None
+        names = list(
+            dict.fromkeys([*decompose_hooks(model, config.per_head), *mixing_hooks(model)])
+        )
+        kept, pooled, mixes, pair_frames, head_frames = [], [], [], [], []
         batches = iter_batches(encoded, config.batch_size, model.pad_id)
         n_batches = -(-len(encoded) // config.batch_size)
         with torch.inference_mode():
@@ -188,8 +194,11 @@ def run_decompose(
                 leave=False,
             ):
                 store = model.run_hooks(batch.ids, batch.mask, names)
-                result = decompose_batch(model, batch, store)
+                result = decompose_batch(model, batch, store, per_head=config.per_head)
                 stream.write(result.local)
+                if heads_stream is not None and result.heads is not None:
+                    heads_stream.write(result.heads)
+                    head_frames.append(result.heads[_HEAD_KEPT])
                 kept.append(result.local[_KEPT])
                 pooled.append(result.cumulative)
                 mixing, pairs = mixing_batch(model, batch, store, config.mixing_text)
@@ -199,6 +208,8 @@ def run_decompose(
                     pair_frames.append(pairs)
         stream.close()
         mixing_stream.close()
+        if heads_stream is not None:
+            heads_stream.close()
         mixing_table = pd.concat(mixes, ignore_index=True)
         mixing_table["model"] = model.name
         pair_table = pd.concat(pair_frames, ignore_index=True)
@@ -208,6 +219,8 @@ def run_decompose(
         summary = decompose_summary(table, config.include_special, config.seed, mixing_table)
         cumulative = pool_cumulative(pooled, model.name)
         files = [run.out / name for name in [*stream.files, *mixing_stream.files]]
+        if heads_stream is not None:
+            files += [run.out / name for name in heads_stream.files]
         tables = (
             (summary, "summary.csv"),
             (cumulative, "cumulative.csv"),
@@ -221,6 +234,10 @@ def run_decompose(
             "mixing": mixing_figure(mixing_table, config.include_special, config.seed),
             "mixing_heatmap": mixing_heatmap_figure(pair_table, mixing_layer),
         }
+        if head_frames:
+            head_table = pd.concat(head_frames, ignore_index=True)
+            head_table["model"] = model.name
+            figures["heads"] = heads_figure(head_table, config.include_special)
         for name, figure in figures.items():
             filename = f"{name}.{config.figure_format}"
             figure.savefig(run.tmp / filename, dpi=150)

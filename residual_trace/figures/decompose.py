@@ -149,3 +149,25 @@ def mixing_heatmap_figure(pairs: pd.DataFrame, layer: int) -> Figure:
     text_id = int(data["text_id"].iloc[0])
     ax.set_title(f"{name}: norm-based mixing, text {text_id}, layer {layer}", fontsize=9)
     return fig
+
+
+def heads_figure(heads: pd.DataFrame, include_special: bool = False) -> Figure:
+    """Layer x head map of each head's mean signed effect on the input-token projection
+    (red: pushes toward the input token, blue: away). The output bias (head -1) is left out."""
+    data = heads if include_special else heads[~heads["is_special"]]
+    data = data[data["head"] >= 0]
+    grid = data.pivot_table(index="layer", columns="head", values="proj_head", aggfunc="mean")
+    limit = float(np.nanmax(np.abs(grid.to_numpy()))) or 1.0
+    fig = Figure(
+        figsize=(1.5 + 0.45 * grid.shape[1], 1.2 + 0.3 * grid.shape[0]), layout="constrained"
+    )
+    ax = fig.subplots()
+    image = ax.imshow(grid.to_numpy(), cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto")
+    ax.set_xticks(range(grid.shape[1]), grid.columns)
+    ax.set_yticks(range(grid.shape[0]), grid.index)
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer k (output of block k-1)")
+    fig.colorbar(image, ax=ax, label="mean Δ proj. on input token")
+    name = ", ".join(map(str, data["model"].unique()))
+    ax.set_title(f"{name}: which heads restore (+) or erode (−) token identity?", fontsize=9)
+    return fig

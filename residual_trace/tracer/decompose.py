@@ -60,6 +60,11 @@ class PostNorm:
         """The share of ``part`` in the norm's output: gamma * (part - mean(part)) / s."""
         return self.weight * (part - part.mean(-1, keepdim=True)) / self.scale
 
+    def carry_heads(self, heads: Float[Tensor, "batch pos head_index d_model"]) -> Tensor:
+        """:meth:`carry` for per-head parts (the divisor is shared by a position's heads)."""
+        centred = heads - heads.mean(-1, keepdim=True)
+        return self.weight * centred / self.scale[..., None]
+
 
 @dataclass(frozen=True)
 class BlockParts:
@@ -177,26 +182,84 @@ def _post_norms(
     return norms[0], norms[1]
 
 
-def decompose_hooks(model: TracedModel) -> list[str]:
+def decompose_hooks(model: TracedModel, per_head: bool = False) -> list[str]:
     names = [model.spec.resid_hook(k) for k in range(model.n_layers + 1)]
     for block in range(model.n_layers):
         names += model.spec.delta_hooks(block)
+        if per_head:
+            names.append(model.spec.attn_z.format(layer=block))
         paths = model.spec.post_norm_modules(block)
         if paths is not None:
             names += [f"{path}.hook_scale" for path in paths]
     return names
 
 
+#: Columns of the per-head table (``--per-head``): one row per text x position x layer x head.
+HEAD_COLUMNS = (
+    "model",
+    "text_id",
+    "position",
+    "layer",
+    "head",
+    "token",
+    "token_id",
+    "is_special",
+    "head_norm_rel",
+    "proj_head",
+)
+
+
 @dataclass
 class BatchDecomposition:
-    """One batch's local table and its cumulative sums (to be pooled over batches)."""
+    """One batch's local table, its cumulative sums (to be pooled over batches) and, with
+    ``per_head``, the per-head table."""
 
     local: pd.DataFrame
     cumulative: pd.DataFrame
+    heads: pd.DataFrame | None = None
+
+
+@dataclass(frozen=True)
+class HeadParts:
+    """Each head's output (z_h @ W_O[h]) and the output bias, raw and carried like the
+    attention part (identical for pre-LN models)."""
+
+    raw: Float[Tensor, "batch pos head_index d_model"]
+    raw_bias: Float[Tensor, "batch pos d_model"]
+    carried: Float[Tensor, "batch pos head_index d_model"]
+    carried_bias: Float[Tensor, "batch pos d_model"]
+
+
+def split_heads(
+    model: TracedModel,
+    block: int,
+    z: Float[Tensor, "batch pos head_index d_head"],
+    attn: Float[Tensor, "batch pos d_model"],
+    norms: tuple[PostNorm, PostNorm] | None,
+    valid: Tensor,
+) -> HeadParts:
+    """Split the attention output into heads; the heads plus b_O must reconstruct it."""
+    W_O, b_O = model.output_weights(block)
+    heads = torch.einsum("bphd,hdm->bphm", z, W_O)
+    bias = torch.zeros_like(attn) if b_O is None else b_O.expand_as(attn)
+    where = f"{model.name} ({model.model_type}), block {block} heads"
+    check_reconstruction(heads.sum(2) + bias, attn, valid, where)
+    if norms is None:
+        return HeadParts(raw=heads, raw_bias=bias, carried=heads, carried_bias=bias)
+    ln1, ln2 = norms
+    return HeadParts(
+        raw=heads,
+        raw_bias=bias,
+        carried=ln2.carry_heads(ln1.carry_heads(heads)),
+        carried_bias=ln2.carry(ln1.carry(bias)),
+    )
 
 
 def decompose_batch(
-    model: TracedModel, batch: Batch, store: dict[str, Tensor] | None = None
+    model: TracedModel,
+    batch: Batch,
+    store: dict[str, Tensor] | None = None,
+    per_head: bool = False,
 ) -> BatchDecomposition:
     """Split every layer of one batch; raises :class:`ReconstructionError` if parts miss.
 
@@ -204,7 +267,7 @@ def decompose_batch(
     least :func:`decompose_hooks`), so that one forward pass serves several analyses.
     """
     if store is None:
-        store = model.run_hooks(batch.ids, batch.mask, decompose_hooks(model))
+        store = model.run_hooks(batch.ids, batch.mask, decompose_hooks(model, per_head))
     valid = batch.mask.bool().to(model.device)
     ids = batch.ids.to(model.device)
     e_hat = F.normalize(model.W_E[ids], dim=-1)  # unit input-token direction [b, p, d]
@@ -218,6 +281,7 @@ def decompose_batch(
     sources, labels = resid[0][None], ["embedding"]
     bias = torch.zeros_like(resid[0])
     local: dict[str, list[Tensor]] = {name: [] for name in DECOMPOSE_COLUMNS[7:]}
+    head_values: dict[str, list[Tensor]] = {"head_norm_rel": [], "proj_head": []}
     cumulative_rows = []
     for block in range(model.n_layers):
         attn_name, mlp_name = model.spec.delta_hooks(block)
@@ -241,6 +305,18 @@ def decompose_batch(
         }
         for name, tensor in values.items():
             local[name].append(tensor[valid])
+        if per_head:
+            z = store[model.spec.attn_z.format(layer=block)]
+            split = split_heads(model, block, z, a, norms, valid)
+            x_norm = x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+            # the output bias b_O, attributed to no head, is listed as head -1
+            raw_norms = [split.raw.norm(dim=-1), split.raw_bias.norm(dim=-1)[..., None]]
+            head_values["head_norm_rel"].append((torch.cat(raw_norms, -1) / x_norm)[valid])
+            projected = [
+                (split.carried * e_hat[:, :, None]).sum(-1),
+                proj(split.carried_bias)[..., None],
+            ]
+            head_values["proj_head"].append(torch.cat(projected, -1)[valid])
         sources = torch.cat(
             [carry_through_block(sources, norms), parts.attn[None], parts.mlp[None]]
         )
@@ -279,9 +355,39 @@ def decompose_batch(
         }
     )
     frame = frame.sort_values(["text_id", "position", "layer"], kind="stable")
+    heads_frame = None
+    if per_head:
+        per_layer = torch.stack(
+            [torch.stack(head_values[k]) for k in head_values]
+        )  # [2, L, n, H+1]
+        n_heads = per_layer.shape[-1]
+        head_ids = np.array([*range(n_heads - 1), -1])
+        repeat = n_layers * n_heads
+        heads_frame = pd.DataFrame(
+            {
+                "model": model.name,
+                "text_id": np.repeat(np.tile(text_ids[text_rows.cpu().numpy()], n_layers), n_heads),
+                "position": np.repeat(np.tile(positions.cpu().numpy(), n_layers), n_heads),
+                "layer": np.repeat(np.arange(1, n_layers + 1), len(ids_np) * n_heads),
+                "head": np.tile(head_ids, len(ids_np) * n_layers),
+                "token": np.repeat(
+                    np.tile(np.array(model.token_strings(ids_np.tolist()), dtype=object), n_layers),
+                    n_heads,
+                ),
+                "token_id": np.repeat(np.tile(ids_np, n_layers), n_heads),
+                "is_special": np.repeat(np.tile(special[valid].cpu().numpy(), n_layers), n_heads),
+                "head_norm_rel": per_layer[0].reshape(-1).cpu().numpy(),
+                "proj_head": per_layer[1].reshape(-1).cpu().numpy(),
+            }
+        )
+        assert len(heads_frame) == len(ids_np) * repeat
+        heads_frame = heads_frame.sort_values(
+            ["text_id", "position", "layer", "head"], kind="stable"
+        ).reset_index(drop=True)[list(HEAD_COLUMNS)]
     return BatchDecomposition(
         local=frame.reset_index(drop=True)[list(DECOMPOSE_COLUMNS)],
         cumulative=pd.DataFrame(cumulative_rows),
+        heads=heads_frame,
     )
 
 

@@ -271,7 +271,7 @@ def test_help_has_examples_and_module_entry_point():
 def test_readme_documents_every_output_column(tiny_models):
     from residual_trace.experiments.decompose import decompose_summary
     from residual_trace.tracer import DRIFT_COLUMNS, SUMMARY_COLUMNS
-    from residual_trace.tracer.decompose import DECOMPOSE_COLUMNS, decompose_table
+    from residual_trace.tracer.decompose import DECOMPOSE_COLUMNS, HEAD_COLUMNS, decompose_table
     from residual_trace.tracer.mixing import MIXING_COLUMNS, mixing_table
 
     local, cumulative = decompose_table(tiny_models["bert"], ["A short text."])
@@ -286,6 +286,7 @@ def test_readme_documents_every_output_column(tiny_models):
         *decompose_summary(local, include_special=True, mixing=mixing).columns,
         *MIXING_COLUMNS,
         *pairs.columns,
+        *HEAD_COLUMNS,
     ]
     for column in columns:
         assert f"`{column}`" in readme, column
@@ -306,6 +307,7 @@ def test_decompose_writes_every_output(tiny_dirs, tmp_path):
             "Rain fell.",
             "--batch-size",
             "1",
+            "--per-head",
         ]
     )
     assert result.exit_code == 0, result.output
@@ -326,6 +328,8 @@ def test_decompose_writes_every_output(tiny_dirs, tmp_path):
     assert len(table) == n_tokens * record["model"]["n_blocks"] == record["rows"]
     parts = table[["proj_resid", "proj_attn", "proj_mlp", "proj_bias"]].sum(axis=1)
     np.testing.assert_allclose(parts, table["proj_post"], atol=1e-4)
+    heads = pd.read_csv(out / "heads.csv")
+    assert len(heads) == len(table) * (record["model"]["n_heads"] + 1)  # + the output bias
     mixing = pd.read_csv(out / "mixing.csv")
     assert len(mixing) == len(table)  # one row per text x position x layer, like decompose
     assert (

@@ -132,3 +132,62 @@ def test_batches_do_not_change_the_split(tiny_models):
         atol=1e-5,
         rtol=0,
     )
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_heads_add_up_to_the_attention_part(kind, tiny_models):
+    from residual_trace.tracer import encode_texts, iter_batches
+    from residual_trace.tracer.decompose import decompose_batch
+
+    model = tiny_models[kind]
+    batch = next(iter_batches(encode_texts(model, TEXTS, 64), 2, model.pad_id))
+    with torch.inference_mode():
+        result = decompose_batch(model, batch, per_head=True)
+    heads, local = result.heads, result.local
+    assert heads is not None
+    assert sorted(heads["head"].unique()) == [-1, *range(model.n_heads)]  # -1: output bias
+    summed = heads.groupby(["text_id", "position", "layer"])["proj_head"].sum()
+    merged = local.set_index(["text_id", "position", "layer"]).join(summed)
+    np.testing.assert_allclose(merged["proj_head"], merged["proj_attn"], atol=1e-4)
+    bias_rows = heads[heads["head"] == -1]
+    for layer, rows in bias_rows.groupby("layer"):
+        _, b_O = model.output_weights(int(layer) - 1)
+        has_bias = b_O is not None and bool(b_O.abs().max() > 0)  # Llama has none
+        assert bool((rows["head_norm_rel"] > 0).all()) == has_bias
+
+
+def test_gpt2_heads_match_hugging_face(tiny_models, tiny_dirs):
+    """Each head's output from Hugging Face weights and attentions, projected on the token."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from residual_trace.tracer import encode_texts, iter_batches
+    from residual_trace.tracer.decompose import decompose_batch
+
+    model = tiny_models["gpt2"]
+    text = TEXTS[1]
+    batch = next(iter_batches(encode_texts(model, [text], 64), 1, model.pad_id))
+    with torch.inference_mode():
+        heads = decompose_batch(model, batch, per_head=True).heads
+    hf = AutoModel.from_pretrained(tiny_dirs["gpt2"], attn_implementation="eager").eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dirs["gpt2"])
+    ids = [tokenizer.bos_token_id, *tokenizer(text)["input_ids"]]
+    with torch.no_grad():
+        out = hf(torch.tensor([ids]), output_hidden_states=True, output_attentions=True)
+    W_E = hf.wte.weight.detach().double().numpy()
+    unit = W_E[ids] / np.linalg.norm(W_E[ids], axis=1, keepdims=True)
+    for layer, block in enumerate(hf.h):
+        with torch.no_grad():
+            normed = block.ln_1(out.hidden_states[layer][0]).double().numpy()
+        d = normed.shape[1]
+        values = normed @ block.attn.c_attn.weight.detach().double().numpy()[:, 2 * d :]
+        values += block.attn.c_attn.bias.detach().double().numpy()[2 * d :]
+        W_O = block.attn.c_proj.weight.detach().double().numpy()  # Conv1D: [d_in, d_out]
+        A = out.attentions[layer][0].double().numpy()
+        d_head = d // A.shape[0]
+        for head in range(A.shape[0]):
+            part = slice(head * d_head, (head + 1) * d_head)
+            output = A[head] @ values[:, part] @ W_O[part]
+            got = heads[(heads["layer"] == layer + 1) & (heads["head"] == head)]
+            np.testing.assert_allclose(
+                got.sort_values("position")["proj_head"], (output * unit).sum(1), atol=1e-4
+            )
