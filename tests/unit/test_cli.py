@@ -319,6 +319,12 @@ def test_decompose_writes_every_output(tiny_dirs, tmp_path):
         "run.json",
         "sublayers.png",
         "cumulative.png",
+        "mixing.csv",
+        "mixing_pairs.csv",
+        "mixing.png",
+        "mixing_heatmap.png",
+        "heads.csv",
+        "heads.png",
     ):
         assert (out / name).is_file(), name
     table = pd.read_csv(out / "decompose.csv")
