@@ -359,6 +359,9 @@ def test_decompose_writes_every_output(tiny_dirs, tmp_path):
         (["-t", "  "], "empty"),
         (["--batch-size", "0"], "--batch-size"),
         (["-f", "nope.txt"], "no such file"),
+        (["-t", "One text.", "--mixing-text", "3"], "--mixing-text 3"),
+        (["-t", "One text.", "--mixing-layer", "9"], "--mixing-layer 9"),
+        (["-t", "One text.", "--mixing-layer", "0"], "--mixing-layer"),
     ],
 )
 def test_decompose_errors(tiny_dirs, tmp_path, args, fragment):
