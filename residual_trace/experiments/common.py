@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -69,3 +70,45 @@ def model_record(model: TracedModel) -> dict[str, Any]:
 
 def inputs_record(texts: Sequence[str], source: str) -> dict[str, Any]:
     return {"source": source, "n_texts": len(texts), "texts_sha256": texts_sha256(texts)}
+
+
+FIGURE_FORMATS = ("png", "svg", "pdf")
+
+
+@dataclass
+class RunOptions:
+    """Options every ``trace`` job takes; a job's config extends it with its own.
+
+    Saved in ``run.json`` under ``options`` (``texts`` as their count).
+    """
+
+    model: str = "minilm"
+    texts: list[str] | None = None
+    file: Path | None = None
+    out: Path | None = None
+    device: str = "auto"
+    batch_size: int = 16
+    max_length: int | None = None
+    seed: int = 0
+    quiet: bool = False
+    figure_format: str = "png"
+    include_special: bool = False
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise UserError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.max_length is not None and self.max_length < 2:
+            raise UserError(f"--max-length must be at least 2, got {self.max_length}")
+        if self.figure_format not in FIGURE_FORMATS:
+            raise UserError(f"--format must be one of {', '.join(FIGURE_FORMATS)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["texts"] = None if self.texts is None else len(self.texts)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunOptions:
+        """Rebuild from ``run.json`` options, ignoring unknown keys (texts are not saved)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names and k != "texts"})

@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
 from residual_trace.errors import UserError
-from residual_trace.experiments.common import inputs_record, load_inputs, model_record
+from residual_trace.experiments.common import (
+    RunOptions,
+    inputs_record,
+    load_inputs,
+    model_record,
+)
 from residual_trace.figures.decompose import (
     cumulative_figure,
     heads_figure,
@@ -25,64 +29,36 @@ from residual_trace.models import TracedModel, load_model
 from residual_trace.runs import RunDir, TableStream, default_out, write_run_json, write_table
 from residual_trace.stats import bootstrap_ci
 from residual_trace.tracer import encode_texts, iter_batches
-from residual_trace.tracer.decompose import decompose_batch, decompose_hooks, pool_cumulative
+from residual_trace.tracer.batching import TOKEN_KEYS
+from residual_trace.tracer.decompose import (
+    DECOMPOSE_COLUMNS,
+    decompose_batch,
+    decompose_hooks,
+    pool_cumulative,
+)
 from residual_trace.tracer.mixing import mixing_batch, mixing_hooks
 
 __all__ = ["DecomposeConfig", "DecomposeResult", "decompose_summary", "describe", "run_decompose"]
 
-FIGURE_FORMATS = ("png", "svg", "pdf")
 _HEAD_KEPT = ["layer", "head", "is_special", "proj_head"]
 _MIX_KEPT = ["layer", "is_special", "mix_raw", "mix_norm_attn", "mix_norm", "mix_rollout"]
-_KEPT = [
-    "layer",
-    "is_special",
-    "attn_norm_rel",
-    "mlp_norm_rel",
-    "proj_pre",
-    "proj_resid",
-    "proj_attn",
-    "proj_mlp",
-    "proj_bias",
-    "proj_post",
-    "recon_error",
-]
+_KEPT = ["layer", "is_special", *DECOMPOSE_COLUMNS[len(TOKEN_KEYS) :]]
 
 
 @dataclass
-class DecomposeConfig:
-    """Everything ``trace decompose`` needs; saved in ``run.json`` under ``options``."""
+class DecomposeConfig(RunOptions):
+    """Everything ``trace decompose`` needs: the shared options plus its own."""
 
-    model: str = "minilm"
-    texts: list[str] | None = None
-    file: Path | None = None
-    out: Path | None = None
-    device: str = "auto"
-    batch_size: int = 16
-    max_length: int | None = None
-    seed: int = 0
-    quiet: bool = False
-    figure_format: str = "png"
-    include_special: bool = False
     mixing_text: int = 0
     mixing_layer: int | None = None
     per_head: bool = False
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.mixing_text < 0:
             raise UserError("--mixing-text must be a text id >= 0")
         if self.mixing_layer is not None and self.mixing_layer < 1:
             raise UserError("--mixing-layer must be a layer >= 1 (the output of block 0)")
-        if self.batch_size < 1:
-            raise UserError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if self.max_length is not None and self.max_length < 2:
-            raise UserError(f"--max-length must be at least 2, got {self.max_length}")
-        if self.figure_format not in FIGURE_FORMATS:
-            raise UserError(f"--format must be one of {', '.join(FIGURE_FORMATS)}")
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["texts"] = None if self.texts is None else len(self.texts)
-        return data
 
 
 @dataclass

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -20,6 +19,8 @@ import torch
 
 from residual_trace.errors import UserError
 from residual_trace.experiments.common import (
+    FIGURE_FORMATS,
+    RunOptions,
     bundled_sentences,
     inputs_record,
     load_inputs,
@@ -51,7 +52,6 @@ __all__ = [
     "run_layers",
 ]
 
-FIGURE_FORMATS = ("png", "svg", "pdf")
 #: Columns kept in memory for the summary and figures, in compact dtypes (the full table
 #: streams to disk); token strings are kept only for the heatmap's text.
 _KEPT = {
@@ -71,40 +71,17 @@ _KEPT = {
 
 
 @dataclass
-class LayersConfig:
-    """Everything ``trace layers`` needs; saved in ``run.json`` under ``options``."""
+class LayersConfig(RunOptions):
+    """Everything ``trace layers`` needs: the shared options plus its own."""
 
-    model: str = "minilm"
-    texts: list[str] | None = None
-    file: Path | None = None
-    out: Path | None = None
-    device: str = "auto"
-    batch_size: int = 16
-    max_length: int | None = None
-    seed: int = 0
-    quiet: bool = False
     save_attention: bool = False
-    figure_format: str = "png"
-    include_special: bool = False
     heatmap_text: int = 0
     normed: bool = True
 
     def __post_init__(self) -> None:
-        if self.figure_format not in FIGURE_FORMATS:
-            raise UserError(f"--format must be one of {', '.join(FIGURE_FORMATS)}")
+        super().__post_init__()
         if self.heatmap_text < 0:
             raise UserError("--heatmap-text must be a text id >= 0")
-        DriftConfig(batch_size=self.batch_size, max_length=self.max_length)  # validates
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["texts"] = None if self.texts is None else len(self.texts)
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> LayersConfig:
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names and k != "texts"})
 
 
 @dataclass

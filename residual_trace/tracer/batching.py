@@ -11,6 +11,9 @@ from residual_trace._typing import AttentionMask, TokenIds
 from residual_trace.errors import UserError
 from residual_trace.models import TracedModel
 
+#: The identifying columns every per-token table starts with, in order.
+TOKEN_KEYS = ("model", "text_id", "position", "layer", "token", "token_id", "is_special")
+
 
 @dataclass(frozen=True)
 class EncodedText:

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from residual_trace._typing import Float, Tensor
 from residual_trace.models import TracedModel
-from residual_trace.tracer.batching import Batch, encode_texts, iter_batches
+from residual_trace.tracer.batching import TOKEN_KEYS, Batch, encode_texts, iter_batches
 
 #: Largest tolerated relative error ``|sum(parts) - resid_post| / |resid_post|`` (float32).
 RECONSTRUCTION_TOLERANCE = 1e-4
@@ -144,13 +144,7 @@ def check_reconstruction(estimate: Tensor, target: Tensor, valid: Tensor, where:
 
 #: Columns of the local decomposition table (one row per text x position x layer 1..L).
 DECOMPOSE_COLUMNS = (
-    "model",
-    "text_id",
-    "position",
-    "layer",
-    "token",
-    "token_id",
-    "is_special",
+    *TOKEN_KEYS,
     "attn_norm_rel",
     "mlp_norm_rel",
     "proj_pre",
@@ -280,7 +274,7 @@ def decompose_batch(
     resid = [store[model.spec.resid_hook(k)] for k in range(model.n_layers + 1)]
     sources, labels = resid[0][None], ["embedding"]
     bias = torch.zeros_like(resid[0])
-    local: dict[str, list[Tensor]] = {name: [] for name in DECOMPOSE_COLUMNS[7:]}
+    local: dict[str, list[Tensor]] = {name: [] for name in DECOMPOSE_COLUMNS[len(TOKEN_KEYS) :]}
     head_values: dict[str, list[Tensor]] = {"head_norm_rel": [], "proj_head": []}
     cumulative_rows = []
     for block in range(model.n_layers):

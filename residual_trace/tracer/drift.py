@@ -44,17 +44,11 @@ from tqdm.auto import tqdm
 from residual_trace._typing import Bool, EmbeddingMatrix, Float, Int, Tensor
 from residual_trace.errors import UserError
 from residual_trace.models import TracedModel
-from residual_trace.tracer.batching import Batch, encode_texts, iter_batches
+from residual_trace.tracer.batching import TOKEN_KEYS, Batch, encode_texts, iter_batches
 
 #: Columns of the drift table, in order.
 DRIFT_COLUMNS = (
-    "model",
-    "text_id",
-    "position",
-    "layer",
-    "token",
-    "token_id",
-    "is_special",
+    *TOKEN_KEYS,
     "cos_input",
     "cos_layer0",
     "baseline",
@@ -170,7 +164,7 @@ def _batch_frame(
     others = (text_rows[:, None] == text_rows[None, :]) & (token_ids[:, None] != token_ids[None, :])
     embedding = model.W_E[token_ids]
     emb_sq = (embedding * embedding).sum(-1).clamp_min(1e-12)
-    columns: dict[str, list[np.ndarray]] = {name: [] for name in DRIFT_COLUMNS[7:]}
+    columns: dict[str, list[np.ndarray]] = {name: [] for name in DRIFT_COLUMNS[len(TOKEN_KEYS) :]}
     for layer, (raw, normed) in enumerate(scorers):
         state = h[layer]
         cos, base, rank = raw.stats(state, token_ids, others)

@@ -25,7 +25,7 @@ import torch
 
 from residual_trace._typing import Float, Tensor
 from residual_trace.models import TracedModel
-from residual_trace.tracer.batching import Batch, encode_texts, iter_batches
+from residual_trace.tracer.batching import TOKEN_KEYS, Batch, encode_texts, iter_batches
 
 #: Query rows per chunk of the (query x key x d_model) contribution tensor.
 _ROW_CHUNK = 32
@@ -125,13 +125,7 @@ def rollout_step(
 # -- batches ----------------------------------------------------------------------------
 
 MIXING_COLUMNS = (
-    "model",
-    "text_id",
-    "position",
-    "layer",
-    "token",
-    "token_id",
-    "is_special",
+    *TOKEN_KEYS,
     "raw_self",
     "mix_raw",
     "mix_norm_attn",
