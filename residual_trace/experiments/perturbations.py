@@ -1,0 +1,151 @@
+"""Perturbations that move or replace tokens, each with the permutation that says where every
+token went (``permutation[i]`` = new position of the token at position i). Special tokens
+([CLS], [SEP], BOS) always stay in place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from residual_trace.errors import UserError
+from residual_trace.models import TracedModel
+
+
+@dataclass(frozen=True)
+class Perturbation:
+    """A perturbed token sequence and where each original token went.
+
+    Attributes:
+        kind: ``swap``, ``shuffle``, ``random-token`` or ``identity`` (the noise floor).
+        ids: the perturbed token ids (same length as the original).
+        permutation: ``permutation[i]`` is the new position of original position i
+            (the identity for ``random-token``: tokens change, positions do not move).
+        label: a short description (``swap dog<->cat``, ``shuffle seed 3``).
+    """
+
+    kind: str
+    ids: tuple[int, ...]
+    permutation: tuple[int, ...]
+    label: str
+
+    def __post_init__(self) -> None:
+        if sorted(self.permutation) != list(range(len(self.ids))):
+            raise ValueError("permutation must be a permutation of the positions")
+
+
+def _apply(ids: Sequence[int], permutation: Sequence[int]) -> tuple[int, ...]:
+    moved = [0] * len(ids)
+    for old, new in enumerate(permutation):
+        moved[new] = ids[old]
+    return tuple(moved)
+
+
+def identity(ids: Sequence[int]) -> Perturbation:
+    """The unperturbed text, for the noise floor."""
+    n = len(ids)
+    return Perturbation("identity", tuple(ids), tuple(range(n)), "identity")
+
+
+def swap_spans(
+    ids: Sequence[int], first: tuple[int, int], second: tuple[int, int], label: str = "swap"
+) -> Perturbation:
+    """Exchange two non-overlapping spans ``[start, end)``, of equal or different lengths.
+
+    Examples:
+        >>> p = swap_spans([101, 1, 2, 3, 4, 102], (1, 2), (3, 5))
+        >>> p.ids, p.permutation
+        ((101, 3, 4, 2, 1, 102), (0, 4, 3, 1, 2, 5))
+    """
+    (a0, a1), (b0, b1) = sorted([first, second])
+    if not (0 <= a0 < a1 <= b0 < b1 <= len(ids)):
+        raise UserError("the two spans to swap must be non-empty and must not overlap")
+    order = [*range(a0), *range(b0, b1), *range(a1, b0), *range(a0, a1), *range(b1, len(ids))]
+    permutation = [0] * len(ids)
+    for new, old in enumerate(order):
+        permutation[old] = new
+    return Perturbation("swap", _apply(ids, permutation), tuple(permutation), label)
+
+
+def word_span(model: TracedModel, ids: Sequence[int], word: str) -> tuple[int, int]:
+    """The ``[start, end)`` subword span of the first occurrence of ``word`` in ``ids``."""
+    candidates = []
+    for form in (word, " " + word):
+        pieces = model.tokenizer(form, add_special_tokens=False)["input_ids"]
+        if pieces and pieces not in candidates:
+            candidates.append([int(p) for p in pieces])
+    for pieces in candidates:
+        for start in range(len(ids) - len(pieces) + 1):
+            if list(ids[start : start + len(pieces)]) == pieces:
+                return start, start + len(pieces)
+    tokens = " ".join(model.token_strings(list(ids)))
+    raise UserError(f"--swap: '{word}' is not a token span of the text (tokens: {tokens})")
+
+
+def pair_swaps(ids: Sequence[int], special: Sequence[bool]) -> Iterator[Perturbation]:
+    """Every swap of two non-special positions holding different tokens."""
+    free = [i for i, s in enumerate(special) if not s]
+    for x, i in enumerate(free):
+        for j in free[x + 1 :]:
+            if ids[i] != ids[j]:
+                yield swap_spans(ids, (i, i + 1), (j, j + 1), label=f"swap {i}<->{j}")
+
+
+def shuffle(ids: Sequence[int], special: Sequence[bool], seed: int) -> Perturbation:
+    """A random permutation of the non-special positions that moves at least one token.
+
+    Examples:
+        >>> p = shuffle([101, 5, 6, 7, 102], [True, False, False, False, True], seed=0)
+        >>> p.permutation[0], p.permutation[-1], sorted(p.permutation[1:4])
+        (0, 4, [1, 2, 3])
+    """
+    free = [i for i, s in enumerate(special) if not s]
+    if len(set(ids[i] for i in free)) < 2:
+        raise UserError("shuffling needs at least two different non-special tokens")
+    rng = np.random.default_rng(seed)
+    while True:
+        targets = rng.permutation(free)
+        permutation = list(range(len(ids)))
+        for old, new in zip(free, targets, strict=True):
+            permutation[old] = int(new)
+        moved = _apply(ids, permutation)
+        if moved != tuple(ids):
+            return Perturbation("shuffle", moved, tuple(permutation), f"shuffle seed {seed}")
+
+
+def random_tokens(
+    ids: Sequence[int], special: Sequence[bool], candidates: Sequence[int], seed: int
+) -> Perturbation:
+    """Replace every non-special token by a random token from ``candidates`` (positions stay)."""
+    rng = np.random.default_rng(seed)
+    pool = np.asarray(candidates)
+    replaced = tuple(
+        int(t) if s else int(pool[rng.integers(len(pool))])
+        for t, s in zip(ids, special, strict=True)
+    )
+    n = len(ids)
+    return Perturbation("random-token", replaced, tuple(range(n)), f"random tokens seed {seed}")
+
+
+@contextmanager
+def shuffled_embeddings(model: TracedModel, seed: int) -> Iterator[torch.Tensor]:
+    """Permute the rows of the input token-embedding matrix for the duration (restored after).
+
+    Token identity is destroyed (every id now looks up another token's vector) while
+    positions stay intact; yields the row permutation used.
+    """
+    embedding = model.bridge.original_model.get_input_embeddings().weight
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(embedding.shape[0], generator=generator).to(embedding.device)
+    saved = embedding.detach().clone()
+    with torch.no_grad():
+        embedding.copy_(saved[order])
+    try:
+        yield order
+    finally:
+        with torch.no_grad():
+            embedding.copy_(saved)

@@ -1,0 +1,143 @@
+"""Token-vs-position alignment on heads whose answer is known by construction, and the
+perturbation generators."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from residual_trace.errors import UserError
+from residual_trace.experiments.alignment import align_patterns, js_similarity
+from residual_trace.experiments.perturbations import (
+    identity,
+    pair_swaps,
+    random_tokens,
+    shuffle,
+    shuffled_embeddings,
+    swap_spans,
+    word_span,
+)
+
+
+def _softmax_rows(scores: torch.Tensor, causal: bool) -> torch.Tensor:
+    if causal:
+        n = scores.shape[-1]
+        scores = scores.masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), float("-inf"))
+    return torch.softmax(scores, dim=-1)
+
+
+def positional_head(n: int, causal: bool) -> torch.Tensor:
+    """Attention that depends only on positions: mostly the previous token."""
+    scores = torch.full((n, n), -8.0)
+    scores[torch.arange(1, n), torch.arange(n - 1)] = 8.0
+    scores[0, 0] = 8.0
+    return _softmax_rows(scores, causal)[None]
+
+
+def token_head(ids: list[int], table: torch.Tensor, causal: bool) -> torch.Tensor:
+    """Attention that depends only on token identities: score(query token, key token)."""
+    index = torch.tensor(ids)
+    return _softmax_rows(table[index][:, index], causal)[None]
+
+
+IDS = [101, 11, 12, 13, 14, 15, 16, 17, 18, 102]
+SPECIAL = [True] + [False] * 8 + [True]
+
+
+def _indices(original_of, causal: bool, seeds: int = 10) -> list[float]:
+    """Token-following index per shuffle (NaN: the shuffle left no informative row)."""
+    original = original_of(IDS)
+    out = []
+    for seed in range(seeds):
+        p = shuffle(IDS, SPECIAL, seed)
+        result = align_patterns(
+            original, original_of(list(p.ids)), torch.tensor(p.permutation), causal
+        )
+        out.append(float(result.index[0]))
+    return out
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_position_following_head_scores_minus_one(causal):
+    indices = _indices(lambda ids: positional_head(len(ids), causal), causal)
+    assert np.isfinite(indices).sum() >= 5  # most shuffles give evidence
+    assert np.nanmax(indices) == pytest.approx(-1.0, abs=1e-3)
+    assert np.nanmin(indices) == pytest.approx(-1.0, abs=1e-3)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_token_following_head_scores_positive(causal):
+    table = torch.randn(200, 200, generator=torch.Generator().manual_seed(0)) * 6.0
+    indices = _indices(lambda ids: token_head(ids, table, causal), causal)
+    assert np.isfinite(indices).sum() >= 5
+    assert np.nanmean(indices) > 0.6
+    assert np.nanmin(indices) > 0.3
+
+
+def test_unmoved_text_compares_no_rows():
+    head = positional_head(len(IDS), causal=False)
+    result = align_patterns(head, head, torch.tensor(identity(IDS).permutation), causal=False)
+    assert result.n_rows == 0 and torch.isnan(result.index).all()
+
+
+def test_js_similarity_is_symmetric_and_bounded():
+    p = torch.softmax(torch.randn(6, 9), -1)
+    q = torch.softmax(torch.randn(6, 9), -1)
+    torch.testing.assert_close(js_similarity(p, q), js_similarity(q, p))
+    assert ((js_similarity(p, q) >= 0) & (js_similarity(p, q) <= 1)).all()
+
+
+@pytest.mark.parametrize(
+    ("first", "second"), [((1, 2), (5, 6)), ((1, 3), (4, 7)), ((6, 9), (1, 2))]
+)
+def test_swapped_spans_move_every_token_to_its_new_position(first, second):
+    p = swap_spans(IDS, first, second)
+    for old, new in enumerate(p.permutation):
+        assert p.ids[new] == IDS[old]
+    assert p.ids[0] == 101 and p.ids[-1] == 102
+
+
+def test_overlapping_spans_are_refused():
+    with pytest.raises(UserError, match="overlap"):
+        swap_spans(IDS, (1, 4), (3, 6))
+
+
+def test_pair_swaps_and_random_tokens_leave_special_tokens_alone():
+    swaps = list(pair_swaps(IDS, SPECIAL))
+    assert len(swaps) == 8 * 7 // 2
+    for p in swaps:
+        assert p.permutation[0] == 0 and p.permutation[-1] == len(IDS) - 1
+    replaced = random_tokens(IDS, SPECIAL, candidates=list(range(1000, 2000)), seed=1)
+    assert replaced.ids[0] == 101 and replaced.ids[-1] == 102
+    assert all(1000 <= t < 2000 for t in replaced.ids[1:-1])
+    assert replaced.permutation == tuple(range(len(IDS)))
+
+
+def test_word_spans_in_a_real_tokenization(tiny_models):
+    model = tiny_models["bert"]
+    ids = model.encode("The dog chased the cat.")
+    dog, cat = word_span(model, ids, "dog"), word_span(model, ids, "cat")
+    tokens = model.token_strings(ids)
+    assert tokens[dog[0] : dog[1]] == ["dog"] and tokens[cat[0] : cat[1]] == ["cat"]
+    p = swap_spans(ids, dog, cat)
+    assert model.token_strings(list(p.ids))[1:6] == ["the", "cat", "chased", "the", "dog"]
+    with pytest.raises(UserError, match="'horse' is not a token span"):
+        word_span(model, ids, "horse")
+    gpt2 = tiny_models["gpt2"]
+    ids = gpt2.encode("The dog chased the cat.")
+    start, end = word_span(gpt2, ids, "cat")  # found with its leading space
+    assert "cat" in "".join(gpt2.token_strings(ids[start:end]))
+
+
+def test_shuffled_embeddings_change_the_forward_and_are_restored(tiny_models):
+    model = tiny_models["llama"]
+    ids = torch.tensor([model.encode("The dog chased the cat.")])
+    mask = torch.ones_like(ids)
+    before = model.capture(ids, mask).resid
+    with shuffled_embeddings(model, seed=0) as order:
+        during = model.capture(ids, mask).resid
+        assert not torch.equal(order, torch.arange(len(order)))
+    after = model.capture(ids, mask).resid
+    assert not torch.allclose(before[0], during[0])
+    torch.testing.assert_close(before, after)
