@@ -21,6 +21,7 @@ from types import TracebackType
 from typing import Any
 
 import pandas as pd
+from matplotlib.figure import Figure
 
 from residual_trace.errors import UserError
 
@@ -159,6 +160,18 @@ class TableStream:
         if self._parquet is not None:
             self._parquet.close()
             self._parquet = None
+
+
+def save_figures(
+    figures: dict[str, Figure], tmp: Path, out: Path, figure_format: str
+) -> list[Path]:
+    """Save each figure as ``tmp/<name>.<format>``; return the paths they will have in ``out``."""
+    written = []
+    for name, figure in figures.items():
+        filename = f"{name}.{figure_format}"
+        figure.savefig(tmp / filename, dpi=150)
+        written.append(out / filename)
+    return written
 
 
 def write_run_json(path: Path, record: dict[str, Any]) -> None:

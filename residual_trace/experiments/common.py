@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from residual_trace.errors import UserError
-from residual_trace.models import TracedModel
-from residual_trace.runs import texts_sha256
+from residual_trace.models import TracedModel, load_model
+from residual_trace.runs import default_out, texts_sha256
 
 
 def bundled_sentences() -> list[str]:
@@ -101,6 +104,23 @@ class RunOptions:
             raise UserError(f"--max-length must be at least 2, got {self.max_length}")
         if self.figure_format not in FIGURE_FORMATS:
             raise UserError(f"--format must be one of {', '.join(FIGURE_FORMATS)}")
+
+    def output_dir(self) -> Path:
+        """``--out``, or ``runs/<model>-<UTC timestamp>``."""
+        return Path(self.out) if self.out is not None else default_out(self.model)
+
+    @property
+    def progress(self) -> bool:
+        """Show progress bars: not with ``--quiet``, and only when stderr is a terminal."""
+        return not self.quiet and sys.stderr.isatty()
+
+    def model_for(self, model: TracedModel | None, echo: Callable[[str], None]) -> TracedModel:
+        """Seed torch, then reuse ``model`` or load ``--model`` on ``--device`` (conversion
+        notes go to ``echo``)."""
+        torch.manual_seed(self.seed)
+        if model is not None:
+            return model
+        return load_model(self.model, self.device, on_convert=lambda m: echo(f"note: {m}"))
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

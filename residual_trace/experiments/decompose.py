@@ -25,10 +25,10 @@ from residual_trace.figures.decompose import (
     mixing_heatmap_figure,
     sublayer_figure,
 )
-from residual_trace.models import TracedModel, load_model
-from residual_trace.runs import RunDir, TableStream, default_out, write_run_json, write_table
+from residual_trace.models import TracedModel
+from residual_trace.runs import RunDir, TableStream, save_figures, write_run_json, write_table
 from residual_trace.stats import bootstrap_ci
-from residual_trace.tracer import encode_texts, iter_batches
+from residual_trace.tracer import iter_batches, prepare_texts
 from residual_trace.tracer.batching import TOKEN_KEYS
 from residual_trace.tracer.decompose import (
     DECOMPOSE_COLUMNS,
@@ -130,27 +130,19 @@ def run_decompose(
     model: TracedModel | None = None,
 ) -> DecomposeResult:
     """Run ``trace decompose``: tables, figures and run.json into ``config.out``."""
-    torch.manual_seed(config.seed)
     texts, source = load_inputs(config.texts, config.file)
     if config.mixing_text >= len(texts):
         raise UserError(f"--mixing-text {config.mixing_text}: only {len(texts)} text(s) given")
-    out = Path(config.out) if config.out is not None else default_out(config.model)
-    progress = not config.quiet and sys.stderr.isatty()
-    with RunDir(out) as run:
-        if model is None:
-            model = load_model(config.model, config.device, on_convert=lambda m: echo(f"note: {m}"))
+    out = config.output_dir()
+    with RunDir(out) as run:  # checks --out is writable before the model loads
+        model = config.model_for(model, echo)
         if config.mixing_layer is not None and config.mixing_layer > model.n_layers:
             raise UserError(
                 f"--mixing-layer {config.mixing_layer}: {model.name} has {model.n_layers} blocks"
             )
-        max_length = config.max_length or min(model.max_positions, 512)
-        encoded = encode_texts(model, texts, max_length)
-        truncated = [e.text_id for e in encoded if e.truncated]
-        if truncated:
-            echo(
-                f"warning: {len(truncated)} text(s) longer than --max-length {max_length} "
-                "tokens were truncated"
-            )
+        encoded = prepare_texts(
+            model, texts, config.max_length, warn=lambda m: echo(f"warning: {m}")
+        )
         stream = TableStream(run.tmp / "decompose.csv")
         mixing_stream = TableStream(run.tmp / "mixing.csv")
         heads_stream = TableStream(run.tmp / "heads.csv") if config.per_head else None
@@ -166,7 +158,7 @@ def run_decompose(
                 total=n_batches,
                 desc=f"decomposing {model.name}",
                 unit="batch",
-                disable=not progress,
+                disable=not config.progress,
                 leave=False,
             ):
                 store = model.run_hooks(batch.ids, batch.mask, names)
@@ -214,10 +206,7 @@ def run_decompose(
             head_table = pd.concat(head_frames, ignore_index=True)
             head_table["model"] = model.name
             figures["heads"] = heads_figure(head_table, config.include_special)
-        for name, figure in figures.items():
-            filename = f"{name}.{config.figure_format}"
-            figure.savefig(run.tmp / filename, dpi=150)
-            files.append(run.out / filename)
+        files += save_figures(figures, run.tmp, run.out, config.figure_format)
         write_run_json(
             run.tmp / "run.json",
             {

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 from residual_trace.errors import UserError
 from residual_trace.experiments.common import (
@@ -32,14 +31,8 @@ from residual_trace.figures import (
     identifiable_share_figure,
     token_drift_figure,
 )
-from residual_trace.models import TracedModel, load_model
-from residual_trace.runs import (
-    RunDir,
-    TableStream,
-    default_out,
-    write_run_json,
-    write_table,
-)
+from residual_trace.models import TracedModel
+from residual_trace.runs import RunDir, TableStream, save_figures, write_run_json, write_table
 from residual_trace.tracer import DriftConfig, format_summary, iter_drift, layer_summary
 
 __all__ = [
@@ -118,20 +111,17 @@ def run_layers(
         echo: receives warnings and notes (one line each) for stderr.
         model: an already loaded model to reuse (``config.model`` is then only a label).
     """
-    torch.manual_seed(config.seed)
     texts, source = load_inputs(config.texts, config.file)
     if config.heatmap_text >= len(texts):
         raise UserError(f"--heatmap-text {config.heatmap_text}: only {len(texts)} text(s) given")
-    out = Path(config.out) if config.out is not None else default_out(config.model)
-    progress = not config.quiet and sys.stderr.isatty()
+    out = config.output_dir()
     with RunDir(out) as run:  # checks --out is writable before the model loads
-        if model is None:
-            model = load_model(config.model, config.device, on_convert=lambda m: echo(f"note: {m}"))
+        model = config.model_for(model, echo)
         drift = DriftConfig(
             batch_size=config.batch_size,
             max_length=config.max_length,
             normed=config.normed,
-            progress=progress,
+            progress=config.progress,
         )
         patterns = _attention_writer(run.tmp / "attention") if config.save_attention else None
         stream = TableStream(run.tmp / "drift.csv")
@@ -198,12 +188,7 @@ def _write_figures(
             table, include_special=config.include_special, variants=variants, seed=config.seed
         ),
     }
-    written = []
-    for name, figure in figures.items():
-        filename = f"{name}.{config.figure_format}"
-        figure.savefig(tmp / filename, dpi=150)
-        written.append(out / filename)
-    return written
+    return save_figures(figures, tmp, out, config.figure_format)
 
 
 def describe(result: LayersResult) -> str:

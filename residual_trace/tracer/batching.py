@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -50,6 +50,31 @@ def encode_texts(model: TracedModel, texts: Sequence[str], max_length: int) -> l
         if truncated:
             ids = model.encode(text, max_length=max_length)
         encoded.append(EncodedText(text_id=index, ids=tuple(ids), truncated=truncated))
+    return encoded
+
+
+def prepare_texts(
+    model: TracedModel,
+    texts: Sequence[str],
+    max_length: int | None = None,
+    warn: Callable[[str], None] | None = None,
+) -> list[EncodedText]:
+    """:func:`encode_texts` with the length limit resolved and truncation reported.
+
+    ``max_length`` defaults to the model's position limit, capped at 512; a larger value than
+    the model's limit is an error. ``warn`` receives one line naming the truncated texts.
+    """
+    limit = max_length or min(model.max_positions, 512)
+    if limit > model.max_positions:
+        raise UserError(f"--max-length {limit} exceeds the model's {model.max_positions} positions")
+    encoded = encode_texts(model, texts, limit)
+    truncated = [e.text_id for e in encoded if e.truncated]
+    if truncated and warn is not None:
+        shown = ", ".join(map(str, truncated[:5])) + (" ..." if len(truncated) > 5 else "")
+        warn(
+            f"{len(truncated)} text(s) longer than --max-length {limit} tokens were "
+            f"truncated to their first {limit} tokens (text ids {shown})"
+        )
     return encoded
 
 

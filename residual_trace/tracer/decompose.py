@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from residual_trace._typing import Float, Tensor
 from residual_trace.models import TracedModel
-from residual_trace.tracer.batching import TOKEN_KEYS, Batch, encode_texts, iter_batches
+from residual_trace.tracer.batching import TOKEN_KEYS, Batch, iter_batches, prepare_texts
 
 #: Largest tolerated relative error ``|sum(parts) - resid_post| / |resid_post|`` (float32).
 RECONSTRUCTION_TOLERANCE = 1e-4
@@ -415,7 +415,7 @@ def decompose_table(
     max_length: int | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """``(local, cumulative)`` decomposition tables for ``texts`` (see the module docstring)."""
-    encoded = encode_texts(model, texts, max_length or min(model.max_positions, 512))
+    encoded = prepare_texts(model, texts, max_length)
     locals_, cumulative = [], []
     with torch.inference_mode():
         for batch in iter_batches(encoded, batch_size, model.pad_id):

@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 from residual_trace._typing import Bool, EmbeddingMatrix, Float, Int, Tensor
 from residual_trace.errors import UserError
 from residual_trace.models import TracedModel
-from residual_trace.tracer.batching import TOKEN_KEYS, Batch, encode_texts, iter_batches
+from residual_trace.tracer.batching import TOKEN_KEYS, Batch, iter_batches, prepare_texts
 
 #: Columns of the drift table, in order.
 DRIFT_COLUMNS = (
@@ -238,19 +238,7 @@ def iter_drift(
         warn: receives a one-line warning when texts are truncated.
     """
     config = config or DriftConfig()
-    max_length = config.max_length or min(model.max_positions, 512)
-    if max_length > model.max_positions:
-        raise UserError(
-            f"--max-length {max_length} exceeds the model's {model.max_positions} positions"
-        )
-    encoded = encode_texts(model, texts, max_length)
-    truncated = [e.text_id for e in encoded if e.truncated]
-    if truncated and warn is not None:
-        shown = ", ".join(map(str, truncated[:5])) + (" ..." if len(truncated) > 5 else "")
-        warn(
-            f"{len(truncated)} text(s) longer than --max-length {max_length} tokens were "
-            f"truncated to their first {max_length} tokens (text ids {shown})"
-        )
+    encoded = prepare_texts(model, texts, config.max_length, warn)
     scorers = _scorers(model, config.normed)
     n_batches = math.ceil(len(encoded) / config.batch_size)
     bar = tqdm(

@@ -25,7 +25,7 @@ import torch
 
 from residual_trace._typing import Float, Tensor
 from residual_trace.models import TracedModel
-from residual_trace.tracer.batching import TOKEN_KEYS, Batch, encode_texts, iter_batches
+from residual_trace.tracer.batching import TOKEN_KEYS, Batch, iter_batches, prepare_texts
 
 #: Query rows per chunk of the (query x key x d_model) contribution tensor.
 _ROW_CHUNK = 32
@@ -244,7 +244,7 @@ def mixing_table(
     model: TracedModel, texts: list[str], batch_size: int = 16, pair_text: int | None = None
 ) -> tuple[pd.DataFrame, pd.DataFrame | None]:
     """Mixing rows for ``texts`` (and the pair map of ``pair_text``)."""
-    encoded = encode_texts(model, texts, min(model.max_positions, 512))
+    encoded = prepare_texts(model, texts)
     frames, pair_frames = [], []
     with torch.inference_mode():
         for batch in iter_batches(encoded, batch_size, model.pad_id):
