@@ -5,7 +5,8 @@ token went (``permutation[i]`` = new position of the token at position i). Speci
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import re
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -131,16 +132,40 @@ def random_tokens(
     return Perturbation("random-token", replaced, tuple(range(n)), f"random tokens seed {seed}")
 
 
+def replacement_candidates(model: TracedModel) -> list[int]:
+    """Vocabulary ids a random-token control may draw: not special, and not a reserved
+    placeholder such as BERT's ``[unused17]`` or a decoder's ``<|im_start|>``."""
+    tokens = model.token_strings(range(model.d_vocab))
+    return [
+        i
+        for i, token in enumerate(tokens)
+        if i not in model.special_ids and not _RESERVED.match(token)
+    ]
+
+
+_RESERVED = re.compile(r"^(\[.*\]|<.*>)$")
+
+
 @contextmanager
-def shuffled_embeddings(model: TracedModel, seed: int) -> Iterator[torch.Tensor]:
+def shuffled_embeddings(
+    model: TracedModel, seed: int, keep: Iterable[int] = ()
+) -> Iterator[torch.Tensor]:
     """Permute the rows of the input token-embedding matrix for the duration (restored after).
 
     Token identity is destroyed (every id now looks up another token's vector) while
-    positions stay intact; yields the row permutation used.
+    positions stay intact. Rows in ``keep`` (the special tokens, so that [CLS], [SEP] and
+    BOS stay what they were, like in every other perturbation) are not moved. Yields the row
+    order used: id ``t`` now reads the vector of ``order[t]``.
     """
     embedding = model.bridge.original_model.get_input_embeddings().weight
     generator = torch.Generator().manual_seed(seed)
-    order = torch.randperm(embedding.shape[0], generator=generator).to(embedding.device)
+    rows = embedding.shape[0]
+    kept = torch.zeros(rows, dtype=torch.bool)
+    kept[[k for k in keep if 0 <= k < rows]] = True
+    free = torch.nonzero(~kept).squeeze(-1)
+    order = torch.arange(rows)
+    order[free] = free[torch.randperm(len(free), generator=generator)]
+    order = order.to(embedding.device)
     saved = embedding.detach().clone()
     with torch.no_grad():
         embedding.copy_(saved[order])

@@ -71,14 +71,14 @@ def test_token_following_head_scores_positive(causal):
     table = torch.randn(200, 200, generator=torch.Generator().manual_seed(0)) * 6.0
     indices = _indices(lambda ids: token_head(ids, table, causal), causal)
     assert np.isfinite(indices).sum() >= 5
-    assert np.nanmean(indices) > 0.6
-    assert np.nanmin(indices) > 0.3
+    # a head driven by token identity alone reproduces the original exactly in token order
+    assert np.nanmin(indices) == pytest.approx(1.0, abs=1e-3)
 
 
 def test_unmoved_text_compares_no_rows():
     head = positional_head(len(IDS), causal=False)
     result = align_patterns(head, head, torch.tensor(identity(IDS).permutation), causal=False)
-    assert result.n_rows == 0 and torch.isnan(result.index).all()
+    assert int(result.n_rows.sum()) == 0 and torch.isnan(result.index).all()
 
 
 def test_js_similarity_is_symmetric_and_bounded():
