@@ -157,3 +157,83 @@ def test_mixing_on_real_models(name, minilm, smollm2, texts):
     assert content[["mix_raw", "mix_norm", "mix_rollout"]].stack().between(0, 1).all()
     assert pairs is not None
     np.testing.assert_allclose(pairs.groupby(["layer", "target"])["share"].sum(), 1.0, atol=1e-4)
+
+
+def _hf_structure(model, texts: list[str]) -> pd.DataFrame:
+    """Previous- and next-token attention per head from Hugging Face ``output_attentions``:
+    per text the mean over non-special query rows, then the mean over texts."""
+    from tests.reference import hidden_states
+
+    rows = []
+    for text_id, text in enumerate(texts):
+        ids = model.encode(text)
+        _, attentions = hidden_states(model.resolved.directory, model.model_type, ids)
+        content = np.array([i not in model.special_ids for i in ids])
+        with_prev = content.copy()
+        with_prev[0] = False
+        with_next = content.copy()
+        with_next[-1] = False
+        n = len(ids)
+        for block, att in enumerate(attentions):
+            for head in range(att.shape[0]):
+                a = att[head]
+                rows.append(
+                    {
+                        "text_id": text_id,
+                        "layer": block + 1,
+                        "head": head,
+                        "prev": a[np.arange(1, n), np.arange(n - 1)][with_prev[1:]].mean(),
+                        "next": a[np.arange(n - 1), np.arange(1, n)][with_next[:-1]].mean(),
+                    }
+                )
+    return pd.DataFrame(rows).groupby(["layer", "head"])[["prev", "next"]].mean()
+
+
+@pytest.mark.parametrize("name", ["minilm", "smollm2"])
+def test_perturb_previous_and_next_token_heads_come_out_positional(name, minilm, smollm2, tmp_path):
+    """Clark et al. (2019): heads with >50% attention on the previous or next token are
+    positional heads; shuffling the tokens must leave them where they were."""
+    from residual_trace.experiments.perturb import PerturbConfig, run_perturb
+
+    model = {"minilm": minilm, "smollm2": smollm2}[name]
+    texts = bundled_sentences()[:24] if name == "minilm" else bundled_sentences()[:16]
+    config = PerturbConfig(
+        texts=texts, mode="shuffle", samples=4, out=tmp_path / name, quiet=True, batch_size=8
+    )
+    result = run_perturb(config, echo=lambda m: None, model=model)
+    heads = result.heads[result.heads["perturbation"] == "shuffle"].set_index(["layer", "head"])
+    # the structure measures equal an independent computation from HF attentions
+    reference = _hf_structure(model, texts)
+    np.testing.assert_allclose(heads["prev_mass"], reference["prev"], atol=1e-4)
+    if name == "minilm":
+        np.testing.assert_allclose(heads["next_mass"], reference["next"], atol=1e-4)
+    clark = heads[(heads["prev_mass"] > 0.5) | (heads["next_mass"].fillna(0) > 0.5)]
+    assert len(clark) >= 1, "both models have previous-token heads"
+    assert (clark["verdict"] == "position").all(), clark[["index", "index_lo", "index_hi"]]
+    assert (heads["noise_floor"] < 1e-3).all()
+    states = result.resid[result.resid["perturbation"] == "shuffle"]
+    # deeper down, a state still resembles its own token's original state more than the
+    # state that now sits at its position
+    assert (
+        states.groupby("layer")["cos_token"].mean() > states.groupby("layer")["cos_position"].mean()
+    ).all()
+
+
+def test_perturb_cli_embed_shuffle_on_smollm2(tmp_path, smollm2):
+    out = tmp_path / "embed"
+    args = ["perturb", "-m", "smollm2", "--mode", "embed-shuffle", "--samples", "2", "-o", str(out)]
+    for text in bundled_sentences()[:3]:
+        args += ["-t", text]
+    result = CliRunner().invoke(
+        trace,
+        args,
+        env={"RESIDUAL_TRACE_CACHE": str(smollm2.resolved.directory.parent)},
+        catch_exceptions=False,
+    )
+    assert result.exit_code == 0, result.output
+    assert "pattern kept" in result.output
+    heads = pd.read_csv(out / "heads.csv")
+    shuffled = heads[heads["perturbation"] == "embed-shuffle"]
+    assert len(shuffled) == 30 * 9 and (shuffled["n"] == 3 * 2).all()
+    assert shuffled["sim_position"].between(0, 1).all()
+    assert (out / "structure.png").is_file() and (out / "attention.png").is_file()

@@ -369,3 +369,20 @@ def test_decompose_errors(tiny_dirs, tmp_path, args, fragment):
     result = _run(["decompose", "-m", str(tiny_dirs["gpt2"]), "-o", str(out), *args])
     _assert_one_line_error(result, fragment)
     assert not out.exists()
+
+
+def test_readme_documents_every_perturb_column(tiny_models, tmp_path):
+    from residual_trace.experiments.perturb import (
+        PERTURBATION_COLUMNS,
+        RESID_COLUMNS,
+        PerturbConfig,
+        run_perturb,
+    )
+    from residual_trace.experiments.perturb_summary import HEAD_COLUMNS
+
+    config = PerturbConfig(texts=["The dog chased the cat."], out=tmp_path / "p", quiet=True)
+    result = run_perturb(config, echo=lambda m: None, model=tiny_models["bert"])
+    readme = (Path(__file__).parents[2] / "README.md").read_text(encoding="utf-8")
+    columns = [*PERTURBATION_COLUMNS, *RESID_COLUMNS, *HEAD_COLUMNS, *result.summary.columns]
+    for column in columns:
+        assert f"`{column}`" in readme, column
