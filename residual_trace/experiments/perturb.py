@@ -581,7 +581,7 @@ def describe(result: PerturbResult) -> str:
     noise = float(heads["noise_floor"].max())
     lines = [
         f"{model.name}: {model.model_type} {model.spec.family} ({model.spec.norm_placement}-LN), "
-        f"{model.n_layers} layers x {model.n_heads} heads; {result.n_texts} texts, "
+        f"{model.n_layers} layers x {model.n_heads} heads; {result.n_texts} text(s), "
         f"{result.n_perturbations} perturbations ({kind})",
         f"noise floor (the measure's shift when a re-run of the unperturbed text stands in "
         f"for the original): max {noise:.1e}",
@@ -592,10 +592,13 @@ def describe(result: PerturbResult) -> str:
             f"{'undecided':>9}  {'resid cos token / position':>26}"
         )
         for row in summary.itertuples(index=False):
+            interval = (
+                f"[{row.index_lo:+.3f},{row.index_hi:+.3f}]"
+                if np.isfinite(row.index_lo)
+                else f"{'[n/a]':<15}"
+            )
             attention = (
-                f"{row.index:>+7.3f} [{row.index_lo:+.3f},{row.index_hi:+.3f}]"
-                if row.layer > 0 and np.isfinite(row.index)
-                else ""
+                f"{row.index:>+7.3f} {interval}" if row.layer > 0 and np.isfinite(row.index) else ""
             )
             lines.append(
                 f"{row.layer:>5}  {attention:>24}  {_count(row, 'token'):>5}  "
@@ -611,6 +614,11 @@ def describe(result: PerturbResult) -> str:
         lines.append(
             f"heads with >50% previous- or next-token attention (Clark et al. 2019): {len(clark)}"
         )
+        if not np.isfinite(heads["index_lo"]).any():
+            lines.append(
+                "no intervals and so no verdicts: a single observation per head (give more "
+                "texts, or leave out --swap to draw several swaps per text)"
+            )
         lines += [_head_line(r) for r in clark.itertuples(index=False)]
         lines.append(
             "index: is the original pattern closer (Jensen-Shannon distance) to the perturbed "

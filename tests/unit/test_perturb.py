@@ -122,6 +122,19 @@ def test_word_spans_in_a_real_tokenization(tiny_models):
     assert tokens[dog[0] : dog[1]] == ["dog"] and tokens[cat[0] : cat[1]] == ["cat"]
     p = swap_spans(ids, dog, cat)
     assert model.token_strings(list(p.ids))[1:6] == ["the", "cat", "chased", "the", "dog"]
+    # words of different subword lengths swap as whole spans
+    ids = model.encode("The dog liked skateboarding.")
+    long = word_span(model, ids, "skateboarding")
+    assert long[1] - long[0] == 2
+    p = swap_spans(ids, word_span(model, ids, "dog"), long)
+    assert model.token_strings(list(p.ids))[1:7] == [
+        "the",
+        "skate",
+        "##boarding",
+        "liked",
+        "dog",
+        ".",
+    ]
     with pytest.raises(UserError, match="'horse' is not a token span"):
         word_span(model, ids, "horse")
     gpt2 = tiny_models["gpt2"]
