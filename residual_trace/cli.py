@@ -55,6 +55,7 @@ Examples:
   trace layers --model smollm2 --text "The dog chased the cat."
   trace decompose --model minilm --text "The dog chased the cat."
   trace perturb --model minilm --text "The dog chased the cat." --swap dog cat
+  trace probe --model minilm                    # feature-norm probes with their controls
   trace layers --help                           # every option, with examples
 """
 
@@ -291,6 +292,109 @@ def perturb(**options: Any) -> None:
         options["swap"] = tuple(options["swap"])
     config = PerturbConfig(texts=texts, **options)
     result = run_perturb(config, echo=_echo_err)
+    if not config.quiet:
+        click.echo(describe(result))
+
+
+_EPILOG_PROBE = """\b
+Examples:
+  trace probe --model minilm                        # bundled Lancaster sensorimotor norms
+  trace probe --model minilm --norms mcrae:CONCS_FEATS_concstats_brm.txt --layers 0,3,6
+  trace probe --model bert-base-uncased --norms binder:WordSet1_Ratings.csv --mapper ridge
+  trace probe --model smollm2 --embedding contextual --file corpus.txt --layers 0,15,30
+"""
+
+
+@trace.command("probe", epilog=_EPILOG_PROBE)
+@_shared_options
+@click.option(
+    "--norms",
+    "norms",
+    multiple=True,
+    default=("lancaster",),
+    show_default=True,
+    help="lancaster, concreteness, lancaster+concreteness (bundled), or LAYOUT:PATH with "
+    "LAYOUT mcrae, buchanan, binder, wide or long; repeatable.",
+)
+@click.option(
+    "--layers",
+    default=None,
+    help="Comma-separated residual layers to probe (default: 0, the middle and the last).",
+)
+@click.option(
+    "--mapper",
+    "mappers",
+    multiple=True,
+    type=click.Choice(["plsr", "ffnn", "ridge"]),
+    default=("plsr", "ffnn"),
+    show_default=True,
+    help="Repeatable.",
+)
+@click.option(
+    "--embedding",
+    type=click.Choice(["static", "isolated", "contextual"]),
+    default="isolated",
+    show_default=True,
+    help="static: mean of the word's W_E rows (layer 0 only); isolated: the word alone "
+    "through the model; contextual: mean over its occurrences in --file/--text.",
+)
+@click.option("--folds", type=int, default=10, show_default=True, help="Cross-validation folds.")
+@click.option(
+    "--seeds",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Cross-validation repeats (seeds --seed, --seed+1, ...).",
+)
+@click.option(
+    "--max-concepts",
+    type=int,
+    default=500,
+    show_default=True,
+    help="Probe at most this many concepts per norm set (a seeded sample).",
+)
+@click.option(
+    "--condition",
+    "conditions",
+    multiple=True,
+    type=click.Choice(
+        [
+            "system",
+            "upper",
+            "shuffled",
+            "shuffled-upper",
+            "random",
+            "taxonomic",
+            "nonsense",
+            "random-init",
+        ]
+    ),
+    help="Conditions to run (repeatable; default: all that apply).",
+)
+@click.option("--per-feature", is_flag=True, help="Also Spearman rho per feature, across concepts.")
+@click.option("--no-cache", is_flag=True, help="Recompute embeddings instead of reading the cache.")
+def probe(**options: Any) -> None:
+    """Probe type-level embeddings for feature norms, with every control beside the score.
+
+    Maps each concept's vector to its norm vector (PLSR, a tanh FFNN, ridge; capacity chosen
+    inside each training fold), k-fold cross-validated, under the system condition and its
+    controls: upper bound, shuffled, shuffled upper, random features, taxonomic corruption,
+    structured nonsense and a random-initialised model. Writes scores.csv, summary.csv (the
+    paper-style table with 95% intervals), verdicts.csv, concepts.csv, run.json and figures.
+    """
+    from residual_trace.experiments.probe import ProbeConfig, describe, parse_layers, run_probe
+
+    texts = list(options.pop("texts")) or None
+    layers = options.pop("layers")
+    options["layers"] = None if layers is None else parse_layers(layers)
+    options["norms"] = tuple(options["norms"])
+    options["mappers"] = tuple(options["mappers"])
+    conditions = tuple(options.pop("conditions"))
+    if conditions:
+        options["conditions"] = conditions
+    options["use_cache"] = not options.pop("no_cache")
+    config = ProbeConfig(texts=texts, **options)
+    result = run_probe(config, echo=_echo_err)
     if not config.quiet:
         click.echo(describe(result))
 

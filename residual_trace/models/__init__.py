@@ -2,7 +2,7 @@
 
 from residual_trace.models.architectures import ARCHITECTURES, ArchSpec
 from residual_trace.models.resolve import ALIASES, HUB_RENAMES, ResolvedModel, cache_dir
-from residual_trace.models.traced import Capture, TracedModel, load_model
+from residual_trace.models.traced import Capture, TracedModel, load_model, random_init_copy
 
 __all__ = [
     "ALIASES",
@@ -14,4 +14,5 @@ __all__ = [
     "TracedModel",
     "cache_dir",
     "load_model",
+    "random_init_copy",
 ]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -242,3 +242,31 @@ def load_model(
             ) from None
     bridge.eval()
     return TracedModel(bridge, resolved, torch_device)
+
+
+def random_init_copy(model: TracedModel, seed: int) -> TracedModel:
+    """The same architecture and tokenizer with seeded random weights (Hugging Face's own
+    initialisation): the ``random-init`` control of the probes. The global torch RNG is left
+    as it was."""
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
+    config = model.bridge.original_model.config
+    loader = AutoModelForMaskedLM if model.spec.family == "encoder" else AutoModelForCausalLM
+    with torch.random.fork_rng(), _quiet_transformers():
+        torch.manual_seed(seed)
+        hf_model = loader.from_config(config)
+        bridge = TransformerBridge.boot_transformers(
+            str(model.resolved.directory),
+            hf_model=hf_model,
+            tokenizer=model.tokenizer,
+            device=str(model.device),
+        )
+    bridge.eval()
+    resolved = replace(
+        model.resolved,
+        name=f"{model.name} (random init, seed {seed})",
+        source=f"{model.resolved.source}, weights re-initialised with seed {seed}",
+        weights_sha256=f"random-init-seed-{seed}",
+    )
+    return TracedModel(bridge, resolved, model.device)

@@ -128,7 +128,7 @@ def evaluate(
                             )
                         )
                     if progress is not None:
-                        progress(1)
+                        progress(1)  # one fit
     return pd.DataFrame(rows, columns=list(SCORE_COLUMNS))
 
 
