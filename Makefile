@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.residual-trace-installed
 ARGS ?=
 
-.PHONY: trace test lint typecheck bench install clean
+.PHONY: trace test lint typecheck bench bench-probe install clean
 
 install: $(STAMP)
 
@@ -34,6 +34,9 @@ test: lint typecheck
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_layers.py $(ARGS)
+
+bench-probe: $(STAMP)
+	$(BIN)/python benchmarks/bench_probe.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

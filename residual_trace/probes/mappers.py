@@ -27,7 +27,7 @@ RIDGE_ALPHAS = (0.01, 0.1, 1.0, 10.0, 100.0, 1000.0)
 FFNN_EPOCHS = 200
 
 
-def elbow(sizes: Sequence[float], errors: Sequence[float]) -> int:
+def elbow(sizes: Sequence[float | int], errors: Sequence[float]) -> int:
     """Index of the elbow of a validation-error curve over increasing ``sizes``.
 
     Both axes are scaled to [0, 1] (sizes by rank, as the grids are geometric); the elbow is

@@ -237,3 +237,27 @@ def test_perturb_cli_embed_shuffle_on_smollm2(tmp_path, smollm2):
     assert len(shuffled) == 30 * 9 and (shuffled["n"] == 3 * 2).all()
     assert shuffled["sim_position"].between(0, 1).all()
     assert (out / "structure.png").is_file() and (out / "attention.png").is_file()
+
+
+def test_probe_minilm_with_the_bundled_norms(minilm, tmp_path):
+    """The paper's pattern, not its constants: the upper bound is far above the system, and
+    the shuffled control stays at chance on Neighbourhood Accuracy@10."""
+    from residual_trace.experiments.probe import ProbeConfig, run_probe
+
+    config = ProbeConfig(
+        mappers=("plsr",),
+        folds=5,
+        layers=(0, 6),
+        max_concepts=150,
+        out=tmp_path / "probe",
+        quiet=True,
+        use_cache=False,
+    )
+    result = run_probe(config, echo=lambda m: None, model=minilm)
+    means = result.summary.set_index(["layer", "condition", "metric"])["mean"]
+    for layer in (0, 6):
+        assert means[layer, "upper", "spearman"] > means[layer, "system", "spearman"]
+        assert means[layer, "upper", "na_at_10"] > 0.5
+        assert means[layer, "shuffled", "na_at_10"] < 3 * 10 / 150
+    assert set(result.summary["condition"]) >= {"system", "random-init", "nonsense"}
+    assert any("F1@10 left out" in note for note in result.notes)

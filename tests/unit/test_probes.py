@@ -260,3 +260,20 @@ def test_capacity_is_chosen_inside_the_training_fold():
     poisoned = fit_predict("plsr", x[:100], y[:100], poisoned_x, seed=0)
     assert clean.size == poisoned.size
     np.testing.assert_allclose(clean.predictions[1:], poisoned.predictions[1:])
+
+
+def test_taxonomic_corruption_runs_only_with_categories():
+    from dataclasses import replace
+
+    embeddings, norms = _constructed(linear=True)
+    conditions = ["system", "taxonomic"]
+    without = evaluate(embeddings, norms, mappers=["ridge"], conditions=conditions, folds=3)
+    assert set(without["condition"]) == {"system"}
+    categories = {c: f"group{i % 4}" for i, c in enumerate(norms.concepts)}
+    with_categories = replace(norms, categories=categories)
+    scores = evaluate(
+        embeddings, with_categories, mappers=["ridge"], conditions=conditions, folds=3
+    )
+    means = summarise(scores).set_index(["condition", "metric"])["mean"]
+    # vectors swapped within 4 large categories no longer match their concepts' norms
+    assert means["taxonomic", "na_at_10"] < means["system", "na_at_10"] - 0.5
