@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.residual-trace-installed
 ARGS ?=
 
-.PHONY: trace test lint typecheck bench bench-probe install clean
+.PHONY: trace test lint typecheck browser bench bench-probe install clean
 
 install: $(STAMP)
 
@@ -29,8 +29,13 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-test: lint typecheck
+test: lint typecheck browser
 	$(BIN)/python -m pytest
+
+# The report test opens report.html in headless Chromium (Debian's package).
+browser:
+	@command -v chromium >/dev/null 2>&1 || apt-get install -y -qq --no-install-recommends chromium \
+		|| (apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_layers.py $(ARGS)

@@ -399,6 +399,74 @@ def probe(**options: Any) -> None:
         click.echo(describe(result))
 
 
+_EPILOG_REPORT = """\b
+Examples:
+  trace report                                      # minilm and smollm2, bundled inputs
+  trace report --model bert-base-uncased --model gpt2 --out runs/bert-vs-gpt2
+  trace report --config runs/bert-vs-gpt2/config.toml   # the same run again, from its config
+"""
+
+
+@trace.command("report", epilog=_EPILOG_REPORT)
+@click.option(
+    "--model",
+    "-m",
+    "models",
+    multiple=True,
+    help="A model to report on (repeatable; default: minilm and smollm2).",
+)
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path),
+    help="A report config (TOML), e.g. the config.toml written beside an earlier report.",
+)
+@click.option("--file", "-f", type=click.Path(path_type=Path), help="Texts, one per line.")
+@click.option("--max-texts", type=int, default=None, help="Use the first N texts (default 60).")
+@click.option(
+    "--experiment",
+    "experiments",
+    multiple=True,
+    type=click.Choice(["layers", "decompose", "perturb", "probe"]),
+    help="Experiments to run (repeatable; default: all four).",
+)
+@click.option("--out", "-o", type=click.Path(path_type=Path), help="Output directory.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None)
+@click.option("--seed", type=int, default=None, help="Seed of every experiment (default 0).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress, no verdicts printed.")
+def report(**options: Any) -> None:
+    """Every experiment on several models, side by side, as one report.
+
+    Runs trace layers, decompose, perturb and probe on each model (a killed run resumes
+    without redoing finished parts), then writes report.html (self-contained, figures
+    embedded, no network requests), report.md, tables/, figures/, run.json and the
+    config.toml that reproduces it. Command-line options override the --config file.
+    """
+    from dataclasses import replace
+
+    from residual_trace.experiments.report import ReportConfig, run_report
+
+    config_path = options.pop("config_path")
+    config = ReportConfig.from_toml(config_path) if config_path else ReportConfig()
+    overrides: dict[str, Any] = {}
+    if options["models"]:
+        overrides["models"] = list(options["models"])
+    if options["experiments"]:
+        overrides["experiments"] = list(options["experiments"])
+    if options["file"] is not None:
+        overrides["file"] = str(options["file"])
+    for key in ("max_texts", "device", "seed"):
+        if options[key] is not None:
+            overrides[key] = options[key]
+    overrides["out"] = str(options["out"]) if options["out"] else config.out
+    overrides["quiet"] = options["quiet"]
+    config = replace(config, **overrides)
+    result = run_report(config, echo=_echo_err)
+    if not config.quiet:
+        click.echo("\n".join(f"- {line}" for line in result.verdicts))
+        click.echo(f"wrote {result.out}/report.html, report.md, tables/, figures/, config.toml")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Console-script entry point; ``argv`` lets tests run the CLI in-process."""
     warnings.filterwarnings("ignore", category=UserWarning)

@@ -261,3 +261,29 @@ def test_probe_minilm_with_the_bundled_norms(minilm, tmp_path):
         assert means[layer, "shuffled", "na_at_10"] < 3 * 10 / 150
     assert set(result.summary["condition"]) >= {"system", "random-init", "nonsense"}
     assert any("F1@10 left out" in note for note in result.notes)
+
+
+def test_report_on_minilm_and_smollm2(minilm, smollm2, tmp_path):
+    """The packaged encoder and decoder side by side (small settings to stay fast)."""
+    from residual_trace.experiments.report import ReportConfig, run_report
+
+    config = ReportConfig(
+        max_texts=8,
+        perturb_samples=3,
+        probe_max_concepts=80,
+        probe_folds=4,
+        out=str(tmp_path / "report"),
+        quiet=True,
+        device="cpu",
+    )
+    result = run_report(config, echo=lambda m: None, models={"minilm": minilm, "smollm2": smollm2})
+    depth = pd.read_csv(tmp_path / "report" / "tables" / "depth.csv")
+    assert depth.groupby("model")["layer"].max().to_dict() == {"minilm": 6, "smollm2": 30}
+    assert (depth.groupby("model")["depth"].max() == 1.0).all()
+    top = depth[depth["depth"] == 1.0].set_index("model")
+    # literature sanity, not constants: the causal LM has lost far more token identity at the
+    # top than the encoder (the encoder-vs-decoder contrast the report is about)
+    assert top.loc["smollm2", "cos_input"] < top.loc["minilm", "cos_input"] - 0.1
+    text = " ".join(result.verdicts)
+    assert "minilm (encoder)" in text and "smollm2 (decoder)" in text
+    assert (tmp_path / "report" / "report.html").stat().st_size > 100_000

@@ -1,0 +1,196 @@
+"""Figures of ``trace report``: several models on one relative-depth axis (layer / blocks),
+from the report's per-layer table (one row per model x layer)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+DEPTH_LABEL = "relative depth (layer / number of blocks)"
+_STYLES = ("-", "--", "-.", ":")
+
+
+def _models(depth: pd.DataFrame) -> list[tuple[str, pd.DataFrame, str]]:
+    out = []
+    for k, (model, rows) in enumerate(depth.groupby("model", sort=False)):
+        out.append((str(model), rows.sort_values("layer"), _STYLES[k % len(_STYLES)]))
+    return out
+
+
+def depth_figure(depth: pd.DataFrame, column: str) -> Figure:
+    """``cos_input`` (with its interval and the baseline) or ``identifiable`` per model."""
+    fig = Figure(figsize=(7.5, 4.2), layout="constrained")
+    ax = fig.subplots()
+    for k, (model, rows, style) in enumerate(_models(depth)):
+        colour = f"C{k}"
+        family = rows["family"].iloc[0]
+        ax.plot(
+            rows["depth"],
+            rows[column],
+            color=colour,
+            ls=style,
+            marker="o",
+            ms=2.5,
+            label=f"{model} ({family})",
+        )
+        if f"{column}_lo" in rows:
+            ax.fill_between(
+                rows["depth"],
+                rows[f"{column}_lo"],
+                rows[f"{column}_hi"],
+                color=colour,
+                alpha=0.2,
+                lw=0,
+            )
+        if column == "cos_input" and "baseline" in rows:
+            ax.plot(
+                rows["depth"],
+                rows["baseline"],
+                color=colour,
+                ls=":",
+                lw=1,
+                label=f"{model} baseline",
+            )
+    ax.set_xlabel(DEPTH_LABEL)
+    ax.set_ylabel(
+        {
+            "cos_input": "cosine to the input token's embedding",
+            "identifiable": "share identifiable (own token nearest)",
+        }.get(column, column)
+    )
+    ax.set_xlim(-0.02, 1.02)
+    ax.legend(fontsize=7.5, frameon=False)
+    return fig
+
+
+def sublayer_figure(depth: pd.DataFrame) -> Figure:
+    """Mean signed effect of the attention and the MLP sublayer on the input-token projection."""
+    fig = Figure(figsize=(11, 4.0), layout="constrained")
+    axes = fig.subplots(1, 2, sharey=True)
+    for ax, part in zip(axes, ("proj_attn", "proj_mlp"), strict=True):
+        for k, (model, rows, style) in enumerate(_models(depth)):
+            rows = rows[rows["layer"] > 0]
+            ax.plot(
+                rows["depth"], rows[part], color=f"C{k}", ls=style, marker="o", ms=2.5, label=model
+            )
+            ax.fill_between(
+                rows["depth"],
+                rows[f"{part}_lo"],
+                rows[f"{part}_hi"],
+                color=f"C{k}",
+                alpha=0.2,
+                lw=0,
+            )
+        ax.axhline(0.0, color="0.4", lw=0.7)
+        ax.set_title("attention" if part == "proj_attn" else "MLP", fontsize=9)
+        ax.set_xlabel(DEPTH_LABEL)
+    axes[0].set_ylabel("Δ projection on the input token (+ restores, − erodes)")
+    axes[0].legend(fontsize=7.5, frameon=False)
+    return fig
+
+
+def mixing_figure(depth: pd.DataFrame) -> Figure:
+    """Raw-attention, norm-based (residual + LN) and rollout mixing per model."""
+    fig = Figure(figsize=(12, 3.8), layout="constrained")
+    axes = fig.subplots(1, 3, sharey=True)
+    titles = {
+        "mix_raw": "raw attention",
+        "mix_norm": "norm-based, residual + LN",
+        "mix_rollout": "rollout",
+    }
+    for ax, (column, title) in zip(axes, titles.items(), strict=True):
+        for k, (model, rows, style) in enumerate(_models(depth)):
+            rows = rows[rows["layer"] > 0]
+            ax.plot(
+                rows["depth"],
+                rows[column],
+                color=f"C{k}",
+                ls=style,
+                marker="o",
+                ms=2.5,
+                label=model,
+            )
+            if column == "mix_norm":
+                ax.fill_between(
+                    rows["depth"],
+                    rows["mix_norm_lo"],
+                    rows["mix_norm_hi"],
+                    color=f"C{k}",
+                    alpha=0.2,
+                    lw=0,
+                )
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel(DEPTH_LABEL)
+        ax.set_ylim(-0.02, 1.02)
+    axes[0].set_ylabel("share of the update from other tokens")
+    axes[0].legend(fontsize=7.5, frameon=False)
+    return fig
+
+
+def index_figure(depth: pd.DataFrame, mode: str) -> Figure:
+    """Mean token-following index of the heads per layer, with its interval."""
+    fig = Figure(figsize=(7.5, 4.0), layout="constrained")
+    ax = fig.subplots()
+    for k, (model, rows, style) in enumerate(_models(depth)):
+        rows = rows[rows["layer"] > 0]
+        ax.plot(
+            rows["depth"], rows["index"], color=f"C{k}", ls=style, marker="o", ms=2.5, label=model
+        )
+        ax.fill_between(
+            rows["depth"], rows["index_lo"], rows["index_hi"], color=f"C{k}", alpha=0.2, lw=0
+        )
+    ax.axhline(0.0, color="0.4", lw=0.7)
+    ax.set_ylim(-1.02, 1.02)
+    ax.set_xlabel(DEPTH_LABEL)
+    ax.set_ylabel("token-following index")
+    ax.set_title(f"{mode}: +1 heads follow tokens, −1 positions (mean over heads)", fontsize=9)
+    ax.legend(fontsize=7.5, frameon=False)
+    return fig
+
+
+def probe_figure(summary: pd.DataFrame) -> Figure:
+    """Per model, the probe and its controls at the deepest layer probed (first mapper; NA@10
+    where it applies, else the first metric)."""
+    metric = "na_at_10" if "na_at_10" in set(summary["metric"]) else str(summary["metric"].iloc[0])
+    mapper = str(summary["mapper"].iloc[0])
+    data = summary[(summary["metric"] == metric) & (summary["mapper"] == mapper)]
+    models = list(dict.fromkeys(data["model"]))
+    conditions = [
+        c
+        for c in (
+            "system",
+            "upper",
+            "shuffled",
+            "shuffled-upper",
+            "random",
+            "taxonomic",
+            "nonsense",
+            "random-init",
+        )
+        if c in set(data["condition"])
+    ]
+    fig = Figure(
+        figsize=(1.5 + 1.1 * len(conditions) * max(1, len(models)) / 1.6, 4.0), layout="constrained"
+    )
+    ax = fig.subplots()
+    width = 0.8 / max(1, len(models))
+    for k, model in enumerate(models):
+        rows = data[data["model"] == model]
+        rows = rows[rows["layer"] == rows["layer"].max()].set_index("condition").reindex(conditions)
+        x = np.arange(len(conditions)) + (k - (len(models) - 1) / 2) * width
+        errors = np.vstack([rows["mean"] - rows["lo"], rows["hi"] - rows["mean"]])
+        ax.bar(
+            x,
+            rows["mean"],
+            width,
+            yerr=np.nan_to_num(errors),
+            color=f"C{k}",
+            capsize=2,
+            label=f"{model} (layer {int(data[data['model'] == model]['layer'].max())})",
+        )
+    ax.set_xticks(range(len(conditions)), conditions, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel(f"{metric} ({mapper})")
+    ax.axhline(0.0, color="0.4", lw=0.6)
+    ax.legend(fontsize=7.5, frameon=False)
+    return fig
