@@ -97,6 +97,37 @@ def probe_table(parts: list[Part]) -> tuple[pd.DataFrame, pd.DataFrame]:
     return pd.concat(summaries, ignore_index=True), pd.concat(verdicts, ignore_index=True)
 
 
+def probe_grid(summary: pd.DataFrame) -> pd.DataFrame:
+    """The paper-style probe table: one row per model x norms x layer x mapper x metric, one
+    column per condition, each cell ``mean [lo, hi]``."""
+    if summary.empty:
+        return summary
+    cells = summary.assign(
+        cell=summary["mean"].map("{:.3f}".format)
+        + " ["
+        + summary["lo"].map("{:.2f}".format)
+        + ", "
+        + summary["hi"].map("{:.2f}".format)
+        + "]"
+    )
+    keys = ["model", "norms", "layer", "mapper", "metric"]
+    grid = cells.pivot_table(index=keys, columns="condition", values="cell", aggfunc="first")
+    order = [c for c in _CONDITIONS if c in grid.columns]
+    return grid[order].reset_index()
+
+
+_CONDITIONS = (
+    "system",
+    "upper",
+    "shuffled",
+    "shuffled-upper",
+    "random",
+    "taxonomic",
+    "nonsense",
+    "random-init",
+)
+
+
 def head_shares(parts: list[Part], mode: str) -> pd.DataFrame:
     rows = []
     for part in parts:
@@ -297,6 +328,14 @@ def write_report(
     md += [f"- {line}" for line in verdicts] + [""]
     for name, title, _ in figures:
         md += [f"## {title}", "", f"![{title}](figures/{name}.png)", ""]
+    grid = probe_grid(probe_summary)
+    if not grid.empty:
+        md += [
+            "## Probe scores and their controls (mean [95% interval])",
+            "",
+            _markdown_table(grid),
+            "",
+        ]
     if not heads.empty:
         md += ["## Heads by verdict", "", _markdown_table(heads), ""]
     md += ["## Per-layer measures (relative depth)", "", _markdown_table(depth), ""]
@@ -316,6 +355,11 @@ def write_report(
         body += [
             f"<h2>{html.escape(title)}</h2>",
             f"<img alt='{html.escape(title)}' src='data:image/png;base64,{encoded}'>",
+        ]
+    if not grid.empty:
+        body += [
+            "<h2>Probe scores and their controls (mean [95% interval])</h2>",
+            grid.to_html(index=False),
         ]
     if not heads.empty:
         body += ["<h2>Heads by verdict</h2>", heads.to_html(index=False)]

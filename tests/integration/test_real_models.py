@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from click.testing import CliRunner
 
 from residual_trace import DriftConfig, drift_table, load_model
@@ -287,3 +288,40 @@ def test_report_on_minilm_and_smollm2(minilm, smollm2, tmp_path):
     text = " ".join(result.verdicts)
     assert "minilm (encoder)" in text and "smollm2 (decoder)" in text
     assert (tmp_path / "report" / "report.html").stat().st_size > 100_000
+
+
+def test_report_on_full_size_bert_and_gpt2_architectures(tmp_path):
+    """bert-base-uncased and gpt2 by shape (12 layers, d_model 768) with seeded random weights,
+    as the report runs them by name where the hub is reachable."""
+    from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel
+
+    from residual_trace.experiments.report import ReportConfig, run_report
+    from tests.conftest import _minilm_dir, _tiny_bpe_tokenizer
+
+    bert_dir, gpt2_dir = tmp_path / "bert-base-random", tmp_path / "gpt2-random"
+    torch.manual_seed(5)
+    BertModel(BertConfig()).save_pretrained(bert_dir)
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (bert_dir / name).write_bytes((_minilm_dir() / name).read_bytes())
+    gpt2_dir.mkdir()
+    vocab = _tiny_bpe_tokenizer(gpt2_dir)
+    torch.manual_seed(5)
+    GPT2LMHeadModel(GPT2Config(vocab_size=vocab, bos_token_id=0, eos_token_id=0)).save_pretrained(
+        gpt2_dir
+    )
+    config = ReportConfig(
+        models=[str(bert_dir), str(gpt2_dir)],
+        max_texts=3,
+        perturb_samples=2,
+        probe_max_concepts=40,
+        probe_folds=3,
+        probe_mappers=["ridge"],
+        out=str(tmp_path / "report"),
+        quiet=True,
+        device="cpu",
+    )
+    result = run_report(config, echo=lambda m: None)
+    depth = pd.read_csv(tmp_path / "report" / "tables" / "depth.csv")
+    assert depth.groupby("model")["layer"].max().tolist() == [12, 12]
+    assert set(depth["family"]) == {"encoder", "decoder"}
+    assert len(result.verdicts) >= 6

@@ -69,6 +69,10 @@ def test_report_has_every_section_on_a_relative_depth_axis(finished, tiny_dirs):
         assert (out / "figures" / f"{name}.png").stat().st_size > 5_000
     text = (out / "report.md").read_text()
     assert "encoder" in text and "decoder" in text
+    # the probe table with its controls, one column per condition
+    assert (
+        "| system | upper | shuffled | shuffled-upper | random | nonsense | random-init |" in text
+    )
     assert any("expected to recover token identity near the top" in v for v in result.verdicts)
     assert any("expected to lose token identity steadily" in v for v in result.verdicts)
     assert any("follow positions" in v for v in result.verdicts)
