@@ -56,6 +56,7 @@ Examples:
   trace decompose --model minilm --text "The dog chased the cat."
   trace perturb --model minilm --text "The dog chased the cat." --swap dog cat
   trace probe --model minilm                    # feature-norm probes with their controls
+  trace report                                  # everything, minilm vs smollm2, one document
   trace layers --help                           # every option, with examples
 """
 
