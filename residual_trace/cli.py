@@ -17,6 +17,7 @@ import click
 
 from residual_trace import __version__
 from residual_trace.errors import UserError
+from residual_trace.probes import CONDITIONS
 
 _EPILOG_LAYERS = """\b
 Examples:
@@ -358,18 +359,7 @@ Examples:
     "--condition",
     "conditions",
     multiple=True,
-    type=click.Choice(
-        [
-            "system",
-            "upper",
-            "shuffled",
-            "shuffled-upper",
-            "random",
-            "taxonomic",
-            "nonsense",
-            "random-init",
-        ]
-    ),
+    type=click.Choice(list(CONDITIONS)),
     help="Conditions to run (repeatable; default: all that apply).",
 )
 @click.option("--per-feature", is_flag=True, help="Also Spearman rho per feature, across concepts.")

@@ -182,3 +182,14 @@ def write_run_json(path: Path, record: dict[str, Any]) -> None:
         **record,
     }
     path.write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
+
+
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """Write ``path`` through a hidden temporary sibling renamed into place: a reader (or a
+    killed run) never sees a half-written file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    if isinstance(data, bytes):
+        tmp.write_bytes(data)
+    else:
+        tmp.write_text(data, encoding="utf-8")
+    tmp.replace(path)

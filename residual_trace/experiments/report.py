@@ -23,7 +23,7 @@ import tomllib
 from residual_trace.errors import UserError
 from residual_trace.experiments.common import FIGURE_FORMATS, load_inputs
 from residual_trace.models import TracedModel, load_model
-from residual_trace.runs import default_out
+from residual_trace.runs import default_out, write_atomic
 
 EXPERIMENTS = ("layers", "decompose", "perturb", "probe")
 
@@ -159,6 +159,7 @@ def _done(directory: Path, fingerprint: str) -> bool:
 def run_parts(
     config: ReportConfig,
     root: Path,
+    texts: list[str],
     echo: Callable[[str], None],
     models: dict[str, TracedModel] | None = None,
 ) -> list[Part]:
@@ -168,7 +169,6 @@ def run_parts(
     from residual_trace.experiments.perturb import PerturbConfig, run_perturb
     from residual_trace.experiments.probe import ProbeConfig, run_probe
 
-    texts, _ = _texts(config)
     loaded = dict(models or {})
     parts = []
     for name in config.models:
@@ -244,7 +244,7 @@ def run_report(
     """
     from residual_trace.experiments.report_document import write_report
 
-    _texts(config)  # bad inputs fail before any model loads
+    texts, _ = _texts(config)  # bad inputs fail before any model loads
     root = Path(config.out) if config.out else default_out("report")
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -252,13 +252,7 @@ def run_report(
         raise UserError(f"cannot write to --out {root}: {error.strerror or error}") from None
     if not root.is_dir():
         raise UserError(f"--out {root} exists and is not a directory")
-    _atomic_write(root / "config.toml", config.to_toml())
-    parts = run_parts(config, root, echo, models)
+    write_atomic(root / "config.toml", config.to_toml())
+    parts = run_parts(config, root, texts, echo, models)
     verdicts, files = write_report(config, root, parts)
     return ReportResult(out=root, parts=parts, verdicts=verdicts, files=files)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)

@@ -26,7 +26,8 @@ from residual_trace.figures.report import (
     probe_figure,
     sublayer_figure,
 )
-from residual_trace.runs import package_versions
+from residual_trace.probes import CONDITIONS
+from residual_trace.runs import package_versions, write_atomic, write_run_json
 
 #: Per-layer columns gathered from each experiment's summary.csv.
 _FROM = {
@@ -112,20 +113,8 @@ def probe_grid(summary: pd.DataFrame) -> pd.DataFrame:
     )
     keys = ["model", "norms", "layer", "mapper", "metric"]
     grid = cells.pivot_table(index=keys, columns="condition", values="cell", aggfunc="first")
-    order = [c for c in _CONDITIONS if c in grid.columns]
+    order = [c for c in CONDITIONS if c in grid.columns]
     return grid[order].reset_index()
-
-
-_CONDITIONS = (
-    "system",
-    "upper",
-    "shuffled",
-    "shuffled-upper",
-    "random",
-    "taxonomic",
-    "nonsense",
-    "random-init",
-)
 
 
 def head_shares(parts: list[Part], mode: str) -> pd.DataFrame:
@@ -274,8 +263,7 @@ def write_report(
     for frame, name in ((depth, "depth.csv"), (heads, "heads.csv"), (probe_summary, "probe.csv")):
         if not frame.empty:
             target = root / "tables" / name
-            frame.to_csv(target.with_name(f".{name}.tmp"), index=False)
-            target.with_name(f".{name}.tmp").replace(target)
+            write_atomic(target, frame.to_csv(index=False))
             files.append(target)
     figures: list[tuple[str, str, Figure]] = []
     if "cos_input" in depth:
@@ -318,12 +306,12 @@ def write_report(
     for name, _, figure in figures:
         data = _png(figure)
         target = root / "figures" / f"{name}.png"
-        target.with_name(f".{name}.png.tmp").write_bytes(data)
-        target.with_name(f".{name}.png.tmp").replace(target)
+        write_atomic(target, data)
         images[name] = data
         files.append(target)
 
     models = ", ".join(config.models)
+    versions = json.dumps(package_versions())
     md = [f"# residual-trace report: {models}", ""]
     md += [f"- {line}" for line in verdicts] + [""]
     for name, title, _ in figures:
@@ -343,7 +331,7 @@ def write_report(
         "---",
         "Reproduce: `trace report --config config.toml`. Parts: "
         + ", ".join(f"{p.model}/{p.experiment}" for p in parts)
-        + f". Versions: {json.dumps(package_versions())}.",
+        + f". Versions: {versions}.",
     ]
     body = [
         f"<h1>residual-trace report: {html.escape(models)}</h1>",
@@ -367,7 +355,7 @@ def write_report(
         "<h2>Per-layer measures (relative depth = layer / blocks)</h2>",
         depth.to_html(index=False, float_format=lambda v: f"{v:.3f}", na_rep=""),
         "<p class='note'>Reproduce with <code>trace report --config config.toml</code>. "
-        + html.escape(f"Versions: {json.dumps(package_versions())}")
+        + html.escape(f"Versions: {versions}")
         + "</p>",
     ]
     page = (
@@ -377,8 +365,7 @@ def write_report(
     )
     for text, name in (("\n".join(md) + "\n", "report.md"), (page, "report.html")):
         target = root / name
-        target.with_name(f".{name}.tmp").write_text(text, encoding="utf-8")
-        target.with_name(f".{name}.tmp").replace(target)
+        write_atomic(target, text)
         files.append(target)
     run_json = {
         "command": "report",
@@ -393,9 +380,8 @@ def write_report(
             for p in parts
         ],
         "model_dirs": {m: slug(m) for m in config.models},
-        "versions": package_versions(),
         "verdicts": verdicts,
     }
-    (root / "run.json").write_text(json.dumps(run_json, indent=2) + "\n", encoding="utf-8")
+    write_run_json(root / "run.json", run_json)
     files += [root / "run.json", root / "config.toml"]
     return verdicts, files

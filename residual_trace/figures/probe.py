@@ -7,16 +7,8 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-_ORDER = (
-    "system",
-    "upper",
-    "shuffled",
-    "shuffled-upper",
-    "random",
-    "taxonomic",
-    "nonsense",
-    "random-init",
-)
+from residual_trace.probes import CONDITIONS
+
 _COLOURS = {
     "system": "#1f77b4",
     "upper": "#2ca02c",
@@ -46,7 +38,7 @@ def conditions_figure(summary: pd.DataFrame) -> Figure:
     axes = np.atleast_1d(fig.subplots(1, len(panels), squeeze=False)[0])
     width = 0.8 / len(mappers)
     for ax, ((norms, metric), part) in zip(axes, panels, strict=True):
-        conditions = [c for c in _ORDER if c in set(part["condition"])]
+        conditions = [c for c in CONDITIONS if c in set(part["condition"])]
         for k, mapper in enumerate(mappers):
             rows = part[part["mapper"] == mapper].set_index("condition").reindex(conditions)
             x = np.arange(len(conditions)) + (k - (len(mappers) - 1) / 2) * width
@@ -84,7 +76,7 @@ def layers_figure(summary: pd.DataFrame) -> Figure:
     fig = Figure(figsize=(4.4 * len(panels), 3.8), layout="constrained")
     axes = np.atleast_1d(fig.subplots(1, len(panels), squeeze=False)[0])
     for ax, ((norms, metric), part) in zip(axes, panels, strict=True):
-        for condition in _ORDER:
+        for condition in CONDITIONS:
             rows = part[part["condition"] == condition].sort_values("layer")
             if rows.empty:
                 continue

@@ -7,6 +7,8 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from residual_trace.probes import CONDITIONS
+
 DEPTH_LABEL = "relative depth (layer / number of blocks)"
 _STYLES = ("-", "--", "-.", ":")
 
@@ -156,20 +158,7 @@ def probe_figure(summary: pd.DataFrame) -> Figure:
     mapper = str(summary["mapper"].iloc[0])
     data = summary[(summary["metric"] == metric) & (summary["mapper"] == mapper)]
     models = list(dict.fromkeys(data["model"]))
-    conditions = [
-        c
-        for c in (
-            "system",
-            "upper",
-            "shuffled",
-            "shuffled-upper",
-            "random",
-            "taxonomic",
-            "nonsense",
-            "random-init",
-        )
-        if c in set(data["condition"])
-    ]
+    conditions = [c for c in CONDITIONS if c in set(data["condition"])]
     fig = Figure(
         figsize=(1.5 + 1.1 * len(conditions) * max(1, len(models)) / 1.6, 4.0), layout="constrained"
     )

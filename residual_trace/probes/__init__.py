@@ -3,21 +3,42 @@
 A probe maps each concept's embedding to its human feature-norm vector. Its score means
 something only next to its controls (shuffled, random, structured-nonsense targets, an
 upper bound), so every evaluation here computes them together.
+
+The names below are imported lazily: the CLI reads :data:`CONDITIONS` from here without
+loading numpy, scipy or pandas.
 """
 
-from residual_trace.probes.metrics import (
-    f1_at_k,
-    neighbourhood_accuracy,
-    spearman_per_concept,
-    spearman_per_feature,
-)
-from residual_trace.probes.norms import Norms, load_norms
+from __future__ import annotations
 
-__all__ = [
-    "Norms",
-    "f1_at_k",
-    "load_norms",
-    "neighbourhood_accuracy",
-    "spearman_per_concept",
-    "spearman_per_feature",
-]
+import importlib
+from typing import Any
+
+#: The conditions a probe score is read against, in table order (see
+#: :mod:`residual_trace.probes.controls`).
+CONDITIONS = (
+    "system",
+    "upper",
+    "shuffled",
+    "shuffled-upper",
+    "random",
+    "taxonomic",
+    "nonsense",
+    "random-init",
+)
+
+_EXPORTS = {
+    "Norms": "residual_trace.probes.norms",
+    "load_norms": "residual_trace.probes.norms",
+    "f1_at_k": "residual_trace.probes.metrics",
+    "neighbourhood_accuracy": "residual_trace.probes.metrics",
+    "spearman_per_concept": "residual_trace.probes.metrics",
+    "spearman_per_feature": "residual_trace.probes.metrics",
+}
+
+__all__ = sorted([*_EXPORTS, "CONDITIONS"])
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'residual_trace.probes' has no attribute {name!r}")

@@ -26,16 +26,16 @@ from collections.abc import Sequence
 
 import numpy as np
 
-CONDITIONS = (
-    "system",
-    "upper",
-    "shuffled",
-    "shuffled-upper",
-    "random",
-    "taxonomic",
-    "nonsense",
-    "random-init",
-)
+from residual_trace.probes import CONDITIONS
+
+__all__ = [
+    "CONDITIONS",
+    "condition_data",
+    "fill_missing",
+    "random_features",
+    "structured_nonsense",
+    "within_category_permutation",
+]
 
 
 def fill_missing(values: np.ndarray) -> np.ndarray:

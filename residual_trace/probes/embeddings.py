@@ -30,6 +30,8 @@ import torch
 
 from residual_trace.errors import UserError
 from residual_trace.models import TracedModel, cache_dir
+from residual_trace.tracer import iter_batches, prepare_texts
+from residual_trace.tracer.batching import EncodedText
 
 MODES = ("static", "isolated", "contextual")
 
@@ -183,22 +185,21 @@ def _isolated(
 ) -> np.ndarray:
     names = _resid_names(model)
     out = np.zeros((len(words), len(names), model.d_model), dtype=np.float32)
-    for start in range(0, len(words), batch_size):
-        group = words[start : start + batch_size]
-        sequences = [_with_specials(model, word_pieces(model, w)) for w in group]
-        width = max(len(s) for s, _ in sequences)
-        ids = torch.full((len(group), width), model.pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, (sequence, _) in enumerate(sequences):
-            ids[row, : len(sequence)] = torch.tensor(sequence)
-            mask[row, : len(sequence)] = 1
-        store = model.run_hooks(ids, mask, names)
+    spans = []  # where each word's pieces sit in its sequence
+    encoded = []
+    for index, word in enumerate(words):
+        pieces = word_pieces(model, word)
+        sequence, first = _with_specials(model, pieces)
+        spans.append((first, first + len(pieces)))
+        encoded.append(EncodedText(text_id=index, ids=tuple(sequence), truncated=False))
+    for batch in iter_batches(encoded, batch_size, model.pad_id):
+        store = model.run_hooks(batch.ids, batch.mask, names)
         stacked = torch.stack([store[n] for n in names], dim=1)  # [batch, layer, pos, d]
-        for row, (word, (_, first)) in enumerate(zip(group, sequences, strict=True)):
-            n = len(word_pieces(model, word))
-            out[start + row] = stacked[row, :, first : first + n].mean(1).cpu().numpy()
+        for row, item in enumerate(batch.texts):
+            start, end = spans[item.text_id]
+            out[item.text_id] = stacked[row, :, start:end].mean(1).cpu().numpy()
         if progress is not None:
-            progress(len(group))
+            progress(len(batch.texts))
     return out
 
 
@@ -210,8 +211,6 @@ def _contextual(
     batch_size: int,
     progress: Callable[[int], None] | None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    from residual_trace.tracer import iter_batches, prepare_texts
-
     names = _resid_names(model)
     pieces = {w: tuple(word_pieces(model, w)) for w in words}
     by_first: dict[int, list[int]] = {}

@@ -177,23 +177,16 @@ _CHROMIUM_FLAGS = [
 ]
 
 
-def test_report_renders_in_headless_chromium_without_network(finished, tmp_path):
-    """Every figure decodes and the page requests nothing; a screenshot is kept as a test
-    artefact in test-artifacts/report.png. `make test` installs Debian's chromium."""
+def _checked(chromium: str, page: Path, profile: Path) -> dict:
+    """Open ``page`` (with :data:`_CHECK` injected) and read back what the script found."""
     import json
-    import shutil
     import subprocess
 
-    chromium = shutil.which("chromium")
-    assert chromium, "headless Chromium is needed: apt-get install chromium (make test does)"
-    out, _ = finished
-    page = tmp_path / "checked.html"
-    page.write_text((out / "report.html").read_text().replace("</body>", _CHECK + "</body>"))
     dom = subprocess.run(
         [
             chromium,
             *_CHROMIUM_FLAGS,
-            f"--user-data-dir={tmp_path / 'profile-dom'}",
+            f"--user-data-dir={profile}",
             "--virtual-time-budget=10000",
             "--dump-dom",
             page.as_uri(),
@@ -205,30 +198,28 @@ def test_report_renders_in_headless_chromium_without_network(finished, tmp_path)
     ).stdout
     found = re.search(r'<pre id="rt-check">([^<]*)</pre>', dom)
     assert found, dom[-500:]
-    check = json.loads(found.group(1).replace("&quot;", '"'))
+    return json.loads(found.group(1).replace("&quot;", '"'))
+
+
+def test_report_renders_in_headless_chromium_without_network(finished, tmp_path):
+    """Every figure decodes and the page requests nothing; a screenshot is kept as a test
+    artefact in test-artifacts/report.png. `make test` installs Debian's chromium."""
+    import shutil
+    import subprocess
+
+    chromium = shutil.which("chromium")
+    assert chromium, "headless Chromium is needed: apt-get install chromium (make test does)"
+    out, _ = finished
+    page = tmp_path / "checked.html"
+    page.write_text((out / "report.html").read_text().replace("</body>", _CHECK + "</body>"))
+    check = _checked(chromium, page, tmp_path / "profile-dom")
     assert check == {"images": 6, "rendered": 6, "requests": []}
     # the checker itself notices a page that fetches something (a refused local address)
     leaky = tmp_path / "leaky.html"
     leaky.write_text(
         page.read_text().replace("<h1>", "<img src='http://127.0.0.1:9/x.png'><h1>", 1)
     )
-    dom = subprocess.run(
-        [
-            chromium,
-            *_CHROMIUM_FLAGS,
-            f"--user-data-dir={tmp_path / 'profile-leak'}",
-            "--virtual-time-budget=10000",
-            "--dump-dom",
-            leaky.as_uri(),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    ).stdout
-    found = re.search(r'<pre id="rt-check">([^<]*)</pre>', dom)
-    assert found
-    leak = json.loads(found.group(1).replace("&quot;", '"'))
+    leak = _checked(chromium, leaky, tmp_path / "profile-leak")
     assert leak["requests"] == ["http://127.0.0.1:9/x.png"] and leak["rendered"] == 6
     artefacts = Path(__file__).parents[2] / "test-artifacts"
     artefacts.mkdir(exist_ok=True)
