@@ -3,27 +3,70 @@
 Test, on your own encoders and decoders, whether the hidden state at layer L still
 corresponds to its input token, before reading an attention map or a probe as evidence.
 
-The entry points, imported lazily so that ``import residual_trace`` stays cheap:
-
-- :func:`load_model`: resolve ``minilm``, ``smollm2``, a Hugging Face name or a local
-  checkpoint directory to a :class:`TracedModel` (a hooked TransformerBridge).
-- :func:`drift_table` / :func:`iter_drift`: per-token, per-layer token drift.
-- :func:`layer_summary`: the per-layer summary the CLI prints.
-
 Examples:
+    A notebook session (not run here: it loads a model)::
+
+        import residual_trace as rt
+        m = rt.load_model("minilm")
+        r = rt.layers(m, ["The dog chased the cat."])
+        r.tables["drift"]          # one row per text x position x layer
+        r.figures()                # the figures `trace layers` writes
+        r.save("runs/x")           # exactly the files `trace layers` writes
+
+    Every experiment: :func:`layers`, :func:`decompose`, :func:`perturb`, :func:`probe`,
+    :func:`report`. Layer k is the output of block k-1 (layer 0: the input of block 0);
+    heads are named ``L{block}H{head}`` as in TransformerLens.
+
     >>> import residual_trace
-    >>> {"load_model", "drift_table", "layer_summary"} <= set(residual_trace.__all__)
+    >>> {"load_model", "layers", "decompose", "perturb", "probe", "report"} <= set(
+    ...     residual_trace.__all__)
     True
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
+
+if TYPE_CHECKING:  # the names below are imported on first use: `import residual_trace` is cheap
+    from residual_trace.api import decompose, layers, perturb, probe, report
+    from residual_trace.errors import UserError
+    from residual_trace.experiments.common import bundled_sentences, read_texts
+    from residual_trace.experiments.decompose import DecomposeResult
+    from residual_trace.experiments.layers import LayersResult
+    from residual_trace.experiments.options import (
+        DecomposeOptions,
+        LayersOptions,
+        PerturbOptions,
+        ProbeOptions,
+    )
+    from residual_trace.experiments.perturb import PerturbResult
+    from residual_trace.experiments.probe import ProbeResult
+    from residual_trace.experiments.report.config import ReportOptions
+    from residual_trace.experiments.report.result import ReportResult
+    from residual_trace.models import ALIASES, TracedModel, load_model
+    from residual_trace.tracer import DriftConfig, drift_table, iter_drift, layer_summary
 
 _EXPORTS = {
+    "layers": "residual_trace.api",
+    "decompose": "residual_trace.api",
+    "perturb": "residual_trace.api",
+    "probe": "residual_trace.api",
+    "report": "residual_trace.api",
+    "LayersOptions": "residual_trace.experiments.options",
+    "LayersResult": "residual_trace.experiments.layers",
+    "DecomposeOptions": "residual_trace.experiments.options",
+    "DecomposeResult": "residual_trace.experiments.decompose",
+    "PerturbOptions": "residual_trace.experiments.options",
+    "PerturbResult": "residual_trace.experiments.perturb",
+    "ProbeOptions": "residual_trace.experiments.options",
+    "ProbeResult": "residual_trace.experiments.probe",
+    "ReportOptions": "residual_trace.experiments.report.config",
+    "ReportResult": "residual_trace.experiments.report.result",
+    "bundled_sentences": "residual_trace.experiments.common",
+    "read_texts": "residual_trace.experiments.common",
     "TracedModel": "residual_trace.models",
     "load_model": "residual_trace.models",
     "ALIASES": "residual_trace.models",
@@ -41,3 +84,7 @@ def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'residual_trace' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*__all__, "__version__"])

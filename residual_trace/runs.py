@@ -50,7 +50,7 @@ def package_versions() -> dict[str, str]:
 def default_out(model: str, root: Path = Path("runs")) -> Path:
     """``runs/<model>-<UTC timestamp>``, with the model name made path-safe."""
     slug = "".join(c if c.isalnum() or c in "-_." else "-" for c in Path(model).name or model)
-    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    stamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%d-%H%M%S")
     return root / f"{slug.strip('-.') or 'model'}-{stamp}"
 
 
@@ -59,6 +59,20 @@ def texts_sha256(texts: Iterable[str]) -> str:
     for text in texts:
         digest.update(text.encode("utf-8") + b"\n")
     return digest.hexdigest()
+
+
+def check_out(out: Path) -> None:
+    """Fail early (before a model loads) when ``out`` cannot become the output directory."""
+    out = Path(out)
+    if str(out) == "":
+        raise UserError("--out: give a directory name")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a directory")
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write to --out {out}: {parent} is not a writable directory")
 
 
 class RunDir:
@@ -176,7 +190,7 @@ def save_figures(
 
 def write_run_json(path: Path, record: dict[str, Any]) -> None:
     record = {
-        "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "created_utc": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "argv": sys.argv,
         "versions": package_versions(),
         **record,

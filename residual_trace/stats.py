@@ -82,3 +82,19 @@ def cluster_bootstrap_ci(
         high = np.nanquantile(stacked, 1.0 - tail, axis=0) if stacked.size else low
     enough = (counts > 0).sum(axis=0) >= 2
     return np.where(enough, low, np.nan), np.where(enough, high, np.nan)
+
+
+def mean_with_ci(
+    values: Sequence[float] | np.ndarray, name: str, seed: int = 0
+) -> dict[str, float]:
+    """``{name: mean, name_lo: low, name_hi: high}``: the mean (NaNs dropped) and its 95%
+    percentile bootstrap interval, as summary-table columns.
+
+    Examples:
+        >>> mean_with_ci([2.0, 2.0], "x")
+        {'x': 2.0, 'x_lo': 2.0, 'x_hi': 2.0}
+    """
+    data = np.asarray(values, dtype=np.float64)
+    low, high = bootstrap_ci(data, seed=seed)
+    mean = float(np.nanmean(data)) if np.isfinite(data).any() else float("nan")
+    return {name: mean, f"{name}_lo": low, f"{name}_hi": high}

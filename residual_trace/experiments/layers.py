@@ -1,208 +1,175 @@
-"""The ``trace layers`` job: capture every layer, measure token drift, write tables and figures.
+"""``layers``: capture every layer's residual stream and measure token drift.
 
-One config in, one :class:`LayersResult` out; the CLI is a thin shell around
-:func:`run_layers`. Memory stays bounded: each batch is reduced to its rows of the drift
-table and appended to ``drift.csv`` before the next batch runs; only the few numeric columns
-the summary and figures need are kept.
+``residual_trace.layers(model, texts)`` returns a :class:`LayersResult` whose tables are
+``drift`` (one row per text x position x layer), ``summary`` (one row per layer) and
+``texts``; ``trace layers`` is that call followed by :meth:`LayersResult.save`.
 """
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from matplotlib.figure import Figure
 
-from residual_trace.errors import UserError
-from residual_trace.experiments.common import (
-    FIGURE_FORMATS,
-    RunOptions,
-    bundled_sentences,
-    inputs_record,
-    load_inputs,
-    model_record,
-    read_texts,
+from residual_trace.experiments.common import load_inputs, resolve_model
+from residual_trace.experiments.options import (
+    LayersOptions,
+    ModelArg,
+    Texts,
+    Warn,
+    python_warning,
 )
+from residual_trace.experiments.result import Result
 from residual_trace.figures import (
     drift_heatmap_figure,
     identifiable_share_figure,
     token_drift_figure,
 )
-from residual_trace.models import TracedModel
-from residual_trace.runs import RunDir, TableStream, save_figures, write_run_json, write_table
 from residual_trace.tracer import DriftConfig, format_summary, iter_drift, layer_summary
 
-__all__ = [
-    "FIGURE_FORMATS",
-    "LayersConfig",
-    "LayersResult",
-    "bundled_sentences",
-    "describe",
-    "read_texts",
-    "run_layers",
-]
-
-#: Columns kept in memory for the summary and figures, in compact dtypes (the full table
-#: streams to disk); token strings are kept only for the heatmap's text.
-_KEPT = {
-    "text_id": np.int32,
-    "position": np.int32,
-    "layer": np.int16,
-    "is_special": bool,
-    "cos_input": np.float32,
-    "baseline": np.float32,
-    "vocab_rank": np.int32,
-    "cos_input_normed": np.float32,
-    "baseline_normed": np.float32,
-    "vocab_rank_normed": np.int32,
-    "norm_ratio": np.float32,
-    "top_dim_share": np.float32,
-}
+__all__ = ["LayersOptions", "LayersResult", "run_layers"]
 
 
-@dataclass
-class LayersConfig(RunOptions):
-    """Everything ``trace layers`` needs: the shared options plus its own."""
+@dataclass(repr=False)
+class LayersResult(Result):
+    """Tables ``drift``, ``summary``, ``texts``; figures token_drift, drift_heatmap and
+    identifiable_share; ``attention`` holds the patterns when ``save_attention``."""
 
-    save_attention: bool = False
-    heatmap_text: int = 0
-    normed: bool = True
+    command = "layers"
+    attention: dict[int, tuple[list[str], np.ndarray]] = field(default_factory=dict)
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.heatmap_text < 0:
-            raise UserError("--heatmap-text must be a text id >= 0")
+    @property
+    def drift(self) -> pd.DataFrame:
+        return self.tables["drift"]
 
+    @property
+    def summary(self) -> pd.DataFrame:
+        return self.tables["summary"]
 
-@dataclass
-class LayersResult:
-    out: Path
-    summary: pd.DataFrame
-    n_texts: int
-    files: list[Path] = field(default_factory=list)
-    model: TracedModel | None = None
+    @property
+    def _variants(self) -> tuple[str, ...]:
+        return ("", "_normed") if self.model.spec.norm_placement == "pre" else ("",)
 
+    def figures(self) -> dict[str, Figure]:
+        options = self.options
+        assert isinstance(options, LayersOptions)
+        table, summary = self.drift, self.summary
+        return {
+            "token_drift": token_drift_figure(
+                table, summary, options.include_special, self._variants, options.seed
+            ),
+            "drift_heatmap": drift_heatmap_figure(table, text_id=options.heatmap_text),
+            "identifiable_share": identifiable_share_figure(summary, self._variants),
+        }
 
-def _attention_writer(folder: Path) -> Callable[[int, list[str], np.ndarray], None]:
-    folder.mkdir()
-
-    def save(text_id: int, tokens: list[str], pattern: np.ndarray) -> None:
-        np.savez_compressed(
-            folder / f"text_{text_id:05d}.npz",
-            pattern=pattern.astype(np.float16),
-            tokens=np.array(tokens, dtype=str),
+    def headline(self) -> str:
+        s = self.summary
+        if s.empty:
+            return "no tokens"
+        first, last = s.iloc[0], s.iloc[-1]
+        return (
+            f"cos_input {first['cos_input']:.3f} (layer 0) -> {last['cos_input']:.3f} "
+            f"(layer {int(last['layer'])}), identifiable {first['identifiable']:.0%} -> "
+            f"{last['identifiable']:.0%}"
         )
 
-    return save
+    def describe(self) -> str:
+        model = self.model
+        tokens = int(self.summary["n_tokens"].iloc[0]) if len(self.summary) else 0
+        return "\n".join(
+            [
+                f"{model.name}: {model.model_type} {model.spec.family}, {model.n_layers} blocks "
+                f"({model.n_layers + 1} layers), {len(self.texts)} texts, {tokens} tokens "
+                "measured per layer",
+                format_summary(self.summary, show_normed=model.spec.norm_placement == "pre"),
+                "cos_input: cosine to the input token's embedding; baseline: the same to the "
+                "text's other tokens (the null); identifiable: own token is the nearest "
+                "vocabulary row.",
+            ]
+        )
+
+    def _save_extra(self, folder: Path) -> list[str]:
+        if not self.attention:
+            return []
+        target = folder / "attention"
+        target.mkdir()
+        for text_id, (tokens, pattern) in self.attention.items():
+            np.savez_compressed(
+                target / f"text_{text_id:05d}.npz",
+                pattern=pattern,
+                tokens=np.array(tokens, dtype=str),
+            )
+        return ["attention"]
 
 
 def run_layers(
-    config: LayersConfig,
-    echo: Callable[[str], None] = lambda message: print(message, file=sys.stderr),
-    model: TracedModel | None = None,
+    model: ModelArg,
+    texts: Texts = None,
+    options: LayersOptions | None = None,
+    warn: Warn = python_warning,
 ) -> LayersResult:
-    """Run ``trace layers``: see the module docstring and the README for the outputs.
+    """Token drift of every token at every layer, and its per-layer summary.
 
     Args:
-        config: the options.
-        echo: receives warnings and notes (one line each) for stderr.
-        model: an already loaded model to reuse (``config.model`` is then only a label).
+        model: a loaded model, or a name for :func:`residual_trace.load_model`.
+        texts: a list of texts, one text, a file (``Path``) with one text per line, or
+            ``None`` for the bundled sentences.
+        options: :class:`LayersOptions` (defaults when ``None``).
+        warn: receives one-line warnings (truncated texts, model conversion notes).
     """
-    texts, source = load_inputs(config.texts, config.file)
-    if config.heatmap_text >= len(texts):
-        raise UserError(f"--heatmap-text {config.heatmap_text}: only {len(texts)} text(s) given")
-    out = config.output_dir()
-    with RunDir(out) as run:  # checks --out is writable before the model loads
-        model = config.model_for(model, echo)
-        drift = DriftConfig(
-            batch_size=config.batch_size,
-            max_length=config.max_length,
-            normed=config.normed,
-            progress=config.progress,
-        )
-        patterns = _attention_writer(run.tmp / "attention") if config.save_attention else None
-        stream = TableStream(run.tmp / "drift.csv")
-        kept: list[pd.DataFrame] = []
-        heatmap_tokens: dict[int, str] = {}  # position -> token of the heatmap's text
-        warn = lambda m: echo(f"warning: {m}")  # noqa: E731
-        for frame in iter_drift(model, texts, drift, patterns=patterns, warn=warn):
-            stream.write(frame)
-            kept.append(frame[list(_KEPT)].astype(_KEPT))
-            shown = frame[frame["text_id"] == config.heatmap_text]
-            heatmap_tokens.update(shown.set_index("position")["token"].to_dict())
-        stream.close()
-        table = pd.concat(kept, ignore_index=True)
-        table["model"] = model.name
-        table["token"] = (
-            table["position"].map(heatmap_tokens).where(table["text_id"] == config.heatmap_text, "")
-        )
-        summary = layer_summary(table, include_special=config.include_special, seed=config.seed)
-        files = [run.out / name for name in stream.files]
-        files += [run.out / p.name for p in write_table(summary, run.tmp / "summary.csv")]
-        text_rows = pd.DataFrame(
-            {
-                "text_id": np.arange(len(texts)),
-                "n_tokens": table[table["layer"] == 0].groupby("text_id").size().to_numpy(),
-                "text": texts,
-            }
-        )
-        text_rows.to_csv(run.tmp / "texts.csv", index=False)
-        files.append(run.out / "texts.csv")
-        files += _write_figures(config, model, table, run.tmp, run.out)
-        if config.save_attention:
-            files.append(run.out / "attention")
-        write_run_json(
-            run.tmp / "run.json",
-            {
-                "command": "layers",
-                "model": model_record(model),
-                "device": str(model.device),
-                "inputs": inputs_record(texts, source),
-                "options": config.to_dict(),
-                "seed": config.seed,
-                "rows": stream.rows,
-                "files": [p.name for p in files],
-            },
-        )
-        files.append(run.out / "run.json")
-    return LayersResult(out=out, summary=summary, n_texts=len(texts), files=files, model=model)
+    options = options or LayersOptions()
+    texts_list, source = load_inputs(texts)
+    options.check_texts(texts_list)
+    notes: list[str] = []
 
+    def note(message: str) -> None:
+        notes.append(message)
+        warn(message)
 
-def _write_figures(
-    config: LayersConfig,
-    model: TracedModel,
-    table: pd.DataFrame,
-    tmp: Path,
-    out: Path,
-) -> list[Path]:
-    variants = ("", "_normed") if model.spec.norm_placement == "pre" else ("",)
-    figures = {
-        "token_drift": token_drift_figure(
-            table, include_special=config.include_special, variants=variants, seed=config.seed
-        ),
-        "drift_heatmap": drift_heatmap_figure(table, text_id=config.heatmap_text),
-        "identifiable_share": identifiable_share_figure(
-            table, include_special=config.include_special, variants=variants, seed=config.seed
-        ),
-    }
-    return save_figures(figures, tmp, out, config.figure_format)
+    traced = resolve_model(model, note)
+    options.seed_torch()
+    drift_options = DriftConfig(
+        batch_size=options.batch_size,
+        max_length=options.max_length,
+        normed=options.normed,
+        progress=options.progress,
+    )
+    attention: dict[int, tuple[list[str], np.ndarray]] = {}
 
+    def keep_pattern(text_id: int, tokens: list[str], pattern: np.ndarray) -> None:
+        attention[text_id] = (tokens, pattern.astype(np.float16))
 
-def describe(result: LayersResult) -> str:
-    """Summary text for the terminal: title, per-layer table, what was written."""
-    model = result.model
-    assert model is not None
-    tokens = int(result.summary["n_tokens"].iloc[0]) if len(result.summary) else 0
-    parts = [
-        f"{model.name}: {model.model_type} {model.spec.family}, {model.n_layers} blocks "
-        f"({model.n_layers + 1} layers), {result.n_texts} texts, {tokens} tokens measured "
-        "per layer",
-        format_summary(result.summary, show_normed=model.spec.norm_placement == "pre"),
-        "cos_input: cosine to the input token's embedding; baseline: the same to the text's "
-        "other tokens (the null); identifiable: own token is the nearest vocabulary row.",
-        f"wrote {result.out}/: " + ", ".join(p.name for p in result.files),
-    ]
-    return "\n".join(parts)
+    frames = list(
+        iter_drift(
+            traced,
+            texts_list,
+            drift_options,
+            patterns=keep_pattern if options.save_attention else None,
+            warn=lambda m: note(f"warning: {m}"),
+        )
+    )
+    drift = pd.concat(frames, ignore_index=True)
+    summary = layer_summary(drift, include_special=options.include_special, seed=options.seed)
+    layer0 = drift[drift["layer"] == 0]
+    text_rows = pd.DataFrame(
+        {
+            "text_id": np.arange(len(texts_list)),
+            "n_tokens": layer0.groupby("text_id")
+            .size()
+            .reindex(range(len(texts_list)), fill_value=0)
+            .to_numpy(),
+            "text": texts_list,
+        }
+    )
+    return LayersResult(
+        model=traced,
+        options=options,
+        tables={"drift": drift, "summary": summary, "texts": text_rows},
+        texts=texts_list,
+        source=source,
+        notes=notes,
+        attention=attention,
+    )

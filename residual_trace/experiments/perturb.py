@@ -17,32 +17,51 @@ patterns is kept):
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
+from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
 from residual_trace.errors import UserError
-from residual_trace.experiments.alignment import (
+from residual_trace.experiments.common import load_inputs, resolve_model
+from residual_trace.experiments.options import (
+    MODES,
+    ModelArg,
+    PerturbOptions,
+    Texts,
+    Warn,
+    python_warning,
+)
+from residual_trace.experiments.result import Result
+from residual_trace.figures.perturb import (
+    AttentionExample,
+    attention_pairs_figure,
+    index_heatmap_figure,
+    layers_figure,
+    structure_figure,
+)
+from residual_trace.models import TracedModel
+from residual_trace.naming import head_name, parse_head_name
+from residual_trace.tracer import iter_batches, prepare_texts
+from residual_trace.tracer.alignment import (
     align_patterns,
     position_similarity,
     rerun_distance,
     resid_alignment,
 )
-from residual_trace.experiments.common import (
-    RunOptions,
-    inputs_record,
-    load_inputs,
-    model_record,
+from residual_trace.tracer.alignment_summary import (
+    MOVING,
+    block_summary,
+    head_table,
+    resid_summary,
 )
-from residual_trace.experiments.perturb_summary import MOVING, head_table, layer_summary
-from residual_trace.experiments.perturbations import (
+from residual_trace.tracer.batching import EncodedText
+from residual_trace.tracer.perturbations import (
     Perturbation,
     identity,
     pair_swaps,
@@ -53,45 +72,30 @@ from residual_trace.experiments.perturbations import (
     swap_spans,
     word_span,
 )
-from residual_trace.figures.perturb import (
-    AttentionExample,
-    attention_pairs_figure,
-    index_heatmap_figure,
-    layers_figure,
-    structure_figure,
-)
-from residual_trace.models import TracedModel
-from residual_trace.runs import RunDir, TableStream, save_figures, write_run_json, write_table
-from residual_trace.tracer import iter_batches, prepare_texts
-from residual_trace.tracer.batching import EncodedText
 from residual_trace.tracer.structure import STRUCTURE_COLUMNS, pattern_structure
 
 __all__ = [
     "MODES",
     "PERTURBATION_COLUMNS",
     "RESID_COLUMNS",
-    "PerturbConfig",
+    "PerturbOptions",
     "PerturbResult",
-    "describe",
-    "head_table",
     "run_perturb",
 ]
 
-#: The ``--mode`` choices.
-MODES = ("swap", "shuffle", "embed-shuffle", "random-token")
-
-#: One row per model x text x perturbation x layer x head (``perturbations.csv``).
+#: One row per model x text x perturbation x block x head (``perturbations.csv``).
 PERTURBATION_COLUMNS = (
     "model",
     "text_id",
     "perturbation",
     "sample",
     "label",
-    "layer",
+    "block",
     "head",
+    "head_name",
     "sim_token",
     "sim_position",
-    "index",
+    "follow_index",
     "n_rows",
     "noise",
     *STRUCTURE_COLUMNS,
@@ -110,72 +114,50 @@ RESID_COLUMNS = (
 )
 
 
-@dataclass
-class PerturbConfig(RunOptions):
-    """Everything ``trace perturb`` needs: the shared options plus its own.
+@dataclass(repr=False)
+class PerturbResult(Result):
+    """Tables perturbations, resid, heads, summary (per block), resid_summary (per layer);
+    figures index_heatmap, layers, structure (for modes that do not move tokens) and
+    attention (text ``show_text``)."""
 
-    ``samples`` is the number of perturbations per text (pair swaps, shuffles, random-token
-    draws) or, for ``embed-shuffle``, the number of embedding permutations.
-    """
-
-    mode: str = "swap"
-    swap: tuple[str, str] | None = None
-    samples: int = 10
-    all_pairs: bool = False
-    show_text: int = 0
-    show_heads: tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.mode not in MODES:
-            raise UserError(f"--mode must be one of {', '.join(MODES)}, got '{self.mode}'")
-        if self.swap is not None:
-            self.swap = (str(self.swap[0]), str(self.swap[1]))
-            if self.mode != "swap":
-                raise UserError(f"--swap goes with --mode swap, not --mode {self.mode}")
-            if self.swap[0] == self.swap[1]:
-                raise UserError("--swap needs two different words")
-        if self.all_pairs and (self.mode != "swap" or self.swap is not None):
-            raise UserError("--all-pairs goes with --mode swap and no --swap")
-        if self.samples < 1:
-            raise UserError(f"--samples must be at least 1, got {self.samples}")
-        if self.show_text < 0:
-            raise UserError("--show-text must be a text id >= 0")
-        for spec in self.show_heads:
-            _parse_head(spec)
-
-    def to_dict(self) -> dict[str, Any]:
-        data = super().to_dict()
-        data["show_heads"] = list(self.show_heads)
-        data["swap"] = None if self.swap is None else list(self.swap)
-        return data
-
-
-def _parse_head(spec: str) -> tuple[int, int]:
-    """``"3.7"`` -> layer 3 (output of block 2), head 7."""
-    try:
-        layer, head = (int(part) for part in spec.split("."))
-    except ValueError:
-        raise UserError(
-            f"--show-head {spec}: expected LAYER.HEAD, e.g. 3.7 (layer 1..L, head from 0)"
-        ) from None
-    if layer < 1 or head < 0:
-        raise UserError(f"--show-head {spec}: layer counts from 1, head from 0")
-    return layer, head
-
-
-@dataclass
-class PerturbResult:
-    out: Path
-    heads: pd.DataFrame
-    summary: pd.DataFrame
-    resid: pd.DataFrame
-    n_texts: int
-    n_perturbations: int
-    model: TracedModel
-    mode: str
+    command = "perturb"
+    n_perturbations: int = 0
     skipped: list[int] = field(default_factory=list)
-    files: list[Path] = field(default_factory=list)
+    example: AttentionExample | None = None
+    shown_heads: list[tuple[int, int]] = field(default_factory=list)
+
+    @property
+    def mode(self) -> str:
+        options = self.options
+        assert isinstance(options, PerturbOptions)
+        return options.mode
+
+    def figures(self) -> dict[str, Figure]:
+        kind, heads, summary = self.mode, self.tables["heads"], self.tables["summary"]
+        figures = {
+            "index_heatmap": index_heatmap_figure(heads, kind),
+            "layers": layers_figure(summary, self.tables["resid_summary"], kind),
+        }
+        if kind in ("embed-shuffle", "random-token"):
+            figures["structure"] = structure_figure(summary, kind)
+        if self.example is not None:
+            options = self.options
+            assert isinstance(options, PerturbOptions)
+            chosen = self.shown_heads or _default_heads(heads, kind)
+            figures["attention"] = attention_pairs_figure(
+                self.example, chosen, self.model.name, options.show_text
+            )
+        return figures
+
+    def headline(self) -> str:
+        heads = self.tables["heads"]
+        heads = heads[heads["perturbation"] == self.mode]
+        counts = heads["verdict"].value_counts()
+        verdicts = ", ".join(f"{counts.get(v, 0)} {v}" for v in ("token", "position", "undecided"))
+        return f"{self.n_perturbations} perturbations ({self.mode}); heads: {verdicts}"
+
+    def describe(self) -> str:
+        return describe(self)
 
 
 @dataclass
@@ -215,7 +197,7 @@ def _sample_seed(*keys: int) -> int:
 
 def _perturbations(
     model: TracedModel,
-    config: PerturbConfig,
+    config: PerturbOptions,
     item: EncodedText,
     special: list[bool],
     candidates: list[int] | None,
@@ -283,10 +265,10 @@ def _compare(
         sim_token, sim_position, index, rows = (
             aligned.sim_token,
             aligned.sim_position,
-            aligned.index,
+            aligned.follow_index,
             aligned.n_rows,
         )
-        noise = (aligned.index - again.index).abs()
+        noise = (aligned.follow_index - again.follow_index).abs()
         compared = content & (permutation != positions)
     else:  # the tokens change in place: random-token, embed-shuffle
         # random tokens change where the id changed; shuffled embeddings change every token
@@ -303,7 +285,7 @@ def _compare(
     values = {
         "sim_token": sim_token,
         "sim_position": sim_position,
-        "index": index,
+        "follow_index": index,
         "n_rows": rows,
         "noise": noise,
         **structure,
@@ -320,17 +302,18 @@ def _compare(
 
 
 class _Tables:
-    """Streams the per-perturbation tables and keeps the few columns the summaries need."""
+    """Collects the per-perturbation rows (one frame per perturbed run)."""
 
-    def __init__(self, run: RunDir, model: TracedModel) -> None:
+    def __init__(self, model: TracedModel) -> None:
         self.model = model
-        self.heads_stream = TableStream(run.tmp / "perturbations.csv")
-        self.resid_stream = TableStream(run.tmp / "resid.csv")
-        self.kept: list[pd.DataFrame] = []
-        self.resid_kept: list[pd.DataFrame] = []
-        layers, heads = model.n_layers, model.n_heads
-        self.layer_of = np.repeat(np.arange(1, layers + 1), heads)
-        self.head_of = np.tile(np.arange(heads), layers)
+        self.heads: list[pd.DataFrame] = []
+        self.resid: list[pd.DataFrame] = []
+        blocks, heads = model.n_layers, model.n_heads
+        self.block_of = np.repeat(np.arange(blocks), heads)
+        self.head_of = np.tile(np.arange(heads), blocks)
+        self.names = [
+            head_name(int(b), int(h)) for b, h in zip(self.block_of, self.head_of, strict=True)
+        ]
         self.n_perturbations = 0
 
     def add(
@@ -342,7 +325,7 @@ class _Tables:
         per_layer: dict[str, np.ndarray],
         n_positions: int,
     ) -> None:
-        size = len(self.layer_of)
+        size = len(self.block_of)
         frame = pd.DataFrame(
             {
                 "model": self.model.name,
@@ -350,13 +333,13 @@ class _Tables:
                 "perturbation": p.kind,
                 "sample": sample,
                 "label": p.label,
-                "layer": self.layer_of,
+                "block": self.block_of,
                 "head": self.head_of,
+                "head_name": self.names,
                 **{k: np.broadcast_to(v, (size,)) for k, v in per_head.items()},
             }
         )[list(PERTURBATION_COLUMNS)]
-        self.heads_stream.write(frame)
-        self.kept.append(frame.drop(columns=["model", "label"]))
+        self.heads.append(frame)
         layers = len(per_layer["cos_token"])
         resid = pd.DataFrame(
             {
@@ -369,243 +352,232 @@ class _Tables:
                 "n_positions": n_positions,
             }
         )[list(RESID_COLUMNS)]
-        self.resid_stream.write(resid)
-        self.resid_kept.append(resid)
+        self.resid.append(resid)
         if p.kind != "identity":
             self.n_perturbations += 1
 
-    def close(self) -> None:
-        self.heads_stream.close()
-        self.resid_stream.close()
-
 
 def run_perturb(
-    config: PerturbConfig,
-    echo: Callable[[str], None] = lambda message: print(message, file=sys.stderr),
-    model: TracedModel | None = None,
+    model: ModelArg,
+    texts: Texts = None,
+    options: PerturbOptions | None = None,
+    warn: Warn = python_warning,
 ) -> PerturbResult:
-    """Run ``trace perturb``: tables, figures and run.json into ``config.out``."""
-    texts, source = load_inputs(config.texts, config.file)
-    if config.show_text >= len(texts):
-        raise UserError(f"--show-text {config.show_text}: only {len(texts)} text(s) given")
-    out = config.output_dir()
-    with RunDir(out) as run:
-        model = config.model_for(model, echo)
-        shown_heads = [_parse_head(spec) for spec in config.show_heads]
-        for layer, head in shown_heads:
-            if layer > model.n_layers or head >= model.n_heads:
-                raise UserError(
-                    f"--show-head {layer}.{head}: {model.name} has layers 1..{model.n_layers} "
-                    f"and heads 0..{model.n_heads - 1}"
-                )
-        encoded = prepare_texts(
-            model, texts, config.max_length, warn=lambda m: echo(f"warning: {m}")
+    """Does attention (and the residual stream) follow tokens or positions?
+
+    For each text and perturbation, compares every head's pattern with the original's
+    aligned by token (moved with the tokens) and by position, giving a token-following
+    index in [-1, 1] with a 95% interval over texts and a noise floor from re-running the
+    unperturbed text; does the same for the residual stream.
+
+    Args:
+        model: a loaded model, or a name for :func:`residual_trace.load_model`.
+        texts: a list of texts, one text, a file (``Path``), or ``None`` (bundled sentences).
+        options: :class:`PerturbOptions` (defaults when ``None``).
+        warn: receives one-line warnings (skipped texts, truncation).
+    """
+    config = options or PerturbOptions()
+    texts_list, source = load_inputs(texts)
+    config.check_texts(texts_list)
+    notes: list[str] = []
+
+    def echo(message: str) -> None:
+        notes.append(message)
+        warn(message)
+
+    traced = resolve_model(model, echo)
+    config.seed_torch()
+    shown_heads = [
+        parse_head_name(spec, traced.n_layers, traced.n_heads) for spec in config.show_heads
+    ]
+    encoded = prepare_texts(
+        traced, texts_list, config.max_length, warn=lambda m: echo(f"warning: {m}")
+    )
+    causal = traced.spec.family == "decoder"
+    candidates = replacement_candidates(traced) if config.mode == "random-token" else None
+    runner = _Runner(traced)
+    tables = _Tables(traced)
+    skipped: list[int] = []
+    reasons: dict[int, str] = {}
+    shown: AttentionExample | None = None
+
+    def reduce(item: EncodedText, original: _Run, rerun: _Run, p: Perturbation, run_: _Run) -> None:
+        nonlocal shown
+        special = torch.tensor(
+            [i in traced.special_ids for i in item.ids], device=original.patterns.device
         )
-        causal = model.spec.family == "decoder"
-        candidates = replacement_candidates(model) if config.mode == "random-token" else None
-        runner = _Runner(model)
-        tables = _Tables(run, model)
-        skipped: list[int] = []
-        reasons: dict[int, str] = {}
-        shown: AttentionExample | None = None
-
-        def reduce(
-            item: EncodedText, original: _Run, rerun: _Run, p: Perturbation, run_: _Run
-        ) -> None:
-            nonlocal shown
-            special = torch.tensor(
-                [i in model.special_ids for i in item.ids], device=original.patterns.device
+        sample = samples_seen.get((item.text_id, p.kind), 0)
+        samples_seen[(item.text_id, p.kind)] = sample + 1
+        per_head, per_layer, n_positions = _compare(
+            original, rerun, run_, p, item.ids, special, causal
+        )
+        tables.add(item.text_id, p, sample, per_head, per_layer, n_positions)
+        if shown is None and item.text_id == config.show_text and p.kind != "identity":
+            shown = AttentionExample(
+                tokens=traced.token_strings(item.ids),
+                perturbed_tokens=traced.token_strings(p.ids),
+                permutation=p.permutation,
+                label=p.label,
+                original=original.patterns.cpu().numpy(),
+                perturbed=run_.patterns.cpu().numpy(),
             )
-            sample = samples_seen.get((item.text_id, p.kind), 0)
-            samples_seen[(item.text_id, p.kind)] = sample + 1
-            per_head, per_layer, n_positions = _compare(
-                original, rerun, run_, p, item.ids, special, causal
-            )
-            tables.add(item.text_id, p, sample, per_head, per_layer, n_positions)
-            if shown is None and item.text_id == config.show_text and p.kind != "identity":
-                shown = AttentionExample(
-                    tokens=model.token_strings(item.ids),
-                    perturbed_tokens=model.token_strings(p.ids),
-                    permutation=p.permutation,
-                    label=p.label,
-                    original=original.patterns.cpu().numpy(),
-                    perturbed=run_.patterns.cpu().numpy(),
-                )
 
-        samples_seen: dict[tuple[int, str], int] = {}
-        with (
-            torch.inference_mode(),
-            tqdm(
-                total=len(encoded),
-                desc=f"perturbing {model.name} ({config.mode})",
-                unit="text",
-                disable=not config.progress,
-                leave=False,
-            ) as bar,
-        ):
-            for batch in iter_batches(encoded, config.batch_size, model.pad_id):
-                lengths = [len(item.ids) for item in batch.texts]
-                originals = runner.padded(batch.ids, batch.mask, lengths)
-                reruns: list[_Run | None] = []
-                for item, original in zip(batch.texts, originals, strict=True):
-                    special = [i in model.special_ids for i in item.ids]
-                    perturbations: list[Perturbation] = []
-                    if config.mode != "embed-shuffle":
-                        try:
-                            perturbations = _perturbations(model, config, item, special, candidates)
-                        except UserError as error:
-                            if config.swap is not None and len(texts) == 1:
-                                raise
-                            reasons[item.text_id] = str(error)
-                        if not perturbations:
-                            skipped.append(item.text_id)
-                            reasons.setdefault(item.text_id, "nothing to perturb")
-                            continue
-                    sequences = [identity(item.ids), *perturbations]
-                    runs = runner.same_length([q.ids for q in sequences], config.batch_size)
-                    rerun = None
-                    for p, run_ in zip(sequences, runs, strict=True):
-                        rerun = run_ if rerun is None else rerun  # the first: unperturbed
+    samples_seen: dict[tuple[int, str], int] = {}
+    with (
+        torch.inference_mode(),
+        tqdm(
+            total=len(encoded),
+            desc=f"perturbing {traced.name} ({config.mode})",
+            unit="text",
+            disable=not config.progress,
+            leave=False,
+        ) as bar,
+    ):
+        for batch in iter_batches(encoded, config.batch_size, traced.pad_id):
+            lengths = [len(item.ids) for item in batch.texts]
+            originals = runner.padded(batch.ids, batch.mask, lengths)
+            reruns: list[_Run | None] = []
+            for item, original in zip(batch.texts, originals, strict=True):
+                special = [i in traced.special_ids for i in item.ids]
+                perturbations: list[Perturbation] = []
+                if config.mode != "embed-shuffle":
+                    try:
+                        perturbations = _perturbations(traced, config, item, special, candidates)
+                    except UserError as error:
+                        if config.swap is not None and len(texts_list) == 1:
+                            raise
+                        reasons[item.text_id] = str(error)
+                    if not perturbations:
+                        skipped.append(item.text_id)
+                        reasons.setdefault(item.text_id, "nothing to perturb")
+                        continue
+                sequences = [identity(item.ids), *perturbations]
+                runs = runner.same_length([q.ids for q in sequences], config.batch_size)
+                rerun = None
+                for p, run_ in zip(sequences, runs, strict=True):
+                    rerun = run_ if rerun is None else rerun  # the first: unperturbed
+                    reduce(item, original, rerun, p, run_)
+                reruns.append(rerun)
+            if config.mode == "embed-shuffle":
+                keep = sorted(traced.special_ids)
+                for sample in range(config.samples):
+                    seed = _sample_seed(config.seed, sample)
+                    with shuffled_embeddings(traced, seed, keep=keep):
+                        shuffled = runner.padded(batch.ids, batch.mask, lengths)
+                    for item, original, rerun, run_ in zip(
+                        batch.texts, originals, reruns, shuffled, strict=True
+                    ):
+                        n = len(item.ids)
+                        label = f"embedding shuffle seed {seed}"
+                        p = Perturbation("embed-shuffle", item.ids, tuple(range(n)), label)
+                        assert rerun is not None  # embed-shuffle skips no text
                         reduce(item, original, rerun, p, run_)
-                    reruns.append(rerun)
-                if config.mode == "embed-shuffle":
-                    keep = sorted(model.special_ids)
-                    for sample in range(config.samples):
-                        seed = _sample_seed(config.seed, sample)
-                        with shuffled_embeddings(model, seed, keep=keep):
-                            shuffled = runner.padded(batch.ids, batch.mask, lengths)
-                        for item, original, rerun, run_ in zip(
-                            batch.texts, originals, reruns, shuffled, strict=True
-                        ):
-                            n = len(item.ids)
-                            label = f"embedding shuffle seed {seed}"
-                            p = Perturbation("embed-shuffle", item.ids, tuple(range(n)), label)
-                            assert rerun is not None  # embed-shuffle skips no text
-                            reduce(item, original, rerun, p, run_)
-                bar.update(len(batch.texts))
-        tables.close()
-        if tables.n_perturbations == 0:
-            why = "; ".join(f"text {k}: {v}" for k, v in list(reasons.items())[:3])
-            raise UserError(f"no text could be perturbed with --mode {config.mode} ({why})")
-        if skipped:
-            shown_ids = ", ".join(map(str, skipped[:8])) + (" ..." if len(skipped) > 8 else "")
-            first = reasons[skipped[0]]
-            echo(
-                f"warning: {len(skipped)} text(s) skipped, nothing to perturb "
-                f"(text ids {shown_ids}; e.g. {first})"
-            )
-        per_perturbation = pd.concat(tables.kept, ignore_index=True)
-        resid = pd.concat(tables.resid_kept, ignore_index=True)
-        heads = head_table(per_perturbation, model.name, config.seed)
-        summary = layer_summary(heads, per_perturbation, resid, config.seed)
-        summary.insert(0, "model", model.name)
-        files = [
-            run.out / name for name in [*tables.heads_stream.files, *tables.resid_stream.files]
-        ]
-        for frame, name in ((heads, "heads.csv"), (summary, "summary.csv")):
-            files += [run.out / p.name for p in write_table(frame, run.tmp / name)]
-        kind = "embed-shuffle" if config.mode == "embed-shuffle" else config.mode
-        figures = {
-            "index_heatmap": index_heatmap_figure(heads, kind),
-            "layers": layers_figure(summary, kind),
-        }
-        if config.mode in ("embed-shuffle", "random-token"):
-            figures["structure"] = structure_figure(summary, kind)
-        if shown is not None:
-            chosen = shown_heads or _default_heads(heads, kind)
-            figures["attention"] = attention_pairs_figure(
-                shown, chosen, model.name, config.show_text
-            )
-        files += save_figures(figures, run.tmp, run.out, config.figure_format)
-        write_run_json(
-            run.tmp / "run.json",
-            {
-                "command": "perturb",
-                "model": model_record(model),
-                "device": str(model.device),
-                "inputs": inputs_record(texts, source),
-                "options": config.to_dict(),
-                "seed": config.seed,
-                "n_perturbations": tables.n_perturbations,
-                "skipped_texts": skipped,
-                "rows": tables.heads_stream.rows,
-                "files": [p.name for p in files],
-            },
+            bar.update(len(batch.texts))
+    if tables.n_perturbations == 0:
+        why = "; ".join(f"text {k}: {v}" for k, v in list(reasons.items())[:3])
+        raise UserError(f"no text could be perturbed with mode {config.mode} ({why})")
+    if skipped:
+        shown_ids = ", ".join(map(str, skipped[:8])) + (" ..." if len(skipped) > 8 else "")
+        first = reasons[skipped[0]]
+        echo(
+            f"warning: {len(skipped)} text(s) skipped, nothing to perturb "
+            f"(text ids {shown_ids}; e.g. {first})"
         )
-        files.append(run.out / "run.json")
+    per_perturbation = pd.concat(tables.heads, ignore_index=True)
+    resid = pd.concat(tables.resid, ignore_index=True)
+    heads = head_table(per_perturbation, traced.name, config.seed)
+    summary = block_summary(heads, per_perturbation, config.seed)
+    summary.insert(0, "model", traced.name)
+    states = resid_summary(resid, config.seed)
+    states.insert(0, "model", traced.name)
     return PerturbResult(
-        out=out,
-        heads=heads,
-        summary=summary,
-        resid=resid,
-        n_texts=len(texts) - len(skipped),
+        model=traced,
+        options=config,
+        tables={
+            "perturbations": per_perturbation,
+            "resid": resid,
+            "heads": heads,
+            "summary": summary,
+            "resid_summary": states,
+        },
+        texts=texts_list,
+        source=source,
+        notes=notes,
+        record={"n_perturbations": tables.n_perturbations, "skipped_texts": skipped},
         n_perturbations=tables.n_perturbations,
-        model=model,
-        mode=config.mode,
         skipped=skipped,
-        files=files,
+        example=shown,
+        shown_heads=shown_heads,
     )
 
 
 def _default_heads(heads: pd.DataFrame, kind: str) -> list[tuple[int, int]]:
     """The most token-following and most position-following head (or, without an index,
-    the heads whose pattern survives best and worst)."""
+    the heads whose pattern survives best and worst), as ``(block, head)``."""
     rows = heads[heads["perturbation"] == kind]
-    column = "index" if kind in MOVING else "sim_position"
+    column = "follow_index" if kind in MOVING else "sim_position"
     rows = rows[np.isfinite(rows[column])]
     if rows.empty:
-        return [(1, 0)]
+        return [(0, 0)]
     best = rows.loc[rows[column].idxmax()]
     worst = rows.loc[rows[column].idxmin()]
-    picked = [(int(best["layer"]), int(best["head"])), (int(worst["layer"]), int(worst["head"]))]
+    picked = [(int(best["block"]), int(best["head"])), (int(worst["block"]), int(worst["head"]))]
     return list(dict.fromkeys(picked))
 
 
+def _interval(low: float, high: float, digits: int = 2) -> str:
+    if not (np.isfinite(low) and np.isfinite(high)):
+        return "[n/a]"
+    return f"[{low:+.{digits}f}, {high:+.{digits}f}]"
+
+
 def _head_line(row: Any) -> str:
-    interval = (
-        f"[{row.index_lo:+.2f}, {row.index_hi:+.2f}]" if np.isfinite(row.index_lo) else "[n/a]"
-    )
     return (
-        f"  head {row.layer}.{row.head}: index {row.index:+.3f} {interval} {row.verdict}, "
+        f"  {row.head_name}: index {row.follow_index:+.3f} "
+        f"{_interval(row.follow_index_lo, row.follow_index_hi)} {row.verdict}, "
         f"token sim {row.sim_token:.3f} vs position sim {row.sim_position:.3f}, "
-        f"previous/next-token mass {row.prev_mass:.2f}/{row.next_mass:.2f}, n={row.n}"
+        f"previous/next-token mass {row.prev_mass:.2f}/{row.next_mass:.2f}, n_obs={row.n_obs}"
     )
 
 
 def describe(result: PerturbResult) -> str:
-    """The per-layer summary and the heads worth a look, for the terminal."""
-    model = result.model
-    kind = result.mode
-    summary = result.summary[result.summary["perturbation"] == kind]
-    heads = result.heads[result.heads["perturbation"] == kind]
+    """The per-block summary and the heads worth a look, for the terminal."""
+    model, kind = result.model, result.mode
+    summary = result.tables["summary"]
+    summary = summary[summary["perturbation"] == kind]
+    states = result.tables["resid_summary"]
+    states = states[states["perturbation"] == kind]
+    heads = result.tables["heads"]
+    heads = heads[heads["perturbation"] == kind]
     noise = float(heads["noise_floor"].max())
+    n_texts = len(result.texts) - len(result.skipped)
     lines = [
         f"{model.name}: {model.model_type} {model.spec.family} ({model.spec.norm_placement}-LN), "
-        f"{model.n_layers} layers x {model.n_heads} heads; {result.n_texts} text(s), "
+        f"{model.n_layers} blocks x {model.n_heads} heads; {n_texts} text(s), "
         f"{result.n_perturbations} perturbations ({kind})",
         f"noise floor (the measure's shift when a re-run of the unperturbed text stands in "
         f"for the original): max {noise:.1e}",
     ]
     if kind in MOVING:
         lines.append(
-            f"{'layer':>5}  {'token-following index':>24}  {'token':>5}  {'position':>8}  "
-            f"{'undecided':>9}  {'resid cos token / position':>26}"
+            f"{'block':>5}  {'token-following index':>24}  {'token':>5}  {'position':>8}  "
+            f"{'undecided':>9}"
         )
         for row in summary.itertuples(index=False):
-            interval = (
-                f"[{row.index_lo:+.3f},{row.index_hi:+.3f}]"
-                if np.isfinite(row.index_lo)
-                else f"{'[n/a]':<15}"
-            )
-            attention = (
-                f"{row.index:>+7.3f} {interval}" if row.layer > 0 and np.isfinite(row.index) else ""
-            )
             lines.append(
-                f"{row.layer:>5}  {attention:>24}  {_count(row, 'token'):>5}  "
-                f"{_count(row, 'position'):>8}  {_count(row, 'undecided'):>9}  "
-                f"{row.cos_token:>12.3f} / {row.cos_position:.3f}"
+                f"{row.block:>5}  {row.follow_index:>+7.3f} "
+                f"{_interval(row.follow_index_lo, row.follow_index_hi, 3):<16}  "
+                f"{row.n_heads_token:>5}  {row.n_heads_position:>8}  {row.n_heads_undecided:>9}"
             )
-        ranked = heads[np.isfinite(heads["index"])].sort_values("index")
+        lines.append(
+            "residual stream, cosine to the original state at the same token / position, "
+            "per layer: "
+            + ", ".join(
+                f"{r.layer}: {r.cos_token:.3f}/{r.cos_position:.3f}"
+                for r in states.itertuples(index=False)
+            )
+        )
+        ranked = heads[np.isfinite(heads["follow_index"])].sort_values("follow_index")
         lines.append("most token-following heads:")
         lines += [_head_line(r) for r in ranked.iloc[::-1].head(3).itertuples(index=False)]
         lines.append("most position-following heads:")
@@ -614,7 +586,7 @@ def describe(result: PerturbResult) -> str:
         lines.append(
             f"heads with >50% previous- or next-token attention (Clark et al. 2019): {len(clark)}"
         )
-        if not np.isfinite(heads["index_lo"]).any():
+        if not np.isfinite(heads["follow_index_lo"]).any():
             lines.append(
                 "no intervals and so no verdicts: a single observation per head (give more "
                 "texts, or leave out --swap to draw several swaps per text)"
@@ -624,28 +596,25 @@ def describe(result: PerturbResult) -> str:
             "index: is the original pattern closer (Jensen-Shannon distance) to the perturbed "
             "one read in token order (+1) or in position order (-1)? Per row, as a share of the "
             "distance between the two readings; verdicts need the 95% interval over texts clear "
-            "of the noise floor."
+            "of the noise floor. Heads are named L<block>H<head>."
         )
     else:
         lines.append(
-            f"{'layer':>5}  {'pattern kept':>22}  {'entropy (bits)':>15}  "
-            f"{'prev-token mass':>15}  {'special mass':>13}  {'resid cos':>9}"
+            f"{'block':>5}  {'pattern kept':>22}  {'entropy (bits)':>15}  "
+            f"{'prev-token mass':>15}  {'special mass':>13}"
         )
         for row in summary.itertuples(index=False):
-            if row.layer == 0:
-                lines.append(
-                    f"{row.layer:>5}  {'':>22}  {'':>15}  {'':>15}  {'':>13}  "
-                    f"{row.cos_position:>9.3f}"
-                )
-                continue
+            kept = _interval(row.sim_position_lo, row.sim_position_hi, 3)
             lines.append(
-                f"{row.layer:>5}  {row.sim_position:>6.3f} "
-                f"[{row.sim_position_lo:.3f},{row.sim_position_hi:.3f}]  "
+                f"{row.block:>5}  {row.sim_position:>6.3f} {kept:<15}  "
                 f"{row.entropy:>6.2f} -> {row.entropy_perturbed:<5.2f}  "
                 f"{row.prev_mass:>6.2f} -> {row.prev_mass_perturbed:<5.2f}  "
-                f"{row.special_mass:>5.2f} -> {row.special_mass_perturbed:<5.2f}  "
-                f"{row.cos_position:>9.3f}"
+                f"{row.special_mass:>5.2f} -> {row.special_mass_perturbed:<5.2f}"
             )
+        lines.append(
+            "residual stream, cosine to the original state at the same position, per layer: "
+            + ", ".join(f"{r.layer}: {r.cos_position:.3f}" for r in states.itertuples(index=False))
+        )
         lines.append(
             "pattern kept: similarity (1 - JS distance) of each head's pattern with the "
             f"{'tokens replaced' if kind == 'random-token' else 'token embeddings shuffled'} "
@@ -653,9 +622,4 @@ def describe(result: PerturbResult) -> str:
             "perturbed. Patterns that keep their look without token identity are about "
             "positions, not tokens."
         )
-    lines.append(f"wrote {result.out}/: " + ", ".join(p.name for p in result.files))
     return "\n".join(lines)
-
-
-def _count(row: Any, verdict: str) -> str:
-    return "" if row.layer == 0 else str(getattr(row, f"n_{verdict}"))

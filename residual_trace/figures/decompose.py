@@ -6,8 +6,6 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from residual_trace.stats import bootstrap_ci
-
 _PAIRS = {
     "norms": (
         ("attn_norm_rel", "attention: |Δ_attn| / |resid_pre|", "C0"),
@@ -20,48 +18,49 @@ _PAIRS = {
     ),
 }
 
+BLOCK_LABEL = "block b (its output is layer b+1)"
 
-def _bars(ax, table: pd.DataFrame, columns, seed: int) -> None:
-    layers = np.array(sorted(table["layer"].unique()))
+
+def _name(table: pd.DataFrame) -> str:
+    return ", ".join(map(str, table["model"].unique())) if "model" in table else "model"
+
+
+def _bars(ax, summary: pd.DataFrame, columns) -> None:
+    blocks = summary["block"].to_numpy()
     width = 0.8 / len(columns)
     for index, (column, label, colour) in enumerate(columns):
-        means, errors = [], []
-        for layer in layers:
-            values = table.loc[table["layer"] == layer, column].to_numpy(dtype=np.float64)
-            lo, hi = bootstrap_ci(values, seed=seed)
-            mean = float(np.mean(values))
-            means.append(mean)
-            errors.append((mean - lo, hi - mean))
-        offsets = layers + (index - (len(columns) - 1) / 2) * width
+        means = summary[column].to_numpy(dtype=np.float64)
+        errors = np.stack(
+            [means - summary[f"{column}_lo"].to_numpy(), summary[f"{column}_hi"].to_numpy() - means]
+        )
+        offsets = blocks + (index - (len(columns) - 1) / 2) * width
         ax.bar(
             offsets,
             means,
             width=width,
             color=colour,
             label=label,
-            yerr=np.array(errors).T,
+            yerr=np.clip(errors, 0.0, None),
             capsize=2,
             error_kw={"lw": 0.8},
         )
-    ax.set_xticks(layers)
-    ax.set_xlabel("layer k (output of block k-1)")
+    ax.set_xticks(blocks)
+    ax.set_xlabel(BLOCK_LABEL)
     ax.legend(fontsize=8, frameon=False)
 
 
-def sublayer_figure(table: pd.DataFrame, include_special: bool = False, seed: int = 0) -> Figure:
-    """Two panels per layer: relative size of each sublayer's update, and its signed effect
-    on the state's projection onto the unit input-token direction (95% bootstrap bars)."""
-    data = table if include_special else table[~table["is_special"]]
-    if data.empty:
+def sublayer_figure(summary: pd.DataFrame) -> Figure:
+    """Two panels per block: relative size of each sublayer's update, and its signed effect
+    on the state's projection onto the unit input-token direction, with the summary's 95%
+    bootstrap intervals (:func:`residual_trace.tracer.decompose_summary`)."""
+    if summary.empty:
         raise ValueError("no tokens to plot (only special tokens? try include_special=True)")
-    data = data.assign(proj_carried_change=data["proj_resid"] - data["proj_pre"])
-    name = ", ".join(map(str, data["model"].unique()))
     fig = Figure(figsize=(7.0, 7.0), layout="constrained")
     top, bottom = fig.subplots(2, 1)
-    _bars(top, data, _PAIRS["norms"], seed)
+    _bars(top, summary, _PAIRS["norms"])
     top.set_ylabel("update norm / residual norm")
-    top.set_title(f"{name}: how large is each sublayer's update?", fontsize=9)
-    _bars(bottom, data, _PAIRS["projection"], seed)
+    top.set_title(f"{_name(summary)}: how large is each sublayer's update?", fontsize=9)
+    _bars(bottom, summary, _PAIRS["projection"])
     bottom.axhline(0.0, color="0.3", lw=0.6)
     bottom.set_ylabel("Δ projection on W_E[token] / |W_E[token]|")
     bottom.set_title(
@@ -71,17 +70,17 @@ def sublayer_figure(table: pd.DataFrame, include_special: bool = False, seed: in
 
 
 def cumulative_figure(cumulative: pd.DataFrame) -> Figure:
-    """Share of the last layer's squared norm from each source (embedding, attn.b, mlp.b)."""
+    """Share of the last layer's squared norm from each source (embed, L{b}_attn, L{b}_mlp)."""
     last = cumulative[cumulative["layer"] == cumulative["layer"].max()]
     fig = Figure(figsize=(max(5.0, 0.28 * len(last) + 2), 3.8), layout="constrained")
     ax = fig.subplots()
     colours = [
         "C2"
-        if s == "embedding"
+        if s == "embed"
         else "C0"
-        if s.startswith("attn")
+        if s.endswith("_attn")
         else "C1"
-        if s.startswith("mlp")
+        if s.endswith("_mlp")
         else "0.5"
         for s in last["source"]
     ]
@@ -89,7 +88,7 @@ def cumulative_figure(cumulative: pd.DataFrame) -> Figure:
     ax.set_xticks(range(len(last)), last["source"], rotation=90, fontsize=7)
     ax.axhline(0.0, color="0.3", lw=0.6)
     ax.set_ylabel("share of |h|² (part · h / |h|²)")
-    name = ", ".join(map(str, last["model"].unique()))
+    name = _name(last)
     ax.set_title(f"{name}: where the last layer's state comes from", fontsize=9)
     return fig
 
@@ -102,37 +101,32 @@ _MEASURES = (
 )
 
 
-def mixing_figure(mixing: pd.DataFrame, include_special: bool = False, seed: int = 0) -> Figure:
+def mixing_figure(summary: pd.DataFrame) -> Figure:
     """Share of each position's attention-block output that comes from *other* tokens, per
-    layer, by three measures side by side (means with 95% bootstrap bands)."""
-    data = mixing if include_special else mixing[~mixing["is_special"]]
+    block, by the measures side by side (means with the summary's 95% bootstrap bands)."""
     fig = Figure(figsize=(6.6, 4.2), layout="constrained")
     ax = fig.subplots()
+    blocks = summary["block"].to_numpy()
     for column, label, colour, style in _MEASURES:
-        layers, means, lows, highs = [], [], [], []
-        for layer, group in data.groupby("layer", sort=True):
-            values = group[column].to_numpy(dtype=np.float64)
-            lo, hi = bootstrap_ci(values, seed=seed)
-            layers.append(layer)
-            means.append(float(np.mean(values)))
-            lows.append(lo)
-            highs.append(hi)
-        ax.fill_between(layers, lows, highs, color=colour, alpha=0.2, lw=0)
-        ax.plot(layers, means, color=colour, ls=style, marker="o", ms=3, label=label)
+        ax.fill_between(
+            blocks, summary[f"{column}_lo"], summary[f"{column}_hi"], color=colour, alpha=0.2, lw=0
+        )
+        ax.plot(blocks, summary[column], color=colour, ls=style, marker="o", ms=3, label=label)
     ax.set_ylim(-0.02, 1.02)
-    ax.set_xlabel("layer k (output of block k-1)")
+    ax.set_xlabel(BLOCK_LABEL)
     ax.set_ylabel("mixing ratio (share from other tokens)")
-    name = ", ".join(map(str, data["model"].unique()))
-    ax.set_title(f"{name}: how much of each token's update comes from other tokens?", fontsize=9)
+    ax.set_title(
+        f"{_name(summary)}: how much of each token's update comes from other tokens?", fontsize=9
+    )
     ax.legend(fontsize=7.5, frameon=False)
     return fig
 
 
-def mixing_heatmap_figure(pairs: pd.DataFrame, layer: int) -> Figure:
-    """Target (rows) x source (columns) norm-based contribution shares of one text and layer."""
-    data = pairs[pairs["layer"] == layer]
+def mixing_heatmap_figure(pairs: pd.DataFrame, block: int) -> Figure:
+    """Target (rows) x source (columns) norm-based contribution shares of one text and block."""
+    data = pairs[pairs["block"] == block]
     if data.empty:
-        raise ValueError(f"layer {layer} is not in the pair table")
+        raise ValueError(f"block {block} is not in the pair table")
     grid = data.pivot_table(index="target", columns="source", values="share", sort=True)
     tokens = data.drop_duplicates("target").set_index("target")["target_token"]
     labels = [f"{i}: {tokens[i]}" for i in grid.index]
@@ -147,27 +141,30 @@ def mixing_heatmap_figure(pairs: pd.DataFrame, layer: int) -> Figure:
     fig.colorbar(image, ax=ax, label="share of |F_i(x_j)| in row i (diagonal: + residual)")
     name = ", ".join(map(str, data["model"].unique()))
     text_id = int(data["text_id"].iloc[0])
-    ax.set_title(f"{name}: norm-based mixing, text {text_id}, layer {layer}", fontsize=9)
+    ax.set_title(f"{name}: norm-based mixing, text {text_id}, block {block}", fontsize=9)
     return fig
 
 
-def heads_figure(heads: pd.DataFrame, include_special: bool = False) -> Figure:
-    """Layer x head map of each head's mean signed effect on the input-token projection
-    (red: pushes toward the input token, blue: away). The output bias (head -1) is left out."""
-    data = heads if include_special else heads[~heads["is_special"]]
-    data = data[data["head"] >= 0]
-    grid = data.pivot_table(index="layer", columns="head", values="proj_head", aggfunc="mean")
+def heads_figure(head_summary: pd.DataFrame) -> Figure:
+    """Block x head map of each head's mean signed effect on the input-token projection
+    (red: pushes toward the input token, blue: away), from
+    :func:`residual_trace.tracer.head_summary`. The output bias (head -1) is left out."""
+    data = head_summary[head_summary["head"] >= 0]
+    grid = data.pivot_table(index="block", columns="head", values="proj_head", aggfunc="mean")
     limit = float(np.nanmax(np.abs(grid.to_numpy()))) or 1.0
     fig = Figure(
         figsize=(1.5 + 0.45 * grid.shape[1], 1.2 + 0.3 * grid.shape[0]), layout="constrained"
     )
     ax = fig.subplots()
     image = ax.imshow(grid.to_numpy(), cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto")
-    ax.set_xticks(range(grid.shape[1]), grid.columns)
-    ax.set_yticks(range(grid.shape[0]), grid.index)
+    ax.set_xticks(range(grid.shape[1]), [f"H{h}" for h in grid.columns])
+    ax.set_yticks(range(grid.shape[0]), [f"L{b}" for b in grid.index])
     ax.set_xlabel("head")
-    ax.set_ylabel("layer k (output of block k-1)")
+    ax.set_ylabel("block")
     fig.colorbar(image, ax=ax, label="mean Δ proj. on input token")
-    name = ", ".join(map(str, data["model"].unique()))
-    ax.set_title(f"{name}: which heads restore (+) or erode (−) token identity?", fontsize=9)
+    ax.set_title(
+        f"{_name(head_summary)}: which heads (L<block>H<head>) restore (+) or erode (−) "
+        "token identity?",
+        fontsize=9,
+    )
     return fig

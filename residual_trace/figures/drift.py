@@ -8,8 +8,6 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
 
-from residual_trace.stats import bootstrap_ci
-
 LAYER_LABEL = "layer (0 = embeddings, input of block 0; k = output of block k-1)"
 
 #: At most this many faint per-token lines are drawn (a seeded sample), to stay legible.
@@ -20,18 +18,12 @@ def _tokens(table: pd.DataFrame, include_special: bool) -> pd.DataFrame:
     return table if include_special else table[~table["is_special"]]
 
 
-def _mean_band(
-    table: pd.DataFrame, column: str, seed: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    layers, means, lows, highs = [], [], [], []
-    for layer, group in table.groupby("layer", sort=True):
-        values = group[column].to_numpy(dtype=np.float64)
-        lo, hi = bootstrap_ci(values, seed=seed)
-        layers.append(layer)
-        means.append(np.nanmean(values) if np.isfinite(values).any() else np.nan)
-        lows.append(lo)
-        highs.append(hi)
-    return np.array(layers), np.array(means), np.array(lows), np.array(highs)
+def _band(summary: pd.DataFrame, column: str) -> tuple[np.ndarray, ...]:
+    """Layers, mean, and the summary's 95% interval of ``column``."""
+    return tuple(
+        summary[name].to_numpy(dtype=np.float64)
+        for name in ("layer", column, f"{column}_lo", f"{column}_hi")
+    )
 
 
 def _model_name(table: pd.DataFrame) -> str:
@@ -41,15 +33,17 @@ def _model_name(table: pd.DataFrame) -> str:
 
 def token_drift_figure(
     table: pd.DataFrame,
+    summary: pd.DataFrame,
     include_special: bool = False,
     variants: tuple[str, ...] = ("",),
     seed: int = 0,
 ) -> Figure:
     """Layer on x, cosine to the input token's embedding on y.
 
-    A faint line per token (a seeded sample of at most :data:`MAX_TOKEN_LINES`), the mean
-    over tokens with its 95% bootstrap band, and the ``baseline`` (mean similarity to the
-    text's *other* tokens) as a dashed band: the level a state reaches without being its
+    A faint line per token of ``table`` (the drift table; a seeded sample of at most
+    :data:`MAX_TOKEN_LINES`), and from ``summary`` (:func:`residual_trace.tracer.layer_summary`)
+    the mean over tokens with its 95% bootstrap band and the ``baseline`` (mean similarity to
+    the text's *other* tokens) as a dashed band: the level a state reaches without being its
     token. ``variants`` picks panels: ``""`` (raw) and/or ``"_normed"``.
     """
     data = _tokens(table, include_special)
@@ -64,10 +58,10 @@ def token_drift_figure(
     for ax, suffix in zip(axes, variants, strict=True):
         for _, token in sample.groupby(["text_id", "position"], sort=False):
             ax.plot(token["layer"], token[f"cos_input{suffix}"], color="0.55", lw=0.4, alpha=0.25)
-        layers, mean, lo, hi = _mean_band(data, f"cos_input{suffix}", seed)
+        layers, mean, lo, hi = _band(summary, f"cos_input{suffix}")
         ax.fill_between(layers, lo, hi, color="C0", alpha=0.35, lw=0)
         ax.plot(layers, mean, color="C0", lw=2.2, marker="o", ms=3.5, label="mean cos_input")
-        layers, base, blo, bhi = _mean_band(data, f"baseline{suffix}", seed)
+        layers, base, blo, bhi = _band(summary, f"baseline{suffix}")
         ax.fill_between(layers, blo, bhi, color="C3", alpha=0.25, lw=0)
         ax.plot(layers, base, color="C3", lw=1.6, ls="--", label="baseline (other tokens)")
         ax.axhline(0.0, color="0.3", lw=0.6)
@@ -117,32 +111,24 @@ def drift_heatmap_figure(
     return fig
 
 
-def identifiable_share_figure(
-    table: pd.DataFrame,
-    include_special: bool = False,
-    variants: tuple[str, ...] = ("",),
-    seed: int = 0,
-) -> Figure:
+def identifiable_share_figure(summary: pd.DataFrame, variants: tuple[str, ...] = ("",)) -> Figure:
     """Share of tokens whose own embedding is the nearest vocabulary row, per layer.
 
-    One line per variant (``""`` raw, ``"_normed"`` after the model's norm), each with
-    the 95% bootstrap band of the share.
+    One line per variant (``""`` raw, ``"_normed"`` after the model's norm), each with the
+    95% bootstrap band of the share, from ``summary``
+    (:func:`residual_trace.tracer.layer_summary`). The axis is fixed at 0 to 1.
     """
-    data = _tokens(table, include_special)
     fig = Figure(figsize=(6.4, 4.0), layout="constrained")
     ax = fig.subplots()
     styles = {"": ("raw", "C0"), "_normed": ("after the model's norm", "C2")}
     for suffix in variants:
         label, colour = styles[suffix]
-        hits = pd.DataFrame(
-            {"layer": data["layer"], "hit": (data[f"vocab_rank{suffix}"] == 1).astype(float)}
-        )
-        layers, mean, lo, hi = _mean_band(hits, "hit", seed)
+        layers, mean, lo, hi = _band(summary, f"identifiable{suffix}")
         ax.fill_between(layers, lo, hi, color=colour, alpha=0.25, lw=0)
         ax.plot(layers, mean, color=colour, marker="o", ms=3.5, label=label)
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel(LAYER_LABEL)
     ax.set_ylabel("share of tokens with vocab_rank = 1")
-    ax.set_title(f"{_model_name(table)}: tokens identifiable by nearest neighbour", fontsize=9)
+    ax.set_title(f"{_model_name(summary)}: tokens identifiable by nearest neighbour", fontsize=9)
     ax.legend(fontsize=8, frameon=False)
     return fig

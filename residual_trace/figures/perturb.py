@@ -31,14 +31,14 @@ class AttentionExample:
 
 
 def index_heatmap_figure(heads: pd.DataFrame, kind: str) -> Figure:
-    """Layer x head map of the token-following index (red: tokens, blue: positions); for
+    """Block x head map of the token-following index (red: tokens, blue: positions); for
     perturbations that do not move tokens, of how much of each pattern survives."""
     data = heads[heads["perturbation"] == kind]
     moving = kind in _MOVING
-    column = "index" if moving else "sim_position"
+    column = "follow_index" if moving else "sim_position"
     grid = data.pivot_table(
-        index="layer", columns="head", values=column, aggfunc="mean", dropna=False
-    ).reindex(index=sorted(data["layer"].unique()), columns=sorted(data["head"].unique()))
+        index="block", columns="head", values=column, aggfunc="mean", dropna=False
+    ).reindex(index=sorted(data["block"].unique()), columns=sorted(data["head"].unique()))
     fig = Figure(
         figsize=(2.2 + 0.45 * grid.shape[1], 1.4 + 0.32 * grid.shape[0]), layout="constrained"
     )
@@ -46,11 +46,11 @@ def index_heatmap_figure(heads: pd.DataFrame, kind: str) -> Figure:
     if moving:
         image = ax.imshow(grid.to_numpy(), cmap="RdBu_r", vmin=-1.0, vmax=1.0, aspect="auto")
         label = "index (+1 tokens, −1 positions)"
-        verdicts = data.set_index(["layer", "head"])["verdict"]
+        verdicts = data.set_index(["block", "head"])["verdict"]
         values = grid.to_numpy()
-        for y, layer in enumerate(grid.index):
+        for y, block in enumerate(grid.index):
             for x, head in enumerate(grid.columns):
-                mark = {"token": "T", "position": "P"}.get(verdicts.get((layer, head), ""), "")
+                mark = {"token": "T", "position": "P"}.get(verdicts.get((block, head), ""), "")
                 colour = "white" if abs(values[y, x]) > 0.6 else "0.15"
                 ax.text(x, y, mark, ha="center", va="center", fontsize=6, color=colour)
         title = f"{kind}: does each head follow tokens or positions? (T/P: 95% CI clear)"
@@ -58,33 +58,34 @@ def index_heatmap_figure(heads: pd.DataFrame, kind: str) -> Figure:
         image = ax.imshow(grid.to_numpy(), cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
         label = "pattern kept (1 − JS distance)"
         title = f"{kind}: how much of each head's pattern survives without its tokens?"
-    ax.set_xticks(range(grid.shape[1]), grid.columns)
-    ax.set_yticks(range(grid.shape[0]), grid.index)
-    ax.set_xlabel("head")
-    ax.set_ylabel("layer k (block k-1)")
+    ax.set_xticks(range(grid.shape[1]), [f"H{h}" for h in grid.columns])
+    ax.set_yticks(range(grid.shape[0]), [f"L{b}" for b in grid.index])
+    ax.set_xlabel("head (L<block>H<head>)")
+    ax.set_ylabel("block")
     fig.colorbar(image, ax=ax, label=label)
     name = ", ".join(map(str, data["model"].unique()))
     ax.set_title(f"{name}, {title}", fontsize=8.5)
     return fig
 
 
-def layers_figure(summary: pd.DataFrame, kind: str) -> Figure:
-    """Per layer: the attention measure with its 95% interval and the noise floor (left), and
-    the residual stream's cosine to the same token vs the same position (right)."""
-    data = summary[summary["perturbation"] == kind].sort_values("layer")
+def layers_figure(summary: pd.DataFrame, resid_summary: pd.DataFrame, kind: str) -> Figure:
+    """Per block: the attention measure with its 95% interval and the noise floor (left), and
+    per residual layer, the residual stream's cosine to the same token vs the same position
+    (right)."""
+    heads = summary[summary["perturbation"] == kind].sort_values("block")
+    data = resid_summary[resid_summary["perturbation"] == kind].sort_values("layer")
     moving = kind in _MOVING
     fig = Figure(figsize=(11.0, 4.0), layout="constrained")
     left, right = fig.subplots(1, 2)
-    heads = data[data["layer"] > 0]
-    column = "index" if moving else "sim_position"
+    column = "follow_index" if moving else "sim_position"
     left.fill_between(
-        heads["layer"], heads[f"{column}_lo"], heads[f"{column}_hi"], alpha=0.25, lw=0
+        heads["block"], heads[f"{column}_lo"], heads[f"{column}_hi"], alpha=0.25, lw=0
     )
-    left.plot(heads["layer"], heads[column], marker="o", ms=3, label=f"mean over heads ({kind})")
+    left.plot(heads["block"], heads[column], marker="o", ms=3, label=f"mean over heads ({kind})")
     if moving:
         floor = heads["noise_floor"]
         left.fill_between(
-            heads["layer"], -floor, floor, color="0.5", alpha=0.3, lw=0, label="noise floor"
+            heads["block"], -floor, floor, color="0.5", alpha=0.3, lw=0, label="noise floor"
         )
         left.axhline(0.0, color="0.4", lw=0.8)
         left.set_ylim(-1.02, 1.02)
@@ -92,7 +93,7 @@ def layers_figure(summary: pd.DataFrame, kind: str) -> Figure:
     else:
         left.set_ylim(-0.02, 1.02)
         left.set_ylabel("pattern kept (1 − JS distance)")
-    left.set_xlabel("layer k (block k-1)")
+    left.set_xlabel("block")
     left.legend(fontsize=7.5, frameon=False)
     left.set_title("attention", fontsize=9)
     for variant, style in (("cos_token", "-"), ("cos_position", "--")):
@@ -108,15 +109,15 @@ def layers_figure(summary: pd.DataFrame, kind: str) -> Figure:
     right.set_ylabel("cosine of perturbed state to original state")
     right.set_title("residual stream", fontsize=9)
     right.legend(fontsize=7.5, frameon=False)
-    name = ", ".join(map(str, data["model"].unique()))
+    name = ", ".join(map(str, heads["model"].unique()))
     fig.suptitle(f"{name}: {kind}, mean with 95% bootstrap interval over texts", fontsize=9.5)
     return fig
 
 
 def structure_figure(summary: pd.DataFrame, kind: str) -> Figure:
-    """Per layer, the structure measures of the original patterns and of the perturbed ones
+    """Per block, the structure measures of the original patterns and of the perturbed ones
     (mean over heads): how structured attention still looks with meaningless tokens."""
-    data = summary[(summary["perturbation"] == kind) & (summary["layer"] > 0)]
+    data = summary[summary["perturbation"] == kind]
     measures = [
         ("entropy", "entropy (bits)"),
         ("diag_mass", "attention to itself"),
@@ -126,9 +127,9 @@ def structure_figure(summary: pd.DataFrame, kind: str) -> Figure:
     fig = Figure(figsize=(12.0, 3.2), layout="constrained")
     axes = fig.subplots(1, len(measures))
     for ax, (column, label) in zip(axes, measures, strict=True):
-        ax.plot(data["layer"], data[column], marker="o", ms=3, label="original")
-        ax.plot(data["layer"], data[f"{column}_perturbed"], ls="--", marker="o", ms=3, label=kind)
-        ax.set_xlabel("layer k")
+        ax.plot(data["block"], data[column], marker="o", ms=3, label="original")
+        ax.plot(data["block"], data[f"{column}_perturbed"], ls="--", marker="o", ms=3, label=kind)
+        ax.set_xlabel("block")
         ax.set_title(label, fontsize=8.5)
         if column != "entropy":
             ax.set_ylim(-0.02, 1.02)
@@ -141,7 +142,7 @@ def structure_figure(summary: pd.DataFrame, kind: str) -> Figure:
 def attention_pairs_figure(
     example: AttentionExample, heads: Sequence[tuple[int, int]], model: str, text_id: int
 ) -> Figure:
-    """For each chosen head (layer 1..L, head): the original pattern, the perturbed one, and,
+    """For each chosen head (block, head): the original pattern, the perturbed one, and,
     when tokens moved, the perturbed one re-ordered back into the original token order (a
     head that follows tokens looks like the original there; one that follows positions
     looks like the original in the middle panel)."""
@@ -152,9 +153,9 @@ def attention_pairs_figure(
     fig = Figure(figsize=(columns * size + 1.0, len(heads) * size + 0.6), layout="constrained")
     axes = fig.subplots(len(heads), columns, squeeze=False)
     order = np.asarray(example.permutation)
-    for row, (layer, head) in enumerate(heads):
-        original = example.original[layer - 1, head]
-        perturbed = example.perturbed[layer - 1, head]
+    for row, (block, head) in enumerate(heads):
+        original = example.original[block, head]
+        perturbed = example.perturbed[block, head]
         panels = [
             (original, example.tokens, "original"),
             (perturbed, example.perturbed_tokens, example.label),
@@ -165,7 +166,7 @@ def attention_pairs_figure(
             image = ax.imshow(grid, cmap="viridis", vmin=0.0, vmax=1.0)
             ax.set_xticks(range(n), labels, rotation=90, fontsize=6.5)
             ax.set_yticks(range(n), labels, fontsize=6.5)
-            ax.set_title(f"head {layer}.{head}: {title}", fontsize=8)
+            ax.set_title(f"L{block}H{head}: {title}", fontsize=8)
         fig.colorbar(image, ax=axes[row, -1], label="attention", shrink=0.8)
     fig.suptitle(f"{model}, text {text_id}: rows attend (queries) to columns (keys)", fontsize=9)
     return fig

@@ -42,10 +42,10 @@ def conditions_figure(summary: pd.DataFrame) -> Figure:
         for k, mapper in enumerate(mappers):
             rows = part[part["mapper"] == mapper].set_index("condition").reindex(conditions)
             x = np.arange(len(conditions)) + (k - (len(mappers) - 1) / 2) * width
-            errors = np.vstack([rows["mean"] - rows["lo"], rows["hi"] - rows["mean"]])
+            errors = np.vstack([rows["score"] - rows["score_lo"], rows["score_hi"] - rows["score"]])
             ax.bar(
                 x,
-                rows["mean"],
+                rows["score"],
                 width,
                 yerr=np.nan_to_num(errors),
                 color=[_COLOURS[c] for c in conditions],
@@ -84,7 +84,7 @@ def layers_figure(summary: pd.DataFrame) -> Figure:
             if condition == "system":
                 ax.plot(
                     rows["layer"],
-                    rows["mean"],
+                    rows["score"],
                     color=colour,
                     marker="o",
                     ms=3,
@@ -92,13 +92,25 @@ def layers_figure(summary: pd.DataFrame) -> Figure:
                     label=condition,
                 )
                 ax.fill_between(
-                    rows["layer"], rows["lo"], rows["hi"], color=colour, alpha=0.25, lw=0
+                    rows["layer"],
+                    rows["score_lo"],
+                    rows["score_hi"],
+                    color=colour,
+                    alpha=0.25,
+                    lw=0,
                 )
             else:
                 ax.fill_between(
-                    rows["layer"], rows["lo"], rows["hi"], color=colour, alpha=0.18, lw=0
+                    rows["layer"],
+                    rows["score_lo"],
+                    rows["score_hi"],
+                    color=colour,
+                    alpha=0.18,
+                    lw=0,
                 )
-                ax.plot(rows["layer"], rows["mean"], color=colour, lw=0.8, ls="--", label=condition)
+                ax.plot(
+                    rows["layer"], rows["score"], color=colour, lw=0.8, ls="--", label=condition
+                )
         ax.set_xlabel("layer (0 = embeddings)")
         ax.set_ylabel(_METRIC.get(metric, metric))
         ax.set_title(f"{norms}: {_METRIC.get(metric, metric)} ({mapper})", fontsize=9)

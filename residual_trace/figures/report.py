@@ -131,16 +131,28 @@ def mixing_figure(depth: pd.DataFrame) -> Figure:
 
 
 def index_figure(depth: pd.DataFrame, mode: str) -> Figure:
-    """Mean token-following index of the heads per layer, with its interval."""
+    """Mean token-following index of the heads per block (at the depth of the layer the block
+    writes), with its interval."""
     fig = Figure(figsize=(7.5, 4.0), layout="constrained")
     ax = fig.subplots()
     for k, (model, rows, style) in enumerate(_models(depth)):
         rows = rows[rows["layer"] > 0]
         ax.plot(
-            rows["depth"], rows["index"], color=f"C{k}", ls=style, marker="o", ms=2.5, label=model
+            rows["depth"],
+            rows["follow_index"],
+            color=f"C{k}",
+            ls=style,
+            marker="o",
+            ms=2.5,
+            label=model,
         )
         ax.fill_between(
-            rows["depth"], rows["index_lo"], rows["index_hi"], color=f"C{k}", alpha=0.2, lw=0
+            rows["depth"],
+            rows["follow_index_lo"],
+            rows["follow_index_hi"],
+            color=f"C{k}",
+            alpha=0.2,
+            lw=0,
         )
     ax.axhline(0.0, color="0.4", lw=0.7)
     ax.set_ylim(-1.02, 1.02)
@@ -168,10 +180,10 @@ def probe_figure(summary: pd.DataFrame) -> Figure:
         rows = data[data["model"] == model]
         rows = rows[rows["layer"] == rows["layer"].max()].set_index("condition").reindex(conditions)
         x = np.arange(len(conditions)) + (k - (len(models) - 1) / 2) * width
-        errors = np.vstack([rows["mean"] - rows["lo"], rows["hi"] - rows["mean"]])
+        errors = np.vstack([rows["score"] - rows["score_lo"], rows["score_hi"] - rows["score"]])
         ax.bar(
             x,
-            rows["mean"],
+            rows["score"],
             width,
             yerr=np.nan_to_num(errors),
             color=f"C{k}",

@@ -134,7 +134,7 @@ def evaluate(
 
 def summarise(scores: pd.DataFrame, keys: Sequence[str] = ()) -> pd.DataFrame:
     """Mean over folds and seeds with a 95% t-interval, per ``keys`` x condition x mapper x
-    metric: columns ``mean``, ``lo``, ``hi``, ``n_folds``."""
+    metric: columns ``score`` (the mean), ``score_lo``, ``score_hi``, ``n_folds``."""
     group = [*keys, "condition", "mapper", "metric"]
     out = []
     for key, part in scores.groupby(group, sort=False):
@@ -145,7 +145,7 @@ def summarise(scores: pd.DataFrame, keys: Sequence[str] = ()) -> pd.DataFrame:
         else:
             half = float("nan")
         out.append((*key, mean, mean - half, mean + half, int(values.size)))
-    return pd.DataFrame(out, columns=[*group, "mean", "lo", "hi", "n_folds"])
+    return pd.DataFrame(out, columns=[*group, "score", "score_lo", "score_hi", "n_folds"])
 
 
 def verdicts(summary: pd.DataFrame, keys: Sequence[str] = ()) -> pd.DataFrame:
@@ -159,15 +159,15 @@ def verdicts(summary: pd.DataFrame, keys: Sequence[str] = ()) -> pd.DataFrame:
             continue
         system = by.loc["system"]
         controls = [c for c in ("shuffled", "nonsense") if c in by.index]
-        beats = bool(controls) and all(system["lo"] > by.loc[c, "hi"] for c in controls)
-        upper = float(by.loc["upper", "mean"]) if "upper" in by.index else float("nan")
+        beats = bool(controls) and all(system["score_lo"] > by.loc[c, "score_hi"] for c in controls)
+        upper = float(by.loc["upper", "score"]) if "upper" in by.index else float("nan")
         out.append(
             (
                 *key,
-                float(system["mean"]),
+                float(system["score"]),
                 beats,
-                upper - float(system["mean"]),
-                float(system["mean"]) / upper if upper else float("nan"),
+                upper - float(system["score"]),
+                float(system["score"]) / upper if upper else float("nan"),
             )
         )
     return pd.DataFrame(

@@ -11,8 +11,11 @@ from residual_trace._typing import AttentionMask, TokenIds
 from residual_trace.errors import UserError
 from residual_trace.models import TracedModel
 
-#: The identifying columns every per-token table starts with, in order.
+#: The identifying columns every per-token, per-layer table starts with, in order.
 TOKEN_KEYS = ("model", "text_id", "position", "layer", "token", "token_id", "is_special")
+
+#: The same for per-token, per-block tables (what block ``block`` did to the token).
+BLOCK_TOKEN_KEYS = ("model", "text_id", "position", "block", "token", "token_id", "is_special")
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,13 @@ import torch.nn.functional as F
 
 from residual_trace._typing import Float, Tensor
 from residual_trace.models import TracedModel
-from residual_trace.tracer.batching import TOKEN_KEYS, Batch, iter_batches, prepare_texts
+from residual_trace.naming import head_name
+from residual_trace.tracer.batching import (
+    BLOCK_TOKEN_KEYS,
+    Batch,
+    iter_batches,
+    prepare_texts,
+)
 
 #: Largest tolerated relative error ``|sum(parts) - resid_post| / |resid_post|`` (float32).
 RECONSTRUCTION_TOLERANCE = 1e-4
@@ -142,9 +148,10 @@ def check_reconstruction(estimate: Tensor, target: Tensor, valid: Tensor, where:
 
 # -- tables ------------------------------------------------------------------------------
 
-#: Columns of the local decomposition table (one row per text x position x layer 1..L).
+#: Columns of the local decomposition table (one row per text x position x block: what
+#: block ``block`` did to the token; its output is residual layer ``block + 1``).
 DECOMPOSE_COLUMNS = (
-    *TOKEN_KEYS,
+    *BLOCK_TOKEN_KEYS,
     "attn_norm_rel",
     "mlp_norm_rel",
     "proj_pre",
@@ -188,13 +195,15 @@ def decompose_hooks(model: TracedModel, per_head: bool = False) -> list[str]:
     return names
 
 
-#: Columns of the per-head table (``--per-head``): one row per text x position x layer x head.
+#: Columns of the per-head table (``--per-head``): one row per text x position x block x head
+#: (head -1, named ``L{block}b_O``, is the attention output bias).
 HEAD_COLUMNS = (
     "model",
     "text_id",
     "position",
-    "layer",
+    "block",
     "head",
+    "head_name",
     "token",
     "token_id",
     "is_special",
@@ -272,9 +281,11 @@ def decompose_batch(
         return (x * e_hat).sum(-1)
 
     resid = [store[model.spec.resid_hook(k)] for k in range(model.n_layers + 1)]
-    sources, labels = resid[0][None], ["embedding"]
+    sources, labels = resid[0][None], ["embed"]
     bias = torch.zeros_like(resid[0])
-    local: dict[str, list[Tensor]] = {name: [] for name in DECOMPOSE_COLUMNS[len(TOKEN_KEYS) :]}
+    local: dict[str, list[Tensor]] = {
+        name: [] for name in DECOMPOSE_COLUMNS[len(BLOCK_TOKEN_KEYS) :]
+    }
     head_values: dict[str, list[Tensor]] = {"head_norm_rel": [], "proj_head": []}
     cumulative_rows = []
     for block in range(model.n_layers):
@@ -314,7 +325,7 @@ def decompose_batch(
         sources = torch.cat(
             [carry_through_block(sources, norms), parts.attn[None], parts.mlp[None]]
         )
-        labels += [f"attn.{block}", f"mlp.{block}"]
+        labels += [f"L{block}_attn", f"L{block}_mlp"]
         bias = (carry_through_block(bias[None], norms)[0] if norms else bias) + parts.bias
         check_reconstruction(sources.sum(0) + bias, post, valid, f"{where}, cumulative")
         squared = (post * post).sum(-1).clamp_min(1e-12)
@@ -323,6 +334,7 @@ def decompose_batch(
                 {
                     "layer": block + 1,
                     "source": label,
+                    "source_block": _source_block(label),
                     "n_tokens": int(content.sum()),
                     "sum_proj": float(proj(part)[content].sum()),
                     "sum_share": float(((part * post).sum(-1) / squared)[content].sum()),
@@ -339,7 +351,7 @@ def decompose_batch(
             "model": model.name,
             "text_id": np.tile(text_ids[text_rows.cpu().numpy()], n_layers),
             "position": np.tile(positions.cpu().numpy(), n_layers),
-            "layer": np.repeat(np.arange(1, n_layers + 1, dtype=np.int64), len(ids_np)),
+            "block": np.repeat(np.arange(n_layers, dtype=np.int64), len(ids_np)),
             "token": np.tile(
                 np.array(model.token_strings(ids_np.tolist()), dtype=object), n_layers
             ),
@@ -348,7 +360,7 @@ def decompose_batch(
             **{name: torch.cat(parts).cpu().numpy() for name, parts in local.items()},
         }
     )
-    frame = frame.sort_values(["text_id", "position", "layer"], kind="stable")
+    frame = frame.sort_values(["text_id", "position", "block"], kind="stable")
     heads_frame = None
     if per_head:
         per_layer = torch.stack(
@@ -362,7 +374,7 @@ def decompose_batch(
                 "model": model.name,
                 "text_id": np.repeat(np.tile(text_ids[text_rows.cpu().numpy()], n_layers), n_heads),
                 "position": np.repeat(np.tile(positions.cpu().numpy(), n_layers), n_heads),
-                "layer": np.repeat(np.arange(1, n_layers + 1), len(ids_np) * n_heads),
+                "block": np.repeat(np.arange(n_layers), len(ids_np) * n_heads),
                 "head": np.tile(head_ids, len(ids_np) * n_layers),
                 "token": np.repeat(
                     np.tile(np.array(model.token_strings(ids_np.tolist()), dtype=object), n_layers),
@@ -376,8 +388,13 @@ def decompose_batch(
         )
         assert len(heads_frame) == len(ids_np) * repeat
         heads_frame = heads_frame.sort_values(
-            ["text_id", "position", "layer", "head"], kind="stable"
-        ).reset_index(drop=True)[list(HEAD_COLUMNS)]
+            ["text_id", "position", "block", "head"], kind="stable"
+        ).reset_index(drop=True)
+        names = {(b, h): head_name(b, h) for b in range(n_layers) for h in head_ids}
+        heads_frame["head_name"] = [
+            names[key] for key in zip(heads_frame["block"], heads_frame["head"], strict=True)
+        ]
+        heads_frame = heads_frame[list(HEAD_COLUMNS)]
     return BatchDecomposition(
         local=frame.reset_index(drop=True)[list(DECOMPOSE_COLUMNS)],
         cumulative=pd.DataFrame(cumulative_rows),
@@ -385,21 +402,34 @@ def decompose_batch(
     )
 
 
+def _source_block(label: str) -> int | None:
+    """The block of a cumulative source label (``L3_mlp`` -> 3; ``embed``, ``bias`` -> None)."""
+    return int(label[1:].split("_")[0]) if label.startswith("L") else None
+
+
 def pool_cumulative(parts: list[pd.DataFrame], model_name: str) -> pd.DataFrame:
     """Means over all non-special tokens of every batch: one row per layer x source.
 
-    Columns: ``layer`` (1..L), ``source`` (``embedding``, ``attn.b``, ``mlp.b``, ``bias``),
+    Columns: ``layer`` (the residual state, 1..L), ``source`` (``embed``, ``L{b}_attn``,
+    ``L{b}_mlp`` for block b, ``bias``: every norm bias carried to this layer),
+    ``source_block`` (b, empty for ``embed`` and ``bias``),
     ``proj`` (mean projection on the unit input-token direction), ``share`` (mean share of
     the state's squared norm, (part . h) / |h|^2: sums to 1 over sources), ``norm`` (mean
     norm of the carried part), ``n_tokens``.
     """
-    sums = pd.concat(parts).groupby(["layer", "source"], sort=False).sum().reset_index()
+    sums = (
+        pd.concat(parts)
+        .groupby(["layer", "source"], sort=False)
+        .agg({"sum_proj": "sum", "sum_share": "sum", "sum_norm": "sum", "n_tokens": "sum"})
+        .reset_index()
+    )
     n = sums["n_tokens"].clip(lower=1)
     return pd.DataFrame(
         {
             "model": model_name,
             "layer": sums["layer"],
             "source": sums["source"],
+            "source_block": pd.array([_source_block(s) for s in sums["source"]], dtype="Int64"),
             "proj": sums["sum_proj"] / n,
             "share": sums["sum_share"] / n,
             "norm": sums["sum_norm"] / n,

@@ -25,7 +25,7 @@ import torch
 
 from residual_trace._typing import Float, Tensor
 from residual_trace.models import TracedModel
-from residual_trace.tracer.batching import TOKEN_KEYS, Batch, iter_batches, prepare_texts
+from residual_trace.tracer.batching import BLOCK_TOKEN_KEYS, Batch, iter_batches, prepare_texts
 
 #: Query rows per chunk of the (query x key x d_model) contribution tensor.
 _ROW_CHUNK = 32
@@ -124,8 +124,10 @@ def rollout_step(
 
 # -- batches ----------------------------------------------------------------------------
 
+#: One row per text x position x block: how much of the token's attention-block output
+#: comes from other tokens.
 MIXING_COLUMNS = (
-    *TOKEN_KEYS,
+    *BLOCK_TOKEN_KEYS,
     "raw_self",
     "mix_raw",
     "mix_norm_attn",
@@ -158,7 +160,7 @@ def mixing_batch(
 ) -> tuple[pd.DataFrame, pd.DataFrame | None]:
     """Per-token mixing rows for one batch, and the per-pair map of text ``pair_text``.
 
-    The pair table has one row per layer x target x source: ``contribution`` (the norm of
+    The pair table has one row per block x target x source: ``contribution`` (the norm of
     F_i(x_j), the residual added on the diagonal), ``share`` (its share of the target's
     row sum) and ``attention`` (mean raw attention weight over heads).
     """
@@ -200,7 +202,7 @@ def mixing_batch(
                         "model": model.name,
                         "text_id": item.text_id,
                         "position": np.arange(n),
-                        "layer": block + 1,
+                        "block": block,
                         "token": tokens,
                         "token_id": list(item.ids),
                         "is_special": special.cpu().numpy(),
@@ -222,7 +224,7 @@ def mixing_batch(
                         {
                             "model": model.name,
                             "text_id": item.text_id,
-                            "layer": block + 1,
+                            "block": block,
                             "target": target.ravel(),
                             "source": source.ravel(),
                             "target_token": np.array(tokens, dtype=object)[target.ravel()],
@@ -234,7 +236,7 @@ def mixing_batch(
                     )
                 )
     frame = pd.concat(rows, ignore_index=True)
-    frame = frame.sort_values(["text_id", "position", "layer"], kind="stable")
+    frame = frame.sort_values(["text_id", "position", "block"], kind="stable")
     return frame.reset_index(drop=True)[list(MIXING_COLUMNS)], (
         pd.concat(pairs, ignore_index=True) if pairs else None
     )

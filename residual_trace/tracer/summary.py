@@ -7,17 +7,22 @@ import pandas as pd
 
 from residual_trace.stats import bootstrap_ci
 
-SUMMARY_COLUMNS = (
-    "layer",
-    "n_tokens",
+#: The measures summarised per layer, each as mean with ``_lo``/``_hi`` (95% bootstrap
+#: interval of the mean); ``identifiable`` is the share of tokens with ``vocab_rank == 1``.
+_WITH_INTERVAL = (
     "cos_input",
-    "cos_input_lo",
-    "cos_input_hi",
     "baseline",
     "identifiable",
     "cos_input_normed",
     "baseline_normed",
     "identifiable_normed",
+)
+
+SUMMARY_COLUMNS = (
+    "model",
+    "layer",
+    "n_tokens",
+    *(f"{name}{suffix}" for name in _WITH_INTERVAL for suffix in ("", "_lo", "_hi")),
     "norm_ratio",
     "top_dim_share",
 )
@@ -28,10 +33,11 @@ def layer_summary(
 ) -> pd.DataFrame:
     """One row per layer: means over tokens, a 95% bootstrap interval, the null beside it.
 
-    Columns: ``n_tokens`` measured; ``cos_input`` mean with ``cos_input_lo``/``_hi`` (95%
-    bootstrap interval of the mean); ``baseline`` mean similarity to the text's other
-    tokens (the anisotropy null); ``identifiable`` share of tokens with ``vocab_rank == 1``;
-    the same three for the normalised variant; mean ``norm_ratio`` and ``top_dim_share``.
+    Columns: ``n_tokens`` measured; ``cos_input`` (mean); ``baseline`` (mean similarity to
+    the text's other tokens: the anisotropy null); ``identifiable`` (share of tokens with
+    ``vocab_rank == 1``); the same three for the normalised variant, each with ``_lo`` and
+    ``_hi``, the 95% bootstrap interval of the mean; mean ``norm_ratio`` and
+    ``top_dim_share``.
     Special tokens are left out unless ``include_special``.
 
     Examples:
@@ -44,25 +50,26 @@ def layer_summary(
         {'layer': [0, 1], 'cos_input': [1.0, 0.4], 'identifiable': [1.0, 0.5]}
     """
     rows = table if include_special else table[~table["is_special"]]
+    model = ", ".join(map(str, table["model"].unique())) if "model" in table else ""
     out = []
     for layer, group in rows.groupby("layer", sort=True):
-        lo, hi = bootstrap_ci(group["cos_input"].to_numpy(), seed=seed)
-        out.append(
-            {
-                "layer": int(layer),
-                "n_tokens": len(group),
-                "cos_input": float(group["cos_input"].mean()),
-                "cos_input_lo": lo,
-                "cos_input_hi": hi,
-                "baseline": float(group["baseline"].mean()),
-                "identifiable": float((group["vocab_rank"] == 1).mean()),
-                "cos_input_normed": float(group["cos_input_normed"].mean()),
-                "baseline_normed": float(group["baseline_normed"].mean()),
-                "identifiable_normed": float((group["vocab_rank_normed"] == 1).mean()),
-                "norm_ratio": float(group["norm_ratio"].mean()),
-                "top_dim_share": float(group["top_dim_share"].mean()),
-            }
-        )
+        record: dict[str, object] = {"model": model, "layer": int(layer), "n_tokens": len(group)}
+        values = {
+            "cos_input": group["cos_input"],
+            "baseline": group["baseline"],
+            "identifiable": (group["vocab_rank"] == 1).astype(float),
+            "cos_input_normed": group["cos_input_normed"],
+            "baseline_normed": group["baseline_normed"],
+            "identifiable_normed": (group["vocab_rank_normed"] == 1).astype(float),
+        }
+        for name, column in values.items():
+            data = column.to_numpy(dtype=np.float64)
+            lo, hi = bootstrap_ci(data, seed=seed)
+            mean = float(np.nanmean(data)) if np.isfinite(data).any() else float("nan")
+            record.update({name: mean, f"{name}_lo": lo, f"{name}_hi": hi})
+        record["norm_ratio"] = float(group["norm_ratio"].mean())
+        record["top_dim_share"] = float(group["top_dim_share"].mean())
+        out.append(record)
     return pd.DataFrame(out, columns=list(SUMMARY_COLUMNS)).astype({"n_tokens": np.int64})
 
 

@@ -378,7 +378,7 @@ def test_readme_documents_every_perturb_column(tiny_models, tmp_path):
         PerturbConfig,
         run_perturb,
     )
-    from residual_trace.experiments.perturb_summary import HEAD_COLUMNS
+    from residual_trace.tracer.alignment_summary import HEAD_COLUMNS
 
     config = PerturbConfig(texts=["The dog chased the cat."], out=tmp_path / "p", quiet=True)
     result = run_perturb(config, echo=lambda m: None, model=tiny_models["bert"])

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from residual_trace.errors import UserError
-from residual_trace.experiments.alignment import align_patterns, js_similarity
-from residual_trace.experiments.perturbations import (
+from residual_trace.tracer.alignment import align_patterns, js_similarity
+from residual_trace.tracer.perturbations import (
     identity,
     pair_swaps,
     random_tokens,

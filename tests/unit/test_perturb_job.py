@@ -23,7 +23,7 @@ from residual_trace.experiments.perturb import (
     PerturbConfig,
     run_perturb,
 )
-from residual_trace.experiments.perturb_summary import HEAD_COLUMNS
+from residual_trace.tracer.alignment_summary import HEAD_COLUMNS
 from tests.conftest import _tiny_bpe_tokenizer
 
 #: Rotation step of the constructed positional code (radians per position); sequences stay
@@ -159,7 +159,7 @@ def _reference_alignment(
     original: np.ndarray, perturbed: np.ndarray, perm: np.ndarray, causal: bool
 ) -> tuple[float, float, float]:
     """Token- and position-aligned similarity, row by row with SciPy (module docstring of
-    residual_trace.experiments.alignment: informative rows only, causal keys kept where
+    residual_trace.tracer.alignment: informative rows only, causal keys kept where
     both alignments allow them)."""
     n = len(perm)
     token_sims, position_sims, indices = [], [], []

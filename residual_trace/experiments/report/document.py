@@ -1,4 +1,4 @@
-"""Assemble ``report.html`` and ``report.md`` from the finished parts' tables.
+"""Assemble the report from the finished parts' tables: ``report.html`` and ``report.md``.
 
 Everything here reads tables only (no model): the comparison tables on a relative-depth axis,
 the figures, and the verdicts in plain words with their numbers. The HTML is self-contained:
@@ -18,7 +18,8 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from residual_trace.experiments.report import Part, ReportConfig, slug
+from residual_trace.experiments.report.config import ReportOptions
+from residual_trace.experiments.report.parts import Part
 from residual_trace.figures.report import (
     depth_figure,
     index_figure,
@@ -27,11 +28,20 @@ from residual_trace.figures.report import (
     sublayer_figure,
 )
 from residual_trace.probes import CONDITIONS
-from residual_trace.runs import package_versions, write_atomic, write_run_json
+from residual_trace.runs import package_versions, write_atomic
 
-#: Per-layer columns gathered from each experiment's summary.csv.
+#: Columns gathered from each experiment's summary table. Per-block measures are placed at
+#: the layer their block writes (layer = block + 1).
 _FROM = {
-    "layers": ["cos_input", "cos_input_lo", "cos_input_hi", "baseline", "identifiable"],
+    "layers": [
+        "cos_input",
+        "cos_input_lo",
+        "cos_input_hi",
+        "baseline",
+        "identifiable",
+        "identifiable_lo",
+        "identifiable_hi",
+    ],
     "decompose": [
         "proj_attn",
         "proj_attn_lo",
@@ -40,43 +50,47 @@ _FROM = {
         "proj_mlp_lo",
         "proj_mlp_hi",
         "mix_raw",
+        "mix_norm_attn",
         "mix_norm",
         "mix_norm_lo",
         "mix_norm_hi",
         "mix_rollout",
     ],
-    "perturb": ["index", "index_lo", "index_hi", "n_token", "n_position", "n_undecided"],
+    "perturb": [
+        "follow_index",
+        "follow_index_lo",
+        "follow_index_hi",
+        "n_heads_token",
+        "n_heads_position",
+        "n_heads_undecided",
+    ],
 }
 
 
 def _model_info(parts: list[Part]) -> dict[str, dict[str, Any]]:
     info: dict[str, dict[str, Any]] = {}
     for part in parts:
-        if part.model in info:
-            continue
-        record = json.loads((part.directory / "run.json").read_text())["model"]
-        info[part.model] = {
-            "family": record["family"],
-            "architecture": record["architecture"],
-            "n_blocks": int(record["n_blocks"]),
-            "norm_placement": record["norm_placement"],
-        }
+        info.setdefault(part.model, part.info)
     return info
 
 
-def depth_table(parts: list[Part], config: ReportConfig) -> pd.DataFrame:
-    """One row per model x layer: every per-layer measure, with ``depth`` = layer / blocks."""
+def depth_table(parts: list[Part], options: ReportOptions) -> pd.DataFrame:
+    """One row per model x residual layer: every measure, with ``depth`` = layer / blocks
+    and ``block`` = the block whose output the layer is (empty at layer 0)."""
     info = _model_info(parts)
     frames = []
-    for model in config.models:
-        n = info[model]["n_blocks"]
+    for model in options.models:
+        n = int(info[model]["n_blocks"])
         merged = pd.DataFrame({"layer": np.arange(n + 1)})
+        merged["block"] = pd.array([pd.NA, *range(n)], dtype="Int64")
         for part in parts:
             if part.model != model or part.experiment not in _FROM:
                 continue
-            summary = pd.read_csv(part.directory / "summary.csv")
+            summary = part.tables["summary"]
             if part.experiment == "perturb":
-                summary = summary[summary["perturbation"] == config.perturb_mode]
+                summary = summary[summary["perturbation"] == options.perturb_mode]
+            if "block" in summary:
+                summary = summary.assign(layer=summary["block"] + 1)
             columns = [c for c in _FROM[part.experiment] if c in summary.columns]
             merged = merged.merge(summary[["layer", *columns]], on="layer", how="left")
         merged.insert(0, "depth", merged["layer"] / n)
@@ -87,12 +101,8 @@ def depth_table(parts: list[Part], config: ReportConfig) -> pd.DataFrame:
 
 
 def probe_table(parts: list[Part]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    summaries, verdicts = [], []
-    for part in parts:
-        if part.experiment != "probe":
-            continue
-        summaries.append(pd.read_csv(part.directory / "summary.csv"))
-        verdicts.append(pd.read_csv(part.directory / "verdicts.csv"))
+    summaries = [p.tables["summary"] for p in parts if p.experiment == "probe"]
+    verdicts = [p.tables["verdicts"] for p in parts if p.experiment == "probe"]
     if not summaries:
         return pd.DataFrame(), pd.DataFrame()
     return pd.concat(summaries, ignore_index=True), pd.concat(verdicts, ignore_index=True)
@@ -104,11 +114,11 @@ def probe_grid(summary: pd.DataFrame) -> pd.DataFrame:
     if summary.empty:
         return summary
     cells = summary.assign(
-        cell=summary["mean"].map("{:.3f}".format)
+        cell=summary["score"].map("{:.3f}".format)
         + " ["
-        + summary["lo"].map("{:.2f}".format)
+        + summary["score_lo"].map("{:.2f}".format)
         + ", "
-        + summary["hi"].map("{:.2f}".format)
+        + summary["score_hi"].map("{:.2f}".format)
         + "]"
     )
     keys = ["model", "norms", "layer", "mapper", "metric"]
@@ -118,21 +128,21 @@ def probe_grid(summary: pd.DataFrame) -> pd.DataFrame:
 
 
 def head_shares(parts: list[Part], mode: str) -> pd.DataFrame:
+    """One row per model: its heads by verdict under ``mode``, and the largest noise floor."""
     rows = []
     for part in parts:
         if part.experiment != "perturb":
             continue
-        heads = pd.read_csv(part.directory / "heads.csv")
+        heads = part.tables["heads"]
         heads = heads[heads["perturbation"] == mode]
         counts = heads["verdict"].value_counts()
-        total = len(heads)
         rows.append(
             {
                 "model": part.model,
-                "heads": total,
-                "position": int(counts.get("position", 0)),
-                "token": int(counts.get("token", 0)),
-                "undecided": int(counts.get("undecided", 0)),
+                "n_heads": len(heads),
+                "n_heads_position": int(counts.get("position", 0)),
+                "n_heads_token": int(counts.get("token", 0)),
+                "n_heads_undecided": int(counts.get("undecided", 0)),
                 "noise_floor": float(heads["noise_floor"].max()),
             }
         )
@@ -153,7 +163,7 @@ def _identifiable_depth(rows: pd.DataFrame) -> float:
 
 
 def verdict_lines(
-    config: ReportConfig,
+    config: ReportOptions,
     depth: pd.DataFrame,
     heads: pd.DataFrame,
     probe_verdicts: pd.DataFrame,
@@ -197,12 +207,12 @@ def verdict_lines(
                     f"{len(drops)} layers lower it further."
                 )
     for row in heads.itertuples(index=False):
-        share = row.position / row.heads if row.heads else float("nan")
+        share = row.n_heads_position / row.n_heads if row.n_heads else float("nan")
         lines.append(
-            f"{row.model}: {row.position} of {row.heads} heads ({share:.0%}) follow positions "
-            f"and {row.token} follow tokens under {config.perturb_mode} (95% intervals over "
-            f"texts clear of a noise floor of at most {row.noise_floor:.1e}); "
-            f"{row.undecided} undecided."
+            f"{row.model}: {row.n_heads_position} of {row.n_heads} heads ({share:.0%}) follow "
+            f"positions and {row.n_heads_token} follow tokens under {config.perturb_mode} (95% "
+            f"intervals over texts clear of a noise floor of at most {row.noise_floor:.1e}); "
+            f"{row.n_heads_undecided} undecided."
         )
     if not probe_verdicts.empty:
         for model, part in probe_verdicts.groupby("model", sort=False):
@@ -249,22 +259,24 @@ th { background: #f4f4f4; } .verdicts li { margin: 0.35rem 0; }
 """
 
 
-def write_report(
-    config: ReportConfig, root: Path, parts: list[Part]
-) -> tuple[list[str], list[Path]]:
-    """Write tables, figures, report.md and report.html; return the verdicts and the files."""
-    depth = depth_table(parts, config)
-    heads = head_shares(parts, config.perturb_mode)
+def assemble(
+    options: ReportOptions, parts: list[Part]
+) -> tuple[dict[str, pd.DataFrame], list[str]]:
+    """The report's tables (``depth``, ``heads``, ``probe``; empty ones left out) and its
+    verdicts, from the parts' tables alone."""
+    depth = depth_table(parts, options)
+    heads = head_shares(parts, options.perturb_mode)
     probe_summary, probe_verdicts = probe_table(parts)
-    verdicts = verdict_lines(config, depth, heads, probe_verdicts)
-    (root / "tables").mkdir(exist_ok=True)
-    (root / "figures").mkdir(exist_ok=True)
-    files = []
-    for frame, name in ((depth, "depth.csv"), (heads, "heads.csv"), (probe_summary, "probe.csv")):
-        if not frame.empty:
-            target = root / "tables" / name
-            write_atomic(target, frame.to_csv(index=False))
-            files.append(target)
+    verdicts = verdict_lines(options, depth, heads, probe_verdicts)
+    tables = {"depth": depth, "heads": heads, "probe": probe_summary}
+    return {k: v for k, v in tables.items() if not v.empty}, verdicts
+
+
+def report_figures(
+    options: ReportOptions, tables: dict[str, pd.DataFrame]
+) -> list[tuple[str, str, Figure]]:
+    """``(name, title, figure)`` for every figure the tables support."""
+    depth = tables["depth"]
     figures: list[tuple[str, str, Figure]] = []
     if "cos_input" in depth:
         figures.append(
@@ -290,18 +302,37 @@ def write_report(
             )
         )
         figures.append(("mixing", "Context mixing: three measures", mixing_figure(depth)))
-    if "index" in depth:
+    if "follow_index" in depth:
         figures.append(
             (
-                "index",
+                "follow_index",
                 "Token-following index of attention heads",
-                index_figure(depth, config.perturb_mode),
+                index_figure(depth, options.perturb_mode),
             )
         )
-    if not probe_summary.empty:
+    if "probe" in tables:
         figures.append(
-            ("probe", "Probe scores next to their controls", probe_figure(probe_summary))
+            ("probe", "Probe scores next to their controls", probe_figure(tables["probe"]))
         )
+    return figures
+
+
+def write_documents(
+    root: Path,
+    options: ReportOptions,
+    parts: list[Part],
+    tables: dict[str, pd.DataFrame],
+    verdicts: list[str],
+) -> list[Path]:
+    """Write tables/, figures/, report.md and report.html into ``root``; return the files."""
+    (root / "tables").mkdir(exist_ok=True)
+    (root / "figures").mkdir(exist_ok=True)
+    files = []
+    for name, frame in tables.items():
+        target = root / "tables" / f"{name}.csv"
+        write_atomic(target, frame.to_csv(index=False))
+        files.append(target)
+    figures = report_figures(options, tables)
     images = {}
     for name, _, figure in figures:
         data = _png(figure)
@@ -309,14 +340,15 @@ def write_report(
         write_atomic(target, data)
         images[name] = data
         files.append(target)
-
-    models = ", ".join(config.models)
+    depth = tables["depth"]
+    heads = tables.get("heads", pd.DataFrame())
+    grid = probe_grid(tables.get("probe", pd.DataFrame()))
+    models = ", ".join(options.models)
     versions = json.dumps(package_versions())
     md = [f"# residual-trace report: {models}", ""]
     md += [f"- {line}" for line in verdicts] + [""]
     for name, title, _ in figures:
         md += [f"## {title}", "", f"![{title}](figures/{name}.png)", ""]
-    grid = probe_grid(probe_summary)
     if not grid.empty:
         md += [
             "## Probe scores and their controls (mean [95% interval])",
@@ -329,7 +361,8 @@ def write_report(
     md += ["## Per-layer measures (relative depth)", "", _markdown_table(depth), ""]
     md += [
         "---",
-        "Reproduce: `trace report --config config.toml`. Parts: "
+        "Layer k is the output of block k-1 (layer 0: the input of block 0); heads are named "
+        "L<block>H<head>. Reproduce: `trace report --config config.toml`. Parts: "
         + ", ".join(f"{p.model}/{p.experiment}" for p in parts)
         + f". Versions: {versions}.",
     ]
@@ -352,7 +385,8 @@ def write_report(
     if not heads.empty:
         body += ["<h2>Heads by verdict</h2>", heads.to_html(index=False)]
     body += [
-        "<h2>Per-layer measures (relative depth = layer / blocks)</h2>",
+        "<h2>Per-layer measures (relative depth = layer / blocks; layer k is the output of "
+        "block k-1)</h2>",
         depth.to_html(index=False, float_format=lambda v: f"{v:.3f}", na_rep=""),
         "<p class='note'>Reproduce with <code>trace report --config config.toml</code>. "
         + html.escape(f"Versions: {versions}")
@@ -367,21 +401,4 @@ def write_report(
         target = root / name
         write_atomic(target, text)
         files.append(target)
-    run_json = {
-        "command": "report",
-        "config": json.loads(json.dumps(config.__dict__, default=str)),
-        "parts": [
-            {
-                "model": p.model,
-                "experiment": p.experiment,
-                "directory": str(p.directory),
-                "ran_now": p.ran,
-            }
-            for p in parts
-        ],
-        "model_dirs": {m: slug(m) for m in config.models},
-        "verdicts": verdicts,
-    }
-    write_run_json(root / "run.json", run_json)
-    files += [root / "run.json", root / "config.toml"]
-    return verdicts, files
+    return files

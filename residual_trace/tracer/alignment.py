@@ -82,14 +82,14 @@ class Alignment:
     Attributes:
         sim_token: mean over compared rows of the token-aligned similarity ``[head]``.
         sim_position: the same for the position alignment ``[head]``.
-        index: mean over informative rows of the normalised index r_i ``[head]``, in
+        follow_index: mean over informative rows of the normalised index r_i ``[head]``, in
             [-1, 1]; NaN when no row is informative.
         n_rows: informative rows compared, per head ``[head]``.
     """
 
     sim_token: Float[Tensor, " head_index"]
     sim_position: Float[Tensor, " head_index"]
-    index: Float[Tensor, " head_index"]
+    follow_index: Float[Tensor, " head_index"]
     n_rows: Int[Tensor, " head_index"]
 
 
@@ -106,10 +106,10 @@ def align_patterns(
     Examples:
         >>> previous = torch.eye(4)[[0, 0, 1, 2]][None]   # a previous-token head
         >>> swap = torch.tensor([0, 2, 1, 3])             # tokens 1 and 2 exchanged
-        >>> float(align_patterns(previous, previous, swap, causal=False).index[0])
+        >>> float(align_patterns(previous, previous, swap, causal=False).follow_index[0])
         -1.0
         >>> eye = torch.eye(4)[None]   # attending to itself looks the same either way:
-        >>> align_patterns(eye, eye, swap, causal=False).index.isnan().item()  # no evidence
+        >>> align_patterns(eye, eye, swap, causal=False).follow_index.isnan().item()  # no evidence
         True
     """
     n = permutation.shape[0]
@@ -126,7 +126,7 @@ def align_patterns(
     nan = torch.full((heads,), float("nan"), device=original.device)
     if not bool(candidates.any()):
         none = torch.zeros(heads, dtype=torch.long)
-        return Alignment(sim_token=nan, sim_position=nan, index=nan, n_rows=none)
+        return Alignment(sim_token=nan, sim_position=nan, follow_index=nan, n_rows=none)
     keep = allowed[candidates].to(original.dtype)  # [rows, n]
 
     def renormalise(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -152,7 +152,7 @@ def align_patterns(
     return Alignment(
         sim_token=mean(1.0 - to_token),
         sim_position=mean(1.0 - to_position),
-        index=mean(per_row),
+        follow_index=mean(per_row),
         n_rows=counts.cpu(),
     )
 

@@ -1,0 +1,320 @@
+"""Every experiment's options: defaults, types, help text and checks, in one place.
+
+The Python API (``residual_trace.layers(model, texts, batch_size=8)``), the ``trace``
+command line (built from these fields by :func:`residual_trace.options.click_options`) and
+the report's TOML all go through these classes. This module imports nothing heavy, so that
+``trace --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias
+
+from residual_trace.errors import UserError
+from residual_trace.naming import parse_head_name
+from residual_trace.options import Options, option
+from residual_trace.probes import CONDITIONS
+
+if TYPE_CHECKING:
+    from residual_trace.experiments.decompose import DecomposeResult
+    from residual_trace.experiments.layers import LayersResult
+    from residual_trace.experiments.perturb import PerturbResult
+    from residual_trace.experiments.probe import ProbeResult
+    from residual_trace.models import TracedModel
+
+#: What an experiment takes as its texts: a list of texts, one text, a file with one text
+#: per non-blank line, or ``None`` for the bundled sentences.
+Texts: TypeAlias = "Sequence[str] | str | Path | None"
+
+#: What an experiment takes as its model: a loaded one, a name for ``load_model``, or a
+#: function that loads one (called only once the inputs have been checked).
+ModelArg: TypeAlias = "TracedModel | str | Callable[[], TracedModel]"
+
+#: Receives one-line warnings and notes (the command line prints them to stderr).
+Warn: TypeAlias = Callable[[str], None]
+
+
+def python_warning(message: str) -> None:
+    """The API's default ``warn``: a Python :class:`UserWarning` (shown once in notebooks)."""
+    warnings.warn(message, UserWarning, stacklevel=4)
+
+
+@dataclass(kw_only=True)
+class CommonOptions(Options):
+    """Options every experiment takes (each experiment's options extend these)."""
+
+    batch_size: int = option(16, "Texts per forward pass (results do not depend on it).")
+    max_length: int | None = option(
+        None,
+        "Longest input in tokens incl. special tokens; longer texts are truncated with a "
+        "warning. Default: the model's limit, at most 512.",
+    )
+    seed: int = option(0, "Seed of every random choice (bootstrap intervals, samples, controls).")
+    include_special: bool = option(
+        False,
+        "Keep [CLS]/[SEP]/BOS/EOS in the summaries and figures (always in the per-token tables).",
+    )
+    quiet: bool = option(
+        False, "No progress bar (and, on the command line, no summary).", short="-q"
+    )
+
+    def validate(self) -> None:
+        if self.batch_size < 1:
+            raise self.fail("batch_size", f"must be at least 1, got {self.batch_size}")
+        if self.max_length is not None and self.max_length < 2:
+            raise self.fail("max_length", f"must be at least 2, got {self.max_length}")
+
+    @property
+    def progress(self) -> bool:
+        """Show progress bars: not when quiet, and only when stderr is a terminal."""
+        return not self.quiet and sys.stderr.isatty()
+
+    def seed_torch(self) -> None:
+        import torch
+
+        torch.manual_seed(self.seed)
+
+
+def check_text_id(name: str, value: int, texts: Sequence[str]) -> None:
+    """A text id option (``--heatmap-text`` and the like) must name one of the texts."""
+    if value >= len(texts):
+        flag = "--" + name.replace("_", "-")
+        raise UserError(f"{name} ({flag}) {value}: only {len(texts)} text(s) given")
+
+
+@dataclass(kw_only=True)
+class LayersOptions(CommonOptions):
+    """Options of ``layers`` (and ``trace layers``)."""
+
+    save_attention: bool = option(
+        False,
+        "Also keep every attention pattern (in memory, float16) and write one compressed "
+        ".npz per text.",
+    )
+    heatmap_text: int = option(0, "text_id drawn in the drift_heatmap figure.")
+    normed: bool = option(
+        True, "Also measure after the model's own norm (the *_normed columns).", cli=False
+    )
+
+    def validate(self) -> None:
+        super().validate()
+        if self.heatmap_text < 0:
+            raise self.fail("heatmap_text", f"must be a text id >= 0, got {self.heatmap_text}")
+
+    def check_texts(self, texts: list[str]) -> None:
+        """Options that refer to the texts (before any model loads)."""
+        check_text_id("heatmap_text", self.heatmap_text, texts)
+
+    def run(
+        self, model: ModelArg, texts: Texts = None, warn: Warn = python_warning
+    ) -> LayersResult:
+        """Run on ``model`` and ``texts``; see :func:`residual_trace.layers`."""
+        from residual_trace.experiments.layers import run_layers
+
+        return run_layers(model, texts, self, warn)
+
+
+@dataclass(kw_only=True)
+class DecomposeOptions(CommonOptions):
+    """Options of ``decompose`` (and ``trace decompose``)."""
+
+    mixing_text: int = option(
+        0, "text_id whose per-pair mixing map is kept (mixing_pairs, mixing_heatmap)."
+    )
+    per_head: bool = option(
+        False, "Also split the attention part by head (heads, head_summary, heads figure)."
+    )
+    mixing_block: int | None = option(
+        None, "Block drawn in mixing_heatmap (from 0; default: the middle block)."
+    )
+
+    def validate(self) -> None:
+        super().validate()
+        if self.mixing_text < 0:
+            raise self.fail("mixing_text", f"must be a text id >= 0, got {self.mixing_text}")
+        if self.mixing_block is not None and self.mixing_block < 0:
+            raise self.fail("mixing_block", f"blocks count from 0, got {self.mixing_block}")
+
+    def check_texts(self, texts: list[str]) -> None:
+        check_text_id("mixing_text", self.mixing_text, texts)
+
+    def run(
+        self, model: ModelArg, texts: Texts = None, warn: Warn = python_warning
+    ) -> DecomposeResult:
+        """Run on ``model`` and ``texts``; see :func:`residual_trace.decompose`."""
+        from residual_trace.experiments.decompose import run_decompose
+
+        return run_decompose(model, texts, self, warn)
+
+
+#: The ``mode`` choices.
+MODES = ("swap", "shuffle", "embed-shuffle", "random-token")
+Mode = Literal["swap", "shuffle", "embed-shuffle", "random-token"]
+
+
+@dataclass(kw_only=True)
+class PerturbOptions(CommonOptions):
+    """Options of ``perturb`` (and ``trace perturb``).
+
+    ``samples`` is the number of perturbations per text (pair swaps, shuffles, random-token
+    draws) or, for ``embed-shuffle``, the number of embedding permutations.
+    """
+
+    mode: Mode = option(
+        "swap",
+        "swap: exchange two tokens (swap=) or sampled pairs; shuffle: permute the non-special "
+        "tokens; embed-shuffle: permute the embedding rows (tokens meaningless, positions "
+        "intact); random-token: replace tokens by random ones (control).",
+    )
+    swap: tuple[str, str] | None = option(
+        None,
+        "Exchange these two words (their subword spans, lengths may differ).",
+        metavar="WORD1 WORD2",
+    )
+    samples: int = option(
+        10,
+        "Perturbations per text (pair swaps, shuffles, random-token draws), or the number of "
+        "embedding shuffles.",
+    )
+    all_pairs: bool = option(False, "mode swap: every pair of non-special tokens.")
+    show_text: int = option(0, "text_id drawn in the side-by-side attention figure.")
+    show_heads: tuple[str, ...] = option(
+        (),
+        "Head drawn in the attention figure, named L<block>H<head> (TransformerLens naming, "
+        "from 0), e.g. L0H2; repeatable. Default: the most token- and most "
+        "position-following head.",
+        flag="--show-head",
+        metavar="LxHy",
+    )
+
+    def validate(self) -> None:
+        super().validate()
+        if self.swap is not None:
+            if self.mode != "swap":
+                raise self.fail("swap", f"goes with mode swap, not mode {self.mode}")
+            if self.swap[0] == self.swap[1]:
+                raise self.fail("swap", "needs two different words")
+        if self.all_pairs and (self.mode != "swap" or self.swap is not None):
+            raise self.fail("all_pairs", "goes with mode swap and no swap words")
+        if self.samples < 1:
+            raise self.fail("samples", f"must be at least 1, got {self.samples}")
+        if self.show_text < 0:
+            raise self.fail("show_text", f"must be a text id >= 0, got {self.show_text}")
+        for spec in self.show_heads:
+            try:
+                parse_head_name(spec)
+            except UserError as error:
+                raise self.fail("show_heads", str(error)) from None
+
+    def check_texts(self, texts: list[str]) -> None:
+        check_text_id("show_text", self.show_text, texts)
+
+    def run(
+        self, model: ModelArg, texts: Texts = None, warn: Warn = python_warning
+    ) -> PerturbResult:
+        """Run on ``model`` and ``texts``; see :func:`residual_trace.perturb`."""
+        from residual_trace.experiments.perturb import run_perturb
+
+        return run_perturb(model, texts, self, warn)
+
+
+Mapper = Literal["plsr", "ffnn", "ridge"]
+Condition = Literal[
+    "system",
+    "upper",
+    "shuffled",
+    "shuffled-upper",
+    "random",
+    "taxonomic",
+    "nonsense",
+    "random-init",
+]
+
+
+def parse_layers(spec: str) -> tuple[int, ...]:
+    """``"0,3,6"`` -> ``(0, 3, 6)`` (a clear error otherwise)."""
+    try:
+        layers = tuple(int(part) for part in spec.split(",") if part.strip())
+    except ValueError:
+        raise UserError(
+            f"layers (--layers) {spec}: expected comma-separated layer numbers, e.g. 0,3,6"
+        ) from None
+    if not layers:
+        raise UserError("layers (--layers): no layer given")
+    return layers
+
+
+@dataclass(kw_only=True)
+class ProbeOptions(CommonOptions):
+    """Options of ``probe`` (and ``trace probe``).
+
+    ``corpus`` is the text of ``embedding="contextual"`` (a list of texts or a file; on the
+    command line ``--text``/``--file``), unused otherwise.
+    """
+
+    norms: Sequence[str] = option(
+        ("lancaster",),
+        "lancaster, concreteness, lancaster+concreteness (bundled), or LAYOUT:PATH with LAYOUT "
+        "mcrae, buchanan, binder, wide or long; repeatable.",
+    )
+    layers: tuple[int, ...] | None = option(
+        None,
+        "Residual layers to probe, comma-separated on the command line (default: 0, the "
+        "middle and the last).",
+        parse=parse_layers,
+    )
+    mappers: tuple[Mapper, ...] = option(("plsr", "ffnn"), "Mappers; repeatable.", flag="--mapper")
+    embedding: Literal["static", "isolated", "contextual"] = option(
+        "isolated",
+        "static: mean of the word's W_E rows (layer 0 only); isolated: the word alone through "
+        "the model; contextual: mean over its occurrences in the corpus (--file/--text).",
+    )
+    folds: int = option(10, "Cross-validation folds.")
+    seeds: int = option(1, "Cross-validation repeats (seeds seed, seed+1, ...).")
+    max_concepts: int = option(
+        500, "Probe at most this many concepts per norm set (a seeded sample)."
+    )
+    conditions: tuple[Condition, ...] = option(
+        CONDITIONS, "Conditions to run; repeatable (default: all that apply).", flag="--condition"
+    )
+    per_feature: bool = option(False, "Also Spearman rho per feature, across concepts.")
+    use_cache: bool = option(
+        True, "Recompute embeddings instead of reading the cache.", negate="--no-cache"
+    )
+    corpus: tuple[str, ...] | Path | None = option(
+        None, "The corpus of embedding=contextual.", cli=False
+    )
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.norms:
+            raise self.fail("norms", "give at least one norm set")
+        if not self.mappers:
+            raise self.fail("mappers", "give at least one mapper")
+        if "system" not in self.conditions:
+            raise self.fail("conditions", "the system condition cannot be left out")
+        if self.folds < 2:
+            raise self.fail("folds", f"must be at least 2, got {self.folds}")
+        if self.seeds < 1:
+            raise self.fail("seeds", f"must be at least 1, got {self.seeds}")
+        if self.max_concepts < 20:
+            raise self.fail("max_concepts", f"must be at least 20, got {self.max_concepts}")
+        if self.layers is not None and any(layer < 0 for layer in self.layers):
+            raise self.fail("layers", "layers count from 0 (the embeddings)")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = super().to_dict()
+        if isinstance(self.corpus, tuple):
+            data["corpus"] = f"{len(self.corpus)} texts"
+        return data
+
+    def run(self, model: ModelArg, warn: Warn = python_warning) -> ProbeResult:
+        """Run on ``model``; see :func:`residual_trace.probe`."""
+        from residual_trace.experiments.probe import run_probe
+
+        return run_probe(model, self, warn)

@@ -1,0 +1,204 @@
+"""What a report runs: :class:`ReportOptions`, written beside it as ``config.toml``.
+
+The whole configuration is checked before any work starts: every key's type (a wrong one is
+one line naming the key and what it expects), every value, and each experiment's options
+(built here with the same option classes the single experiments use).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Literal
+
+from residual_trace.errors import UserError
+from residual_trace.experiments.options import (
+    DecomposeOptions,
+    LayersOptions,
+    Mapper,
+    Mode,
+    PerturbOptions,
+    ProbeOptions,
+    Texts,
+)
+from residual_trace.options import Options, option
+
+EXPERIMENTS = ("layers", "decompose", "perturb", "probe")
+Experiment = Literal["layers", "decompose", "perturb", "probe"]
+ExperimentOptions = LayersOptions | DecomposeOptions | PerturbOptions | ProbeOptions
+
+
+@dataclass(kw_only=True)
+class ReportOptions(Options):
+    """What a report runs. Saved beside it as ``config.toml``; ``--config`` reads one back.
+
+    ``max_texts`` keeps the first texts of the input (the bundled sentences by default) so
+    that a 30-layer model reports in minutes; ``probe_depths`` are relative depths
+    (layer / blocks).
+    """
+
+    models: Sequence[str] = option(
+        ("minilm", "smollm2"),
+        "A model to report on (repeatable; default: minilm and smollm2).",
+        flag="--model",
+        short="-m",
+    )
+    file: str = option("", "Texts, one per line (default: the bundled sentences).", short="-f")
+    texts: tuple[str, ...] = option((), "The texts themselves (instead of a file).", cli=False)
+    max_texts: int = option(60, "Use the first N texts.")
+    experiments: tuple[Experiment, ...] = option(
+        EXPERIMENTS, "Experiments to run (repeatable; default: all four).", flag="--experiment"
+    )
+    seed: int = option(0, "Seed of every experiment.")
+    device: Literal["auto", "cpu", "cuda"] = option("auto", "Where the models run.")
+    batch_size: int = option(16, "Texts per forward pass.", cli=False)
+    perturb_mode: Mode = option("shuffle", "The perturbation of the perturb part.", cli=False)
+    perturb_samples: int = option(5, "Perturbations per text in the perturb part.", cli=False)
+    probe_norms: Sequence[str] = option(("lancaster",), "Norm sets of the probe.", cli=False)
+    probe_mappers: tuple[Mapper, ...] = option(("plsr",), "Mappers of the probe.", cli=False)
+    probe_folds: int = option(10, "Cross-validation folds of the probe.", cli=False)
+    probe_max_concepts: int = option(300, "Concepts per norm set.", cli=False)
+    probe_depths: tuple[float, ...] = option(
+        (0.0, 0.5, 1.0), "Relative depths probed (layer / blocks).", cli=False
+    )
+    figure_format: Literal["png", "svg", "pdf"] = option(
+        "png", "Figure format of the parts.", cli=False
+    )
+
+    def validate(self) -> None:
+        if not self.models:
+            raise self.fail("models", "a report needs at least one model")
+        if len(set(self.models)) != len(self.models):
+            raise self.fail("models", "each model may appear only once in a report")
+        if not self.experiments:
+            raise self.fail("experiments", f"give some of {', '.join(EXPERIMENTS)}")
+        if self.max_texts < 1:
+            raise self.fail("max_texts", f"must be at least 1, got {self.max_texts}")
+        if any(not 0.0 <= d <= 1.0 for d in self.probe_depths):
+            raise self.fail("probe_depths", "relative depths lie between 0 and 1")
+        if self.file and self.texts:
+            raise self.fail("texts", "give texts or a file, not both")
+        for experiment in self.experiments:  # each part's own options, checked now
+            try:
+                self.options_for(experiment, n_blocks=None)
+            except UserError as error:
+                raise UserError(f"report option for {experiment}: {error}") from None
+
+    # -- the parts' options -----------------------------------------------------------------
+    def options_for(self, experiment: str, n_blocks: int | None) -> ExperimentOptions:
+        """The options of one part (``n_blocks`` turns probe depths into layers)."""
+        shared: dict[str, Any] = {"batch_size": self.batch_size, "seed": self.seed, "quiet": True}
+        if experiment == "layers":
+            return LayersOptions(**shared)
+        if experiment == "decompose":
+            return DecomposeOptions(**shared)
+        if experiment == "perturb":
+            return PerturbOptions(mode=self.perturb_mode, samples=self.perturb_samples, **shared)
+        layers = (
+            None
+            if n_blocks is None
+            else tuple(sorted({round(d * n_blocks) for d in self.probe_depths}))
+        )
+        return ProbeOptions(
+            norms=self.probe_norms,
+            mappers=self.probe_mappers,
+            folds=self.probe_folds,
+            max_concepts=self.probe_max_concepts,
+            layers=layers,
+            **shared,
+        )
+
+    def inputs(self) -> Texts:
+        """The texts argument of every part (before ``max_texts``)."""
+        if self.texts:
+            return list(self.texts)
+        return Path(self.file) if self.file else None
+
+    def load_texts(self) -> tuple[list[str], str]:
+        """The report's texts (the first ``max_texts``) and where they came from."""
+        from residual_trace.experiments.common import load_inputs
+
+        texts, source = load_inputs(self.inputs())
+        return texts[: self.max_texts], source
+
+    # -- TOML ------------------------------------------------------------------------------
+    def to_toml(self) -> str:
+        """The config as TOML: ``trace report --config THIS_FILE`` reproduces the report."""
+        lines = ["# trace report config: `trace report --config THIS_FILE` reproduces the report"]
+        for key, value in self.to_dict().items():
+            lines.append(f"{key} = {_toml_value(value)}")
+        return "\n".join(lines) + "\n"
+
+    @classmethod
+    def read_toml(cls, path: Path) -> dict[str, Any]:
+        """The keys of a TOML config (unknown keys and bad TOML are one-line errors); values
+        are checked when the options are built."""
+        try:
+            data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise UserError(f"--config {path}: no such file") from None
+        except IsADirectoryError:
+            raise UserError(f"--config {path}: is a directory, expected a TOML file") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+            raise UserError(f"--config {path}: not valid TOML ({error})") from None
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise UserError(
+                f"--config {path}: unknown key(s) {', '.join(unknown)} "
+                f"(known: {', '.join(sorted(names))})"
+            )
+        return data
+
+    @classmethod
+    def from_toml(cls, path: Path, **overrides: Any) -> ReportOptions:
+        """Options from a TOML file, with ``overrides`` on top; a one-line error naming the
+        file and the key otherwise."""
+        data = {**cls.read_toml(path), **overrides}
+        try:
+            return cls(**data)
+        except UserError as error:
+            raise UserError(f"--config {path}: {error}") from None
+
+    def fingerprint(self, model: str, experiment: str) -> str:
+        """What one part depends on: its model, the inputs, and its experiment's options."""
+        data = asdict(self)
+        keep = {"file", "texts", "max_texts", "seed", "batch_size"}
+        if experiment == "perturb":
+            keep |= {"perturb_mode", "perturb_samples"}
+        if experiment == "probe":
+            keep = {"seed", "probe_norms", "probe_mappers", "probe_folds", "probe_max_concepts"}
+            keep |= {"probe_depths"}
+        payload = {
+            "model": model,
+            "experiment": experiment,
+            **{k: _plain(data[k]) for k in sorted(keep)},
+        }
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {type(value).__name__} to TOML")
+
+
+def slug(model: str) -> str:
+    """A directory name for a model (``./ckpt/`` -> ``ckpt``, ``org/name`` -> ``org-name``)."""
+    name = model.rstrip("/")
+    name = Path(name).name if Path(name).exists() else name.replace("/", "-")
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in name).strip("-.") or "model"

@@ -1,0 +1,106 @@
+"""The parts of a report: each experiment of each model, run through the same API call as
+its own command, or read back from an earlier run's directory (resume)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from residual_trace.experiments.common import model_record
+from residual_trace.experiments.options import ProbeOptions, Warn
+from residual_trace.experiments.report.config import ReportOptions, slug
+from residual_trace.experiments.result import Result
+from residual_trace.models import TracedModel, load_model
+
+#: The tables of each experiment the report reads.
+READS = {
+    "layers": ("summary",),
+    "decompose": ("summary",),
+    "perturb": ("summary", "heads"),
+    "probe": ("summary", "verdicts"),
+}
+
+
+@dataclass
+class Part:
+    """One finished experiment of one model: the tables the report reads, the model's
+    ``run.json`` record, and (once saved) its directory."""
+
+    model: str
+    experiment: str
+    tables: dict[str, pd.DataFrame]
+    info: dict[str, Any]
+    directory: Path | None = None
+    ran: bool = True
+    result: Result | None = field(default=None, repr=False)
+
+
+def part_directory(root: Path, model: str, experiment: str) -> Path:
+    return root / "runs" / slug(model) / experiment
+
+
+def _done(directory: Path, fingerprint: str) -> bool:
+    marker = directory / "fingerprint.txt"
+    return (
+        (directory / "run.json").is_file()
+        and marker.is_file()
+        and marker.read_text().strip() == fingerprint
+    )
+
+
+def _read_part(model: str, experiment: str, directory: Path) -> Part:
+    tables = {name: pd.read_csv(directory / f"{name}.csv") for name in READS[experiment]}
+    info = json.loads((directory / "run.json").read_text())["model"]
+    return Part(model, experiment, tables, info, directory, ran=False)
+
+
+def run_parts(
+    options: ReportOptions,
+    texts: list[str],
+    warn: Warn,
+    workdir: Path | None = None,
+    models: dict[str, TracedModel] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> list[Part]:
+    """Every experiment of every model, in order.
+
+    With ``workdir``, each part is saved to ``workdir/runs/<model>/<experiment>/`` as soon
+    as it finishes, with a fingerprint of the options it depends on, and parts already
+    there with the same fingerprint are read back instead of run again (resume). Without
+    it, nothing is written.
+    """
+    loaded = dict(models or {})
+    parts = []
+    for name in options.models:
+        for experiment in options.experiments:
+            fingerprint = options.fingerprint(name, experiment)
+            directory = part_directory(workdir, name, experiment) if workdir else None
+            if directory is not None and _done(directory, fingerprint):
+                parts.append(_read_part(name, experiment, directory))
+                continue
+            if name not in loaded:
+                loaded[name] = load_model(
+                    name, options.device, on_convert=lambda m: warn(f"note: {m}")
+                )
+            model = loaded[name]
+            if progress is not None:
+                progress(f"report: {experiment} on {name}")
+            part_options = options.options_for(experiment, model.n_layers)
+            result: Result
+            if isinstance(part_options, ProbeOptions):
+                result = part_options.run(model, warn=warn)
+            else:
+                result = part_options.run(model, texts, warn=warn)
+            tables = {key: result.tables[key] for key in READS[experiment]}
+            part = Part(name, experiment, tables, model_record(model), result=result)
+            if directory is not None:
+                result.save(directory, figure_format=options.figure_format)
+                (directory / "fingerprint.txt").write_text(fingerprint + "\n")
+                part.directory = directory
+            parts.append(part)
+    return parts

@@ -1,0 +1,128 @@
+"""The report's result and the call that makes it (see the package docstring)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from matplotlib.figure import Figure
+
+from residual_trace.experiments.options import Warn, python_warning
+from residual_trace.experiments.report.config import EXPERIMENTS, ReportOptions, slug
+from residual_trace.experiments.report.document import assemble, report_figures, write_documents
+from residual_trace.experiments.report.parts import Part, part_directory, run_parts
+from residual_trace.models import TracedModel
+from residual_trace.runs import write_atomic, write_run_json
+
+__all__ = ["EXPERIMENTS", "ReportResult", "run_report"]
+
+
+@dataclass(repr=False)
+class ReportResult:
+    """The report: ``tables`` (``depth``: one row per model x layer on a relative-depth
+    axis; ``heads``: heads by verdict per model; ``probe``: every probe score with its
+    controls), ``verdicts`` in plain words, the ``parts`` behind them, ``figures()`` and
+    ``save()``."""
+
+    options: ReportOptions
+    parts: list[Part]
+    tables: dict[str, pd.DataFrame]
+    verdicts: list[str]
+    texts: list[str] = field(default_factory=list)
+    source: str = ""
+
+    def figures(self) -> dict[str, Figure]:
+        """The report's figures, keyed like their files in ``figures/``."""
+        return {name: figure for name, _, figure in report_figures(self.options, self.tables)}
+
+    def __repr__(self) -> str:
+        return (
+            f"<ReportResult on {', '.join(self.options.models)}: {len(self.texts)} text(s), "
+            f"{len(self.parts)} parts; tables {', '.join(self.tables)}; "
+            f"{len(self.verdicts)} verdicts>"
+        )
+
+    def describe(self) -> str:
+        return "\n".join(f"- {line}" for line in self.verdicts)
+
+    def save(self, out: str | Path) -> list[Path]:
+        """Write the parts not yet on disk, then tables/, figures/, report.html (self-contained),
+        report.md, run.json and config.toml into ``out``; return the report's files."""
+        root = Path(out)
+        _make_root(root)
+        write_atomic(root / "config.toml", self.options.to_toml())
+        for part in self.parts:
+            target = part_directory(root, part.model, part.experiment)
+            if part.directory is not None and part.directory.resolve() == target.resolve():
+                continue
+            if part.result is None:  # read back from elsewhere: its tables are all we have
+                continue
+            part.result.save(target, figure_format=self.options.figure_format)
+            (target / "fingerprint.txt").write_text(
+                self.options.fingerprint(part.model, part.experiment) + "\n"
+            )
+            part.directory = target
+        files = write_documents(root, self.options, self.parts, self.tables, self.verdicts)
+        write_run_json(root / "run.json", self._record())
+        return [*files, root / "run.json", root / "config.toml"]
+
+    def _record(self) -> dict[str, Any]:
+        return {
+            "command": "report",
+            "config": json.loads(json.dumps(self.options.to_dict())),
+            "inputs": {"source": self.source, "n_texts": len(self.texts)},
+            "parts": [
+                {
+                    "model": p.model,
+                    "experiment": p.experiment,
+                    "directory": str(p.directory) if p.directory else None,
+                    "ran_now": p.ran,
+                }
+                for p in self.parts
+            ],
+            "model_dirs": {m: slug(m) for m in self.options.models},
+            "verdicts": self.verdicts,
+        }
+
+
+def _make_root(root: Path) -> None:
+    from residual_trace.errors import UserError
+
+    if root.exists() and not root.is_dir():
+        raise UserError(f"--out {root} exists and is not a directory")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"cannot write to --out {root}: {error.strerror or error}") from None
+
+
+def run_report(
+    options: ReportOptions | None = None,
+    warn: Warn = python_warning,
+    workdir: Path | None = None,
+    models: dict[str, TracedModel] | None = None,
+    progress: Warn | None = None,
+) -> ReportResult:
+    """Run every experiment on every model and assemble the report.
+
+    Args:
+        options: :class:`ReportOptions` (defaults when ``None``).
+        warn: receives one-line warnings and notes.
+        workdir: where parts are saved as they finish and read back on a rerun (a killed
+            report resumes without redoing finished parts); ``None`` writes nothing.
+        models: already loaded models by name (others are loaded as needed).
+        progress: receives one line as each part starts.
+    """
+    options = options or ReportOptions()
+    texts, source = options.load_texts()  # bad inputs fail before any model loads
+    if workdir is not None:
+        _make_root(Path(workdir))
+        write_atomic(Path(workdir) / "config.toml", options.to_toml())
+    parts = run_parts(options, texts, warn, workdir=workdir, models=models, progress=progress)
+    tables, verdicts = assemble(options, parts)
+    return ReportResult(
+        options=options, parts=parts, tables=tables, verdicts=verdicts, texts=texts, source=source
+    )
