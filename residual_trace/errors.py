@@ -8,3 +8,14 @@ class UserError(Exception):
 
     Raise it with a single sentence that says what is wrong and what to do instead.
     """
+
+
+class OptionError(UserError):
+    """A :class:`UserError` about one option: ``option`` is its name (``batch_size``) and
+    ``detail`` what is wrong with it, so that a caller that set the option under another
+    name (the report's ``perturb_samples``) can say so in its own words."""
+
+    def __init__(self, message: str, option: str, detail: str) -> None:
+        super().__init__(message)
+        self.option = option
+        self.detail = detail

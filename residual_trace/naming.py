@@ -46,9 +46,11 @@ def parse_head_name(
             "e.g. L0H2"
         )
     block, head = int(match.group(1)), int(match.group(2))
+    ranges = []
+    if n_blocks is not None:
+        ranges.append(f"blocks 0..{n_blocks - 1}")
+    if n_heads is not None:
+        ranges.append(f"heads 0..{n_heads - 1}")
     if (n_blocks is not None and block >= n_blocks) or (n_heads is not None and head >= n_heads):
-        raise UserError(
-            f"head {text}: the model has blocks 0..{(n_blocks or 1) - 1} and heads "
-            f"0..{(n_heads or 1) - 1}"
-        )
+        raise UserError(f"head {text}: the model has {' and '.join(ranges)}")
     return block, head

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
 from residual_trace.errors import UserError
 from residual_trace.naming import parse_head_name
-from residual_trace.options import Options, option
+from residual_trace.options import Options, no_type_check, option
 from residual_trace.probes import CONDITIONS
 
 if TYPE_CHECKING:
@@ -44,6 +44,7 @@ def python_warning(message: str) -> None:
     warnings.warn(message, UserWarning, stacklevel=4)
 
 
+@no_type_check
 @dataclass(kw_only=True)
 class CommonOptions(Options):
     """Options every experiment takes (each experiment's options extend these)."""
@@ -87,6 +88,7 @@ def check_text_id(name: str, value: int, texts: Sequence[str]) -> None:
         raise UserError(f"{name} ({flag}) {value}: only {len(texts)} text(s) given")
 
 
+@no_type_check
 @dataclass(kw_only=True)
 class LayersOptions(CommonOptions):
     """Options of ``layers`` (and ``trace layers``)."""
@@ -119,6 +121,7 @@ class LayersOptions(CommonOptions):
         return run_layers(model, texts, self, warn)
 
 
+@no_type_check
 @dataclass(kw_only=True)
 class DecomposeOptions(CommonOptions):
     """Options of ``decompose`` (and ``trace decompose``)."""
@@ -157,6 +160,7 @@ MODES = ("swap", "shuffle", "embed-shuffle", "random-token")
 Mode = Literal["swap", "shuffle", "embed-shuffle", "random-token"]
 
 
+@no_type_check
 @dataclass(kw_only=True)
 class PerturbOptions(CommonOptions):
     """Options of ``perturb`` (and ``trace perturb``).
@@ -249,6 +253,7 @@ def parse_layers(spec: str) -> tuple[int, ...]:
     return layers
 
 
+@no_type_check
 @dataclass(kw_only=True)
 class ProbeOptions(CommonOptions):
     """Options of ``probe`` (and ``trace probe``).

@@ -387,9 +387,12 @@ def run_perturb(
 
     traced = resolve_model(model, echo)
     config.seed_torch()
-    shown_heads = [
-        parse_head_name(spec, traced.n_layers, traced.n_heads) for spec in config.show_heads
-    ]
+    try:
+        shown_heads = [
+            parse_head_name(spec, traced.n_layers, traced.n_heads) for spec in config.show_heads
+        ]
+    except UserError as error:
+        raise config.fail("show_heads", str(error)) from None
     encoded = prepare_texts(
         traced, texts_list, config.max_length, warn=lambda m: echo(f"warning: {m}")
     )
@@ -555,8 +558,9 @@ def describe(result: PerturbResult) -> str:
         f"{model.name}: {model.model_type} {model.spec.family} ({model.spec.norm_placement}-LN), "
         f"{model.n_layers} blocks x {model.n_heads} heads; {n_texts} text(s), "
         f"{result.n_perturbations} perturbations ({kind})",
-        f"noise floor (the measure's shift when a re-run of the unperturbed text stands in "
-        f"for the original): max {noise:.1e}",
+        "noise floor (the measure's shift when a re-run of the unperturbed text stands in "
+        "for the original): "
+        + (f"max {noise:.1e}" if np.isfinite(noise) else "n/a (no head had evidence)"),
     ]
     if kind in MOVING:
         lines.append(

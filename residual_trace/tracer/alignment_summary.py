@@ -88,7 +88,7 @@ def head_table(per_perturbation: pd.DataFrame, model_name: str, seed: int = 0) -
     heads = pd.concat(rows, ignore_index=True)
     heads.insert(0, "model", model_name)
     heads["head_name"] = [
-        head_name(b, h) for b, h in zip(heads["block"], heads["head"], strict=True)
+        head_name(int(b), int(h)) for b, h in zip(heads["block"], heads["head"], strict=True)
     ]
     heads["verdict"] = _verdicts(heads)
     return heads[list(HEAD_COLUMNS)]

@@ -390,7 +390,7 @@ def decompose_batch(
         heads_frame = heads_frame.sort_values(
             ["text_id", "position", "block", "head"], kind="stable"
         ).reset_index(drop=True)
-        names = {(b, h): head_name(b, h) for b in range(n_layers) for h in head_ids}
+        names = {(b, h): head_name(b, int(h)) for b in range(n_layers) for h in head_ids}
         heads_frame["head_name"] = [
             names[key] for key in zip(heads_frame["block"], heads_frame["head"], strict=True)
         ]

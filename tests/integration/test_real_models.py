@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 
 import numpy as np
 import pandas as pd
@@ -10,9 +12,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+import residual_trace as rt
 from residual_trace import DriftConfig, drift_table, load_model
 from residual_trace.cli import trace
 from residual_trace.experiments import bundled_sentences
+from residual_trace.experiments.options import PerturbOptions, ProbeOptions
+from residual_trace.experiments.report import ReportOptions, run_report
 from tests.reference import reference_drift
 
 pytestmark = pytest.mark.slow
@@ -125,6 +130,75 @@ def test_trace_layers_smollm2_cli(tmp_path, smollm2):
     assert "normed" in result.output  # pre-norm decoder: the normalised variant is shown
 
 
+def test_python_api_on_minilm_returns_tables_and_writes_nothing(minilm, tmp_path, monkeypatch):
+    """`rt.layers/decompose/perturb/probe` hand back their tables in memory; no file is
+    written anywhere a run could leave one (the working directory, the temp directory)."""
+    from residual_trace.tracer.decompose import RECONSTRUCTION_TOLERANCE
+
+    cwd, scratch, cache = tmp_path / "cwd", tmp_path / "tmp", tmp_path / "cache"
+    for folder in (cwd, scratch, cache):
+        folder.mkdir()
+    monkeypatch.chdir(cwd)
+    monkeypatch.setenv("TMPDIR", str(scratch))
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    monkeypatch.setenv("RESIDUAL_TRACE_CACHE", str(cache))  # the probe's embedding cache
+    sentences = bundled_sentences()
+    texts = [s for s in sentences if {"dog", "cat"} <= set(s.lower().strip(".").split())][:4]
+    assert len(texts) == 4 and all(t in sentences for t in texts)
+
+    layers = rt.layers(minilm, texts, batch_size=3, quiet=True)
+    assert set(layers.tables) == {"drift", "summary", "texts"}
+    ref = reference_drift(minilm.resolved.directory, "bert", texts, prepend_bos=False)
+    _compare(layers.tables["drift"], ref)  # cos_input and the rest, against HF
+    assert layers.tables["texts"]["text"].tolist() == texts
+
+    decomposed = rt.decompose(minilm, texts, quiet=True)
+    assert set(decomposed.tables) == {
+        "decompose",
+        "mixing",
+        "summary",
+        "cumulative",
+        "mixing_pairs",
+    }
+    assert decomposed.tables["decompose"]["recon_error"].max() < RECONSTRUCTION_TOLERANCE
+    assert decomposed.tables["summary"]["block"].tolist() == list(range(minilm.n_layers))
+
+    swapped = rt.perturb(minilm, texts, mode="swap", swap=("dog", "cat"), quiet=True)
+    assert set(swapped.tables) == {"perturbations", "resid", "heads", "summary", "resid_summary"}
+    assert swapped.n_perturbations == len(texts) and swapped.skipped == []
+    rows = swapped.tables["perturbations"]
+    moved = rows[rows["perturbation"] == "swap"]
+    assert set(moved["label"]) == {"swap dog<->cat"}
+    assert len(moved) == len(texts) * minilm.n_layers * minilm.n_heads
+    heads = swapped.tables["heads"]
+    heads = heads[heads["perturbation"] == "swap"].set_index(["block", "head"])
+    assert (heads["n_texts"] == len(texts)).all()
+    # one observation per text where the swap gave the head evidence (a finite index)
+    evidence = moved.assign(ok=np.isfinite(moved["follow_index"])).groupby(["block", "head"])
+    assert (heads["n_obs"] == evidence["ok"].sum().reindex(heads.index)).all()
+
+    probed = rt.probe(
+        minilm,
+        norms="lancaster",
+        layers=(0, 6),
+        mappers=("ridge",),
+        folds=3,
+        max_concepts=40,
+        conditions=("system", "shuffled"),
+        quiet=True,
+    )
+    assert set(probed.tables) == {"scores", "summary", "verdicts", "concepts"}
+    summary = probed.tables["summary"]
+    assert set(summary["layer"]) == {0, 6} and set(summary["mapper"]) == {"ridge"}
+    assert set(summary["condition"]) == {"system", "shuffled"}
+    assert (summary["n_folds"] == 3).all()
+    assert probed.tables["concepts"]["used"].sum() == 40
+
+    assert os.listdir(cwd) == [] and os.listdir(scratch) == []
+    # the one thing on disk: the probe's documented embedding cache, nothing else
+    assert os.listdir(cache) in ([], ["embeddings"])
+
+
 @pytest.mark.parametrize("name", ["minilm", "smollm2"])
 def test_decomposition_reconstructs_real_models(name, minilm, smollm2, texts):
     from residual_trace.tracer.decompose import RECONSTRUCTION_TOLERANCE, decompose_table
@@ -138,7 +212,9 @@ def test_decomposition_reconstructs_real_models(name, minilm, smollm2, texts):
     states, _ = hidden_states(model.resolved.directory, model.model_type, ids)
     W_E = model.W_E.numpy()
     unit = W_E[ids] / np.linalg.norm(W_E[ids], axis=1, keepdims=True)
-    last = local[(local["text_id"] == 0) & (local["layer"] == model.n_layers)]
+    # rows are per block (0..L-1); the last block's output is the last layer's state
+    assert sorted(local["block"].unique()) == list(range(model.n_layers))
+    last = local[(local["text_id"] == 0) & (local["block"] == model.n_layers - 1)]
     np.testing.assert_allclose(
         last.sort_values("position")["proj_post"], (states[-1] * unit).sum(1), rtol=1e-4, atol=1e-3
     )
@@ -157,7 +233,7 @@ def test_mixing_on_real_models(name, minilm, smollm2, texts):
     assert content["mix_norm"].mean() < content["mix_raw"].mean() - 0.2
     assert content[["mix_raw", "mix_norm", "mix_rollout"]].stack().between(0, 1).all()
     assert pairs is not None
-    np.testing.assert_allclose(pairs.groupby(["layer", "target"])["share"].sum(), 1.0, atol=1e-4)
+    np.testing.assert_allclose(pairs.groupby(["block", "target"])["share"].sum(), 1.0, atol=1e-4)
 
 
 def _hf_structure(model, texts: list[str]) -> pd.DataFrame:
@@ -181,28 +257,27 @@ def _hf_structure(model, texts: list[str]) -> pd.DataFrame:
                 rows.append(
                     {
                         "text_id": text_id,
-                        "layer": block + 1,
+                        "block": block,
                         "head": head,
                         "prev": a[np.arange(1, n), np.arange(n - 1)][with_prev[1:]].mean(),
                         "next": a[np.arange(n - 1), np.arange(1, n)][with_next[:-1]].mean(),
                     }
                 )
-    return pd.DataFrame(rows).groupby(["layer", "head"])[["prev", "next"]].mean()
+    return pd.DataFrame(rows).groupby(["block", "head"])[["prev", "next"]].mean()
 
 
 @pytest.mark.parametrize("name", ["minilm", "smollm2"])
-def test_perturb_previous_and_next_token_heads_come_out_positional(name, minilm, smollm2, tmp_path):
+def test_perturb_previous_and_next_token_heads_come_out_positional(name, minilm, smollm2):
     """Clark et al. (2019): heads with >50% attention on the previous or next token are
     positional heads; shuffling the tokens must leave them where they were."""
-    from residual_trace.experiments.perturb import PerturbConfig, run_perturb
-
     model = {"minilm": minilm, "smollm2": smollm2}[name]
     texts = bundled_sentences()[:24] if name == "minilm" else bundled_sentences()[:16]
-    config = PerturbConfig(
-        texts=texts, mode="shuffle", samples=4, out=tmp_path / name, quiet=True, batch_size=8
-    )
-    result = run_perturb(config, echo=lambda m: None, model=model)
-    heads = result.heads[result.heads["perturbation"] == "shuffle"].set_index(["layer", "head"])
+    options = PerturbOptions(mode="shuffle", samples=4, quiet=True, batch_size=8)
+    result = options.run(model, texts, warn=lambda m: None)
+    table = result.tables["heads"]
+    heads = table[table["perturbation"] == "shuffle"].set_index(["block", "head"])
+    assert len(heads) == model.n_layers * model.n_heads
+    assert (heads["head_name"] == [f"L{b}H{h}" for b, h in heads.index]).all()
     # the structure measures equal an independent computation from HF attentions
     reference = _hf_structure(model, texts)
     np.testing.assert_allclose(heads["prev_mass"], reference["prev"], atol=1e-4)
@@ -210,9 +285,12 @@ def test_perturb_previous_and_next_token_heads_come_out_positional(name, minilm,
         np.testing.assert_allclose(heads["next_mass"], reference["next"], atol=1e-4)
     clark = heads[(heads["prev_mass"] > 0.5) | (heads["next_mass"].fillna(0) > 0.5)]
     assert len(clark) >= 1, "both models have previous-token heads"
-    assert (clark["verdict"] == "position").all(), clark[["index", "index_lo", "index_hi"]]
+    assert (clark["verdict"] == "position").all(), clark[
+        ["head_name", "follow_index", "follow_index_lo", "follow_index_hi"]
+    ]
     assert (heads["noise_floor"] < 1e-3).all()
-    states = result.resid[result.resid["perturbation"] == "shuffle"]
+    resid = result.tables["resid"]
+    states = resid[resid["perturbation"] == "shuffle"]
     # deeper down, a state still resembles its own token's original state more than the
     # state that now sits at its position
     assert (
@@ -235,49 +313,41 @@ def test_perturb_cli_embed_shuffle_on_smollm2(tmp_path, smollm2):
     assert "pattern kept" in result.output
     heads = pd.read_csv(out / "heads.csv")
     shuffled = heads[heads["perturbation"] == "embed-shuffle"]
-    assert len(shuffled) == 30 * 9 and (shuffled["n"] == 3 * 2).all()
+    assert len(shuffled) == 30 * 9 and (shuffled["n_obs"] == 3 * 2).all()
     assert shuffled["sim_position"].between(0, 1).all()
     assert (out / "structure.png").is_file() and (out / "attention.png").is_file()
 
 
-def test_probe_minilm_with_the_bundled_norms(minilm, tmp_path):
+def test_probe_minilm_with_the_bundled_norms(minilm):
     """The paper's pattern, not its constants: the upper bound is far above the system, and
     the shuffled control stays at chance on Neighbourhood Accuracy@10."""
-    from residual_trace.experiments.probe import ProbeConfig, run_probe
-
-    config = ProbeConfig(
+    options = ProbeOptions(
         mappers=("plsr",),
         folds=5,
         layers=(0, 6),
         max_concepts=150,
-        out=tmp_path / "probe",
         quiet=True,
         use_cache=False,
     )
-    result = run_probe(config, echo=lambda m: None, model=minilm)
-    means = result.summary.set_index(["layer", "condition", "metric"])["mean"]
+    result = options.run(minilm, warn=lambda m: None)
+    summary = result.tables["summary"]
+    means = summary.set_index(["layer", "condition", "metric"])["score"]
     for layer in (0, 6):
         assert means[layer, "upper", "spearman"] > means[layer, "system", "spearman"]
         assert means[layer, "upper", "na_at_10"] > 0.5
         assert means[layer, "shuffled", "na_at_10"] < 3 * 10 / 150
-    assert set(result.summary["condition"]) >= {"system", "random-init", "nonsense"}
+    assert set(summary["condition"]) >= {"system", "random-init", "nonsense"}
     assert any("F1@10 left out" in note for note in result.notes)
 
 
 def test_report_on_minilm_and_smollm2(minilm, smollm2, tmp_path):
     """The packaged encoder and decoder side by side (small settings to stay fast)."""
-    from residual_trace.experiments.report import ReportConfig, run_report
-
-    config = ReportConfig(
-        max_texts=8,
-        perturb_samples=3,
-        probe_max_concepts=80,
-        probe_folds=4,
-        out=str(tmp_path / "report"),
-        quiet=True,
-        device="cpu",
+    options = ReportOptions(
+        max_texts=8, perturb_samples=3, probe_max_concepts=80, probe_folds=4, device="cpu"
     )
-    result = run_report(config, echo=lambda m: None, models={"minilm": minilm, "smollm2": smollm2})
+    assert tuple(options.models) == ("minilm", "smollm2")  # the default pair
+    result = run_report(options, warn=lambda m: None, models={"minilm": minilm, "smollm2": smollm2})
+    result.save(tmp_path / "report")
     depth = pd.read_csv(tmp_path / "report" / "tables" / "depth.csv")
     assert depth.groupby("model")["layer"].max().to_dict() == {"minilm": 6, "smollm2": 30}
     assert (depth.groupby("model")["depth"].max() == 1.0).all()
@@ -287,6 +357,11 @@ def test_report_on_minilm_and_smollm2(minilm, smollm2, tmp_path):
     assert top.loc["smollm2", "cos_input"] < top.loc["minilm", "cos_input"] - 0.1
     text = " ".join(result.verdicts)
     assert "minilm (encoder)" in text and "smollm2 (decoder)" in text
+    # every head of both models gets a verdict: 6 blocks x 12 heads and 30 blocks x 9 heads
+    heads = result.tables["heads"].set_index("model")
+    assert heads["n_heads"].to_dict() == {"minilm": 6 * 12, "smollm2": 30 * 9}
+    verdicts = heads[["n_heads_position", "n_heads_token", "n_heads_undecided"]].sum(axis=1)
+    assert (verdicts == heads["n_heads"]).all()
     assert (tmp_path / "report" / "report.html").stat().st_size > 100_000
 
 
@@ -295,7 +370,6 @@ def test_report_on_full_size_bert_and_gpt2_architectures(tmp_path):
     as the report runs them by name where the hub is reachable."""
     from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel
 
-    from residual_trace.experiments.report import ReportConfig, run_report
     from tests.conftest import _minilm_dir, _tiny_bpe_tokenizer
 
     bert_dir, gpt2_dir = tmp_path / "bert-base-random", tmp_path / "gpt2-random"
@@ -309,18 +383,17 @@ def test_report_on_full_size_bert_and_gpt2_architectures(tmp_path):
     GPT2LMHeadModel(GPT2Config(vocab_size=vocab, bos_token_id=0, eos_token_id=0)).save_pretrained(
         gpt2_dir
     )
-    config = ReportConfig(
+    options = ReportOptions(
         models=[str(bert_dir), str(gpt2_dir)],
         max_texts=3,
         perturb_samples=2,
         probe_max_concepts=40,
         probe_folds=3,
         probe_mappers=["ridge"],
-        out=str(tmp_path / "report"),
-        quiet=True,
         device="cpu",
     )
-    result = run_report(config, echo=lambda m: None)
+    result = run_report(options, warn=lambda m: None)
+    result.save(tmp_path / "report")
     depth = pd.read_csv(tmp_path / "report" / "tables" / "depth.csv")
     assert depth.groupby("model")["layer"].max().tolist() == [12, 12]
     assert set(depth["family"]) == {"encoder", "decoder"}

@@ -66,7 +66,8 @@ def test_layers_writes_every_output(tiny_dirs, tmp_path):
     record = json.loads((out / "run.json").read_text())
     n_layers = record["model"]["n_blocks"] + 1
     tokens = pd.read_csv(out / "texts.csv")["n_tokens"].sum()
-    assert len(drift) == tokens * n_layers == record["rows"]
+    assert len(drift) == tokens * n_layers == record["rows"]["drift"]
+    assert record["rows"]["summary"] == n_layers and record["rows"]["texts"] == 2
     assert record["seed"] == 3 and record["options"]["batch_size"] == 1
     assert record["model"]["architecture"] == "llama"
     assert len(record["model"]["weights_sha256"]) == 64
@@ -221,20 +222,74 @@ def test_heatmap_text_out_of_range(tiny_dirs, tmp_path):
             str(tmp_path / "x"),
         ]
     )
-    _assert_one_line_error(result, "--heatmap-text 5")
+    _assert_one_line_error(result, "(--heatmap-text) 5", "only 1 text")
     assert not (tmp_path / "x").exists()
 
 
-def test_crash_leaves_no_half_written_output(tiny_dirs, tmp_path, monkeypatch):
+def _crash_while_measuring(monkeypatch):
+    """The drift stream yields its first batch, then fails (nothing saved yet)."""
+    import residual_trace.experiments.layers as layers
+
+    real = layers.iter_drift
+
+    def failing(*args, **kwargs):
+        frames = real(*args, **kwargs)
+        yield next(frames)
+        raise RuntimeError("disk full while measuring")
+
+    monkeypatch.setattr(layers, "iter_drift", failing)
+    return "disk full while measuring"
+
+
+def _crash_while_writing_tables(monkeypatch):
+    """The first table is written in full, then writing the second one fails."""
+    import residual_trace.experiments.result as result
+
+    real = result.write_table
+    calls = []
+
+    def failing(frame, path):
+        calls.append(path)
+        if len(calls) > 1:
+            path.write_text("half a table")
+            raise RuntimeError("disk full while writing")
+        return real(frame, path)
+
+    monkeypatch.setattr(result, "write_table", failing)
+    return "disk full while writing"
+
+
+def _crash_while_drawing(monkeypatch):
+    """Every table is written, then the last figure fails."""
     import residual_trace.experiments.layers as layers
 
     def explode(*args, **kwargs):
         raise RuntimeError("disk full while drawing")
 
     monkeypatch.setattr(layers, "identifiable_share_figure", explode)
+    return "disk full while drawing"
+
+
+@pytest.mark.parametrize(
+    "crash", [_crash_while_measuring, _crash_while_writing_tables, _crash_while_drawing]
+)
+def test_crash_leaves_no_half_written_output(tiny_dirs, tmp_path, monkeypatch, crash):
+    message = crash(monkeypatch)
     out = tmp_path / "run"
-    result = _run(["layers", "-m", str(tiny_dirs["bert"]), "-t", "Some text.", "-o", str(out)])
-    _assert_one_line_error(result, "internal error", "disk full while drawing")
+    texts = ["Some text.", "Another text.", "A third one."]
+    result = _run(
+        [
+            "layers",
+            "-m",
+            str(tiny_dirs["bert"]),
+            *[arg for text in texts for arg in ("-t", text)],
+            "--batch-size",
+            "1",
+            "-o",
+            str(out),
+        ]
+    )
+    _assert_one_line_error(result, "internal error", message)
     assert not out.exists()
     assert list(tmp_path.iterdir()) == []  # the temporary directory is gone too
 
@@ -269,24 +324,35 @@ def test_help_has_examples_and_module_entry_point():
 
 
 def test_readme_documents_every_output_column(tiny_models):
-    from residual_trace.experiments.decompose import decompose_summary
+    from residual_trace.experiments.decompose import DecomposeOptions
+    from residual_trace.experiments.layers import LayersOptions
     from residual_trace.tracer import DRIFT_COLUMNS, SUMMARY_COLUMNS
-    from residual_trace.tracer.decompose import DECOMPOSE_COLUMNS, HEAD_COLUMNS, decompose_table
-    from residual_trace.tracer.mixing import MIXING_COLUMNS, mixing_table
+    from residual_trace.tracer.decompose import DECOMPOSE_COLUMNS, HEAD_COLUMNS
+    from residual_trace.tracer.mixing import MIXING_COLUMNS
 
-    local, cumulative = decompose_table(tiny_models["bert"], ["A short text."])
-    mixing, pairs = mixing_table(tiny_models["bert"], ["A short text."], pair_text=0)
-    assert pairs is not None
+    texts = ["A short text."]
+    layers = LayersOptions(quiet=True).run(tiny_models["bert"], texts, warn=lambda m: None)
+    decompose = DecomposeOptions(per_head=True, quiet=True).run(
+        tiny_models["bert"], texts, warn=lambda m: None
+    )
+    assert set(decompose.tables) == {
+        "decompose",
+        "mixing",
+        "summary",
+        "cumulative",
+        "mixing_pairs",
+        "heads",
+        "head_summary",
+    }
     readme = (Path(__file__).parents[2] / "README.md").read_text(encoding="utf-8")
     columns = [
         *DRIFT_COLUMNS,
         *SUMMARY_COLUMNS,
         *DECOMPOSE_COLUMNS,
-        *cumulative.columns,
-        *decompose_summary(local, include_special=True, mixing=mixing).columns,
         *MIXING_COLUMNS,
-        *pairs.columns,
         *HEAD_COLUMNS,
+        *(c for table in layers.tables.values() for c in table.columns),
+        *(c for table in decompose.tables.values() for c in table.columns),
     ]
     for column in columns:
         assert f"`{column}`" in readme, column
@@ -311,7 +377,7 @@ def test_decompose_writes_every_output(tiny_dirs, tmp_path):
         ]
     )
     assert result.exit_code == 0, result.output
-    assert "reconstruct every layer" in result.output
+    assert "reconstruct every block output" in result.output
     for name in (
         "decompose.csv",
         "summary.csv",
@@ -324,27 +390,36 @@ def test_decompose_writes_every_output(tiny_dirs, tmp_path):
         "mixing.png",
         "mixing_heatmap.png",
         "heads.csv",
+        "head_summary.csv",
         "heads.png",
     ):
         assert (out / name).is_file(), name
     table = pd.read_csv(out / "decompose.csv")
     record = json.loads((out / "run.json").read_text())
     assert record["command"] == "decompose" and record["max_recon_error"] < 1e-4
-    n_tokens = table[table["layer"] == 1].shape[0]
-    assert len(table) == n_tokens * record["model"]["n_blocks"] == record["rows"]
+    n_blocks = record["model"]["n_blocks"]
+    assert sorted(table["block"].unique()) == list(range(n_blocks))  # blocks count from 0
+    n_tokens = table[table["block"] == 0].shape[0]
+    assert len(table) == n_tokens * n_blocks == record["rows"]["decompose"]
     parts = table[["proj_resid", "proj_attn", "proj_mlp", "proj_bias"]].sum(axis=1)
     np.testing.assert_allclose(parts, table["proj_post"], atol=1e-4)
     heads = pd.read_csv(out / "heads.csv")
     assert len(heads) == len(table) * (record["model"]["n_heads"] + 1)  # + the output bias
+    head_summary = pd.read_csv(out / "head_summary.csv")
+    assert len(head_summary) == n_blocks * (record["model"]["n_heads"] + 1)
+    assert set(head_summary["head_name"]) == {
+        f"L{b}H{h}" for b in range(n_blocks) for h in range(record["model"]["n_heads"])
+    } | {f"L{b}b_O" for b in range(n_blocks)}
     mixing = pd.read_csv(out / "mixing.csv")
-    assert len(mixing) == len(table)  # one row per text x position x layer, like decompose
+    assert len(mixing) == len(table)  # one row per text x position x block, like decompose
     assert (
         mixing[["mix_raw", "mix_norm", "mix_norm_attn", "mix_rollout"]].stack().between(0, 1).all()
     )
     pairs = pd.read_csv(out / "mixing_pairs.csv")
     assert set(pairs["text_id"]) == {0}
     summary = pd.read_csv(out / "summary.csv")
-    means = mixing[~mixing["is_special"]].groupby("layer")["mix_norm"].mean()
+    assert summary["block"].tolist() == list(range(n_blocks))
+    means = mixing[~mixing["is_special"]].groupby("block")["mix_norm"].mean()
     np.testing.assert_allclose(summary["mix_norm"], means.to_numpy(), atol=1e-6)
     np.testing.assert_allclose(
         summary["proj_change"],
@@ -359,9 +434,10 @@ def test_decompose_writes_every_output(tiny_dirs, tmp_path):
         (["-t", "  "], "empty"),
         (["--batch-size", "0"], "--batch-size"),
         (["-f", "nope.txt"], "no such file"),
-        (["-t", "One text.", "--mixing-text", "3"], "--mixing-text 3"),
-        (["-t", "One text.", "--mixing-layer", "9"], "--mixing-layer 9"),
-        (["-t", "One text.", "--mixing-layer", "0"], "--mixing-layer"),
+        (["-t", "One text.", "--mixing-text", "3"], "(--mixing-text) 3"),
+        (["-t", "One text.", "--mixing-block", "9"], "(--mixing-block): 9"),
+        (["-t", "One text.", "--mixing-block", "2"], "has blocks 0..1"),  # 2 blocks: 0 and 1
+        (["-t", "One text.", "--mixing-block", "-1"], "(--mixing-block): blocks count from 0"),
     ],
 )
 def test_decompose_errors(tiny_dirs, tmp_path, args, fragment):
@@ -371,18 +447,47 @@ def test_decompose_errors(tiny_dirs, tmp_path, args, fragment):
     assert not out.exists()
 
 
-def test_readme_documents_every_perturb_column(tiny_models, tmp_path):
+@pytest.mark.parametrize("block", ["0", "1"])
+def test_decompose_mixing_block_counts_from_zero(tiny_dirs, tmp_path, block):
+    out = tmp_path / "dec"
+    result = _run(
+        [
+            "decompose",
+            "-m",
+            str(tiny_dirs["gpt2"]),
+            "-t",
+            "One text.",
+            "--mixing-block",
+            block,
+            "-o",
+            str(out),
+            "-q",
+        ]
+    )
+    assert result.exit_code == 0, result.output
+    assert (out / "mixing_heatmap.png").is_file()
+    record = json.loads((out / "run.json").read_text())
+    assert record["options"]["mixing_block"] == int(block)
+
+
+def test_readme_documents_every_perturb_column(tiny_models):
     from residual_trace.experiments.perturb import (
         PERTURBATION_COLUMNS,
         RESID_COLUMNS,
-        PerturbConfig,
-        run_perturb,
+        PerturbOptions,
     )
     from residual_trace.tracer.alignment_summary import HEAD_COLUMNS
 
-    config = PerturbConfig(texts=["The dog chased the cat."], out=tmp_path / "p", quiet=True)
-    result = run_perturb(config, echo=lambda m: None, model=tiny_models["bert"])
+    result = PerturbOptions(quiet=True).run(
+        tiny_models["bert"], ["The dog chased the cat."], warn=lambda m: None
+    )
+    assert {"perturbations", "heads", "summary", "resid", "resid_summary"} <= set(result.tables)
     readme = (Path(__file__).parents[2] / "README.md").read_text(encoding="utf-8")
-    columns = [*PERTURBATION_COLUMNS, *RESID_COLUMNS, *HEAD_COLUMNS, *result.summary.columns]
+    columns = [
+        *PERTURBATION_COLUMNS,
+        *RESID_COLUMNS,
+        *HEAD_COLUMNS,
+        *(c for table in result.tables.values() for c in table.columns),
+    ]
     for column in columns:
         assert f"`{column}`" in readme, column

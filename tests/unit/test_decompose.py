@@ -37,19 +37,31 @@ def test_parts_reconstruct_every_layer(kind, tiny_models, tiny_dirs):
         states, _ = hidden_states(tiny_dirs[kind], kind, ids)
         unit = W_E[ids] / np.linalg.norm(W_E[ids], axis=1, keepdims=True)
         rows = local[local["text_id"] == text_id]
-        for layer in range(1, model.n_layers + 1):
-            got = rows[rows["layer"] == layer].sort_values("position")
+        assert sorted(rows["block"].unique()) == list(range(model.n_layers))
+        for block in range(model.n_layers):
+            # block b reads residual layer b and writes layer b + 1
+            got = rows[rows["block"] == block].sort_values("position")
             np.testing.assert_allclose(
-                got["proj_post"], (states[layer] * unit).sum(1), atol=1e-4, rtol=1e-4
+                got["proj_post"], (states[block + 1] * unit).sum(1), atol=1e-4, rtol=1e-4
             )
             np.testing.assert_allclose(
-                got["proj_pre"], (states[layer - 1] * unit).sum(1), atol=1e-4, rtol=1e-4
+                got["proj_pre"], (states[block] * unit).sum(1), atol=1e-4, rtol=1e-4
             )
     # cumulative shares of the squared norm add up to one at every layer
     np.testing.assert_allclose(cumulative.groupby("layer")["share"].sum(), 1.0, atol=1e-4)
-    assert set(cumulative["source"]) == {"embedding", "bias"} | {
-        f"{kind}.{b}" for kind in ("attn", "mlp") for b in range(model.n_layers)
+    assert sorted(cumulative["layer"].unique()) == list(range(1, model.n_layers + 1))
+    assert set(cumulative["source"]) == {"embed", "bias"} | {
+        f"L{b}_{kind}" for kind in ("attn", "mlp") for b in range(model.n_layers)
     }
+    # source_block: the block of an L{b}_attn / L{b}_mlp source, missing for embed and bias
+    for source, block in zip(cumulative["source"], cumulative["source_block"], strict=True):
+        if source in ("embed", "bias"):
+            assert block is pd.NA, source
+        else:
+            assert block == int(source[1:].split("_")[0]), source
+    # a source written by block b reaches residual layers b + 1 onwards only
+    written = cumulative.dropna(subset=["source_block"])
+    assert (written["layer"] >= written["source_block"] + 1).all()
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
@@ -66,10 +78,10 @@ def test_pre_ln_split_equals_transformer_lens_decompose_resid(kind, tiny_models)
     theirs = {label: stack[i, 0] for i, label in enumerate(labels)}
     embedding = sum(v for k, v in theirs.items() if "embed" in k)
     ours = cumulative[cumulative["layer"] == model.n_layers].set_index("source")
-    expected = {"embedding": embedding}
+    expected = {"embed": embedding}
     for block in range(model.n_layers):
-        expected[f"attn.{block}"] = theirs[f"{block}_attn_out"]
-        expected[f"mlp.{block}"] = theirs[f"{block}_mlp_out"]
+        expected[f"L{block}_attn"] = theirs[f"{block}_attn_out"]
+        expected[f"L{block}_mlp"] = theirs[f"{block}_mlp_out"]
     for source, part in expected.items():
         proj = (part * unit).sum(-1)[~special].mean().item()
         norm = part.norm(dim=-1)[~special].mean().item()
@@ -146,12 +158,19 @@ def test_heads_add_up_to_the_attention_part(kind, tiny_models):
     heads, local = result.heads, result.local
     assert heads is not None
     assert sorted(heads["head"].unique()) == [-1, *range(model.n_heads)]  # -1: output bias
-    summed = heads.groupby(["text_id", "position", "layer"])["proj_head"].sum()
-    merged = local.set_index(["text_id", "position", "layer"]).join(summed)
+    assert sorted(heads["block"].unique()) == list(range(model.n_layers))
+    # TransformerLens naming: L{block}H{head}, and L{block}b_O for the output bias
+    expected_names = [
+        f"L{b}b_O" if h == -1 else f"L{b}H{h}"
+        for b, h in zip(heads["block"], heads["head"], strict=True)
+    ]
+    assert heads["head_name"].tolist() == expected_names
+    summed = heads.groupby(["text_id", "position", "block"])["proj_head"].sum()
+    merged = local.set_index(["text_id", "position", "block"]).join(summed)
     np.testing.assert_allclose(merged["proj_head"], merged["proj_attn"], atol=1e-4)
     bias_rows = heads[heads["head"] == -1]
-    for layer, rows in bias_rows.groupby("layer"):
-        _, b_O = model.output_weights(int(layer) - 1)
+    for block, rows in bias_rows.groupby("block"):
+        _, b_O = model.output_weights(int(block))
         has_bias = b_O is not None and bool(b_O.abs().max() > 0)  # Llama has none
         assert bool((rows["head_norm_rel"] > 0).all()) == has_bias
 
@@ -175,19 +194,19 @@ def test_gpt2_heads_match_hugging_face(tiny_models, tiny_dirs):
         out = hf(torch.tensor([ids]), output_hidden_states=True, output_attentions=True)
     W_E = hf.wte.weight.detach().double().numpy()
     unit = W_E[ids] / np.linalg.norm(W_E[ids], axis=1, keepdims=True)
-    for layer, block in enumerate(hf.h):
+    for index, block in enumerate(hf.h):
         with torch.no_grad():
-            normed = block.ln_1(out.hidden_states[layer][0]).double().numpy()
+            normed = block.ln_1(out.hidden_states[index][0]).double().numpy()
         d = normed.shape[1]
         values = normed @ block.attn.c_attn.weight.detach().double().numpy()[:, 2 * d :]
         values += block.attn.c_attn.bias.detach().double().numpy()[2 * d :]
         W_O = block.attn.c_proj.weight.detach().double().numpy()  # Conv1D: [d_in, d_out]
-        A = out.attentions[layer][0].double().numpy()
+        A = out.attentions[index][0].double().numpy()
         d_head = d // A.shape[0]
         for head in range(A.shape[0]):
             part = slice(head * d_head, (head + 1) * d_head)
             output = A[head] @ values[:, part] @ W_O[part]
-            got = heads[(heads["layer"] == layer + 1) & (heads["head"] == head)]
+            got = heads[(heads["block"] == index) & (heads["head"] == head)]
             np.testing.assert_allclose(
                 got.sort_values("position")["proj_head"], (output * unit).sum(1), atol=1e-4
             )

@@ -49,21 +49,24 @@ def synthetic_table(n_texts: int = 3, n_tokens: int = 5, n_layers: int = 4) -> p
 
 def test_token_drift_figure_draws_a_line_per_token_mean_and_baseline():
     table = synthetic_table()
-    fig = token_drift_figure(table, variants=("", "_normed"))
+    fig = token_drift_figure(table, layer_summary(table), variants=("", "_normed"))
     assert len(fig.axes) == 2
     lines = fig.axes[0].get_lines()
     non_special_tokens = 3 * 4
     assert len(lines) == non_special_tokens + 3  # token lines + mean + baseline + zero line
     mean_line = next(line for line in lines if line.get_label() == "mean cos_input")
     np.testing.assert_allclose(mean_line.get_ydata(), [1.0, 0.8, 0.6, 0.4], atol=0.02)
+    baseline = next(line for line in lines if line.get_label() == "baseline (other tokens)")
+    np.testing.assert_allclose(baseline.get_ydata(), [0.05] * 4)
     assert "synthetic" in fig.axes[0].get_title()
     assert "layer" in fig.axes[0].get_xlabel()
 
 
 def test_token_drift_figure_refuses_only_special_tokens():
     table = synthetic_table()
+    special = table[table["is_special"]]
     with pytest.raises(ValueError, match="no tokens"):
-        token_drift_figure(table[table["is_special"]])
+        token_drift_figure(special, layer_summary(special))
 
 
 def test_heatmap_has_one_row_per_token():
@@ -73,9 +76,13 @@ def test_heatmap_has_one_row_per_token():
 
 
 def test_identifiable_share_follows_the_ranks():
-    fig = identifiable_share_figure(synthetic_table())
+    fig = identifiable_share_figure(layer_summary(synthetic_table()))
     (line,) = [line for line in fig.axes[0].get_lines() if line.get_label() == "raw"]
     assert list(line.get_ydata()) == [1.0, 1.0, 0.0, 0.0]
+    # every token agrees within a layer, so the 95% band has no width: it lies on the line
+    (band,) = fig.axes[0].collections
+    band_y = band.get_paths()[0].vertices[:, 1]
+    assert set(np.round(band_y, 12)) <= {0.0, 1.0}
 
 
 def test_summary_leaves_special_tokens_out_and_brackets_the_mean():

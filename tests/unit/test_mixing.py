@@ -62,9 +62,9 @@ def _reference(directory, kind, text):
         out = model(torch.tensor([ids]), output_hidden_states=True, output_attentions=True)
     results = []
     blocks = model.encoder.layer if kind == "bert" else model.h
-    for layer, block in enumerate(blocks):
-        x = out.hidden_states[layer][0].double().numpy()
-        A = out.attentions[layer][0].double().numpy()  # [head, i, j]
+    for index, block in enumerate(blocks):
+        x = out.hidden_states[index][0].double().numpy()
+        A = out.attentions[index][0].double().numpy()  # [head, i, j]
         heads, n = A.shape[0], A.shape[1]
         if kind == "bert":
             Wv = block.attention.self.value.weight.detach().double().numpy()
@@ -76,7 +76,7 @@ def _reference(directory, kind, text):
         else:
             ln_1 = block.ln_1
             with torch.no_grad():
-                normed = ln_1(out.hidden_states[layer][0]).double().numpy()
+                normed = ln_1(out.hidden_states[index][0]).double().numpy()
             W = block.attn.c_attn.weight.detach().double().numpy()  # Conv1D [d_in, 3 d]
             b = block.attn.c_attn.bias.detach().double().numpy()
             d = x.shape[1]
@@ -114,11 +114,13 @@ def _reference(directory, kind, text):
 @pytest.mark.parametrize("kind", ["bert", "gpt2"])
 def test_mixing_matches_independent_reference(kind, tiny_models, tiny_dirs):
     table, _ = mixing_table(tiny_models[kind], TEXTS, batch_size=2)
+    assert sorted(table["block"].unique()) == list(range(tiny_models[kind].n_layers))
     for text_id, text in enumerate(TEXTS):
-        reference = _reference(tiny_dirs[kind], kind, text)
-        for layer, expected in enumerate(reference, start=1):
-            got = table[(table["text_id"] == text_id) & (table["layer"] == layer)]
+        reference = _reference(tiny_dirs[kind], kind, text)  # one entry per block, from 0
+        for block, expected in enumerate(reference):
+            got = table[(table["text_id"] == text_id) & (table["block"] == block)]
             got = got.sort_values("position")
+            assert len(got) == len(expected["mix_norm"])
             for column, values in expected.items():
                 np.testing.assert_allclose(got[column], values, atol=1e-4, err_msg=column)
 
@@ -131,7 +133,8 @@ def test_grouped_query_model_and_pairs(tiny_models):
     first = table[table["position"] == 0]
     np.testing.assert_allclose(first[["mix_raw", "mix_norm", "mix_rollout"]], 0.0, atol=1e-6)
     assert pairs is not None and set(pairs["text_id"]) == {1}
-    shares = pairs.groupby(["layer", "target"])["share"].sum()
+    assert sorted(pairs["block"].unique()) == list(range(model.n_layers))
+    shares = pairs.groupby(["block", "target"])["share"].sum()
     np.testing.assert_allclose(shares, 1.0, atol=1e-5)
     assert (pairs.loc[pairs["source"] > pairs["target"], "contribution"] == 0).all()
 

@@ -54,7 +54,7 @@ def _indices(original_of, causal: bool, seeds: int = 10) -> list[float]:
         result = align_patterns(
             original, original_of(list(p.ids)), torch.tensor(p.permutation), causal
         )
-        out.append(float(result.index[0]))
+        out.append(float(result.follow_index[0]))
     return out
 
 
@@ -78,7 +78,7 @@ def test_token_following_head_scores_positive(causal):
 def test_unmoved_text_compares_no_rows():
     head = positional_head(len(IDS), causal=False)
     result = align_patterns(head, head, torch.tensor(identity(IDS).permutation), causal=False)
-    assert int(result.n_rows.sum()) == 0 and torch.isnan(result.index).all()
+    assert int(result.n_rows.sum()) == 0 and torch.isnan(result.follow_index).all()
 
 
 def test_js_similarity_is_symmetric_and_bounded():

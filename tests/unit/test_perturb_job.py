@@ -17,12 +17,8 @@ from scipy.spatial.distance import jensenshannon
 
 from residual_trace import load_model
 from residual_trace.cli import trace
-from residual_trace.experiments.perturb import (
-    PERTURBATION_COLUMNS,
-    RESID_COLUMNS,
-    PerturbConfig,
-    run_perturb,
-)
+from residual_trace.experiments.options import PerturbOptions
+from residual_trace.experiments.perturb import PERTURBATION_COLUMNS, RESID_COLUMNS
 from residual_trace.tracer.alignment_summary import HEAD_COLUMNS
 from tests.conftest import _tiny_bpe_tokenizer
 
@@ -108,47 +104,55 @@ def constructed(tmp_path_factory):
     return load_model(str(directory), device="cpu"), dog
 
 
+def _quiet(message: str) -> None:
+    """A ``warn`` that drops the one-line warnings."""
+
+
 def _heads(result, kind: str) -> pd.DataFrame:
-    return result.heads[result.heads["perturbation"] == kind].set_index(["layer", "head"])
+    heads = result.tables["heads"]
+    return heads[heads["perturbation"] == kind].set_index(["block", "head"])
 
 
-def test_constructed_heads_score_their_known_answers(constructed, tmp_path):
+def _resid(result, kind: str) -> pd.DataFrame:
+    resid = result.tables["resid"]
+    return resid[resid["perturbation"] == kind]
+
+
+def test_constructed_heads_score_their_known_answers(constructed):
     model, _ = constructed
-    config = PerturbConfig(texts=TEXTS, mode="shuffle", samples=6, out=tmp_path / "p", quiet=True)
-    result = run_perturb(config, echo=lambda m: None, model=model)
+    options = PerturbOptions(mode="shuffle", samples=6, quiet=True)
+    result = options.run(model, TEXTS, warn=_quiet)
     heads = _heads(result, "shuffle")
-    positional, token = heads.loc[(1, 0)], heads.loc[(1, 1)]
+    # the one block is block 0 (TransformerLens naming: heads L0H0, L0H1)
+    positional, token = heads.loc[(0, 0)], heads.loc[(0, 1)]
+    assert (positional["head_name"], token["head_name"]) == ("L0H0", "L0H1")
     # the construction really gave the intended heads
     assert positional["prev_mass"] > 0.99
-    assert positional["index"] == pytest.approx(-1.0, abs=0.02)
-    assert positional["index_hi"] < -0.95 and positional["verdict"] == "position"
-    assert token["index"] > 0.99 and token["index_lo"] > 0.98
+    assert positional["follow_index"] == pytest.approx(-1.0, abs=0.02)
+    assert positional["follow_index_hi"] < -0.95 and positional["verdict"] == "position"
+    assert token["follow_index"] > 0.99 and token["follow_index_lo"] > 0.98
     assert token["sim_token"] > 0.99 and token["verdict"] == "token"
     assert token["verdict"] == "token"
     # unperturbed input scores at the noise floor: both alignments agree, floor is tiny
     # the unperturbed text, re-run in another batch, reproduces the original: the noise
     # floor (how far the index moves when the re-run stands in for the original) is tiny
     rerun = _heads(result, "identity")
-    assert (rerun["sim_position"] > 1 - 1e-3).all() and (rerun["index"] == 0).all()
+    assert (rerun["sim_position"] > 1 - 1e-3).all() and (rerun["follow_index"] == 0).all()
     assert (heads["noise_floor"] < 1e-3).all()
 
 
-def test_swapping_named_words_moves_only_the_token_head(constructed, tmp_path):
+def test_swapping_named_words_moves_only_the_token_head(constructed):
     model, _ = constructed
     notes: list[str] = []
-    config = PerturbConfig(
-        texts=[*TEXTS, "No animal here."],
-        swap=("dog", "the"),
-        out=tmp_path / "s",
-        quiet=True,
-    )
-    result = run_perturb(config, echo=notes.append, model=model)
+    options = PerturbOptions(swap=("dog", "the"), quiet=True)
+    result = options.run(model, [*TEXTS, "No animal here."], warn=notes.append)
     heads = _heads(result, "swap")
-    assert heads.loc[(1, 1), "index"] > 0.99
-    assert heads.loc[(1, 0), "index"] < -0.95
+    assert heads.loc[(0, 1), "follow_index"] > 0.99
+    assert heads.loc[(0, 0), "follow_index"] < -0.95
     # texts without both words (' the' lower-case) are skipped, with a warning naming them
     assert result.skipped == [2, 3, 5, 6]
     assert any("4 text(s) skipped" in n and "2, 3, 5, 6" in n for n in notes)
+    assert result.notes == notes  # the result keeps the warnings it gave
     assert (heads["n_texts"] == 3).all()
 
 
@@ -214,12 +218,12 @@ def test_swap_matches_hugging_face_and_scipy(kind, tiny_dirs, tmp_path):
     directory = _sharpened(tiny_dirs[kind], tmp_path / f"sharp-{kind}", kind)
     model = load_model(str(directory), device="cpu")
     original_text, swapped_text = "The dog chased the cat.", "The cat chased the dog."
-    config = PerturbConfig(
-        texts=[original_text], swap=("dog", "cat"), out=tmp_path / kind, quiet=True
+    result = PerturbOptions(swap=("dog", "cat"), quiet=True).run(
+        model, [original_text], warn=_quiet
     )
-    result = run_perturb(config, echo=lambda m: None, model=model)
+    result.save(tmp_path / kind)  # compare what is written
     table = pd.read_csv(tmp_path / kind / "perturbations.csv")
-    table = table[table["perturbation"] == "swap"].set_index(["layer", "head"])
+    table = table[table["perturbation"] == "swap"].set_index(["block", "head"])
 
     loader = AutoModel if kind == "bert" else AutoModelForCausalLM
     hf = loader.from_pretrained(directory, attn_implementation="eager").eval()
@@ -241,14 +245,15 @@ def test_swap_matches_hugging_face_and_scipy(kind, tiny_dirs, tmp_path):
             sim_token, sim_position, index = _reference_alignment(
                 att_a[0, head].double().numpy(), att_b[0, head].double().numpy(), perm, causal
             )
-            row = table.loc[(block + 1, head)]
+            row = table.loc[(block, head)]  # HF's attentions[b] is block b
+            assert row["head_name"] == f"L{block}H{head}"
             assert row["sim_token"] == pytest.approx(sim_token, abs=1e-4, nan_ok=True)
             assert row["sim_position"] == pytest.approx(sim_position, abs=1e-4, nan_ok=True)
-            assert row["index"] == pytest.approx(index, abs=1e-3, nan_ok=True)
+            assert row["follow_index"] == pytest.approx(index, abs=1e-3, nan_ok=True)
             compared += int(np.isfinite(index))
     assert compared >= model.n_layers * model.n_heads // 2  # most heads had evidence
     # the residual stream: cosine to the same token's state (moved) vs the same position's
-    resid = result.resid[result.resid["perturbation"] == "swap"].set_index("layer")
+    resid = _resid(result, "swap").set_index("layer")
     moved = [first, second]
     layers = len(a.hidden_states) - (0 if kind == "bert" else 1)  # HF's last is after ln_f
     for layer in range(layers):
@@ -260,45 +265,38 @@ def test_swap_matches_hugging_face_and_scipy(kind, tiny_dirs, tmp_path):
         assert resid.loc[layer, "cos_position"] == pytest.approx(same, abs=1e-4)
 
 
-def test_llama_states_follow_tokens_exactly_at_the_embeddings(tiny_models, tmp_path):
+def test_llama_states_follow_tokens_exactly_at_the_embeddings(tiny_models):
     """Llama adds no position embedding: layer 0 is the token's row, wherever it goes."""
-    config = PerturbConfig(
-        texts=TEXTS[:3], mode="shuffle", samples=3, out=tmp_path / "l", quiet=True
-    )
-    result = run_perturb(config, echo=lambda m: None, model=tiny_models["llama"])
-    layer0 = result.resid[
-        (result.resid["perturbation"] == "shuffle") & (result.resid["layer"] == 0)
-    ]
+    options = PerturbOptions(mode="shuffle", samples=3, quiet=True)
+    result = options.run(tiny_models["llama"], TEXTS[:3], warn=_quiet)
+    resid = _resid(result, "shuffle")
+    layer0 = resid[resid["layer"] == 0]
     np.testing.assert_allclose(layer0["cos_token"], 1.0, atol=1e-6)
     assert (layer0["cos_position"] < 0.9).all()
 
 
-def test_embed_shuffle_keeps_special_rows_and_restores_the_model(tiny_models, tmp_path):
+def test_embed_shuffle_keeps_special_rows_and_restores_the_model(tiny_models):
     model = tiny_models["bert"]
     ids = torch.tensor([model.encode(TEXTS[0])])
     before = model.capture(ids, torch.ones_like(ids), patterns=True)
-    config = PerturbConfig(
-        texts=TEXTS[:3], mode="embed-shuffle", samples=2, out=tmp_path / "e", quiet=True
-    )
-    result = run_perturb(config, echo=lambda m: None, model=model)
+    options = PerturbOptions(mode="embed-shuffle", samples=2, quiet=True)
+    result = options.run(model, TEXTS[:3], warn=_quiet)
     after = model.capture(ids, torch.ones_like(ids), patterns=True)
     torch.testing.assert_close(before.resid, after.resid, rtol=0, atol=0)
     heads = _heads(result, "embed-shuffle")
-    assert heads["index"].isna().all() and (heads["verdict"] == "n/a").all()
+    assert heads["follow_index"].isna().all() and (heads["verdict"] == "n/a").all()
     assert (heads["sim_position"] < 0.999).all() and (heads["sim_position"] > 0).all()
-    assert (heads["n"] == 3 * 2).all()
+    assert (heads["n_obs"] == 3 * 2).all()
     # the layer-0 states of the content tokens changed completely, the positions did not move
-    layer0 = result.resid[
-        (result.resid["perturbation"] == "embed-shuffle") & (result.resid["layer"] == 0)
-    ]
+    resid = _resid(result, "embed-shuffle")
+    layer0 = resid[resid["layer"] == 0]
     assert layer0["cos_token"].isna().all() and (layer0["cos_position"] < 0.9).all()
 
 
 def test_random_tokens_keep_positions_and_special_tokens(tiny_models, tmp_path):
-    config = PerturbConfig(
-        texts=TEXTS[:2], mode="random-token", samples=3, out=tmp_path / "r", quiet=True
-    )
-    result = run_perturb(config, echo=lambda m: None, model=tiny_models["gpt2"])
+    options = PerturbOptions(mode="random-token", samples=3, quiet=True)
+    result = options.run(tiny_models["gpt2"], TEXTS[:2], warn=_quiet)
+    result.save(tmp_path / "r")
     table = pd.read_csv(tmp_path / "r" / "perturbations.csv")
     assert set(table["perturbation"]) == {"identity", "random-token"}
     assert table.groupby("perturbation")["sample"].max().to_dict() == {
@@ -306,15 +304,13 @@ def test_random_tokens_keep_positions_and_special_tokens(tiny_models, tmp_path):
         "random-token": 2,
     }
     heads = _heads(result, "random-token")
-    assert heads["index"].isna().all() and heads["sim_position"].between(0, 1).all()
+    assert heads["follow_index"].isna().all() and heads["sim_position"].between(0, 1).all()
 
 
 def test_same_seed_same_numbers_other_seed_other_perturbations(tiny_models, tmp_path):
     def run(seed: int, name: str) -> pd.DataFrame:
-        config = PerturbConfig(
-            texts=TEXTS[:3], mode="shuffle", samples=3, seed=seed, out=tmp_path / name, quiet=True
-        )
-        run_perturb(config, echo=lambda m: None, model=tiny_models["bert"])
+        options = PerturbOptions(mode="shuffle", samples=3, seed=seed, quiet=True)
+        options.run(tiny_models["bert"], TEXTS[:3], warn=_quiet).save(tmp_path / name)
         return pd.read_csv(tmp_path / name / "perturbations.csv")
 
     first, again, other = run(0, "a"), run(0, "b"), run(1, "c")
@@ -344,24 +340,25 @@ def test_perturb_cli_writes_every_output(tiny_dirs, tmp_path):
             "dog",
             "cat",
             "--show-head",
-            "2.1",
+            "L1H1",  # block 1 (the second), head 1
             "--out",
             str(out),
         ]
     )
     assert result.exit_code == 0, result.output
     assert "most position-following heads" in result.output
-    for name in ("perturbations", "resid", "heads", "summary"):
+    for name in ("perturbations", "resid", "heads", "summary", "resid_summary"):
         assert (out / f"{name}.csv").is_file()
     for name in ("index_heatmap", "layers", "attention"):
         assert (out / f"{name}.png").stat().st_size > 10_000
     heads = pd.read_csv(out / "heads.csv")
     assert list(heads.columns) == list(HEAD_COLUMNS)
-    assert len(heads) == 2 * 2 * 4  # identity + swap, 2 layers x 4 heads
+    assert len(heads) == 2 * 2 * 4  # identity + swap, 2 blocks x 4 heads
     assert list(pd.read_csv(out / "perturbations.csv").columns) == list(PERTURBATION_COLUMNS)
     assert list(pd.read_csv(out / "resid.csv").columns) == list(RESID_COLUMNS)
     record = json.loads((out / "run.json").read_text())
     assert record["command"] == "perturb" and record["options"]["swap"] == ["dog", "cat"]
+    assert record["options"]["show_heads"] == ["L1H1"]
     assert record["n_perturbations"] == 2
     assert not list(tmp_path.glob(".cli.tmp-*"))
 
@@ -369,14 +366,14 @@ def test_perturb_cli_writes_every_output(tiny_dirs, tmp_path):
 @pytest.mark.parametrize(
     ("args", "fragment"),
     [
-        (["--mode", "shuffle", "--swap", "a", "b"], "--swap goes with --mode swap"),
+        (["--mode", "shuffle", "--swap", "a", "b"], "swap (--swap): goes with mode swap"),
         (["--swap", "dog", "dog"], "two different words"),
         (["--swap", "dog", "horse"], "'horse' is not a token span"),
-        (["--samples", "0"], "--samples must be at least 1"),
-        (["--mode", "shuffle", "--all-pairs"], "--all-pairs goes with --mode swap"),
-        (["--show-head", "x"], "expected LAYER.HEAD"),
-        (["--show-head", "9.0"], "has layers 1..2"),
-        (["--show-head", "0.1"], "layer counts from 1"),
+        (["--samples", "0"], "samples (--samples): must be at least 1"),
+        (["--mode", "shuffle", "--all-pairs"], "all_pairs (--all-pairs): goes with mode swap"),
+        (["--show-head", "x"], "expected L<block>H<head>"),
+        (["--show-head", "L9H0"], "has blocks 0..1"),
+        (["--show-head", "L0H4"], "heads 0..3"),
         (["--show-text", "3"], "only 1 text(s) given"),
         (["--mode", "sideways"], "Invalid value for '--mode'"),
     ],
@@ -397,3 +394,21 @@ def test_nothing_to_perturb_is_an_error(tiny_dirs, tmp_path):
     )
     assert result.exit_code == 1
     assert "no text could be perturbed" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(
+    ("head", "fragment"),
+    [
+        ("1.2", "expected L<block>H<head>"),  # the old LAYER.HEAD style is refused, not guessed
+        ("L9H0", "head L9H0: the model has blocks 0..1 and heads 0..3"),
+    ],
+)
+def test_show_head_errors_are_one_line_and_write_nothing(tiny_dirs, tmp_path, head, fragment):
+    out = tmp_path / "bad"
+    args = ["perturb", "-m", str(tiny_dirs["bert"]), "-t", "The dog chased the cat."]
+    result = CliRunner().invoke(trace, [*args, "--show-head", head, "-o", str(out)])
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ")
+    assert fragment in lines[0] and head in lines[0]
+    assert not out.exists() and not any(tmp_path.iterdir())

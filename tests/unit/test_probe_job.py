@@ -128,7 +128,8 @@ def test_probe_cli_writes_every_output(tiny_dirs, norms_file, tmp_path, monkeypa
     assert set(scores["layer"]) == {0, 2} and set(scores["fold"]) == {0, 1, 2, 3}
     assert set(scores["metric"]) == {"spearman", "na_at_10"}
     summary = pd.read_csv(out / "summary.csv")
-    assert (summary["lo"] <= summary["mean"] + 1e-12).all()
+    assert (summary["score_lo"] <= summary["score"] + 1e-12).all()
+    assert (summary["score"] <= summary["score_hi"] + 1e-12).all()
     verdicts = pd.read_csv(out / "verdicts.csv")
     assert len(verdicts) == 2 * 2 * 2  # layers x mappers x metrics
     concepts = pd.read_csv(out / "concepts.csv")
@@ -158,8 +159,8 @@ def test_probe_cli_writes_every_output(tiny_dirs, norms_file, tmp_path, monkeypa
         (["--norms", "mcrae:/no/such/file"], "no such file"),
         (["--layers", "0,9"], "has layers 0..2"),
         (["--layers", "a,b"], "comma-separated layer numbers"),
-        (["--folds", "1"], "--folds must be at least 2"),
-        (["--max-concepts", "5"], "--max-concepts must be at least 20"),
+        (["--folds", "1"], "folds (--folds): must be at least 2, got 1"),
+        (["--max-concepts", "5"], "max_concepts (--max-concepts): must be at least 20, got 5"),
         (["--condition", "upper"], "system condition cannot be left out"),
     ],
 )
@@ -174,21 +175,23 @@ def test_probe_errors(tiny_dirs, norms_file, tmp_path, args, fragment):
 
 
 def test_readme_documents_every_probe_column(tiny_models, norms_file, tmp_path):
-    from residual_trace.experiments.probe import ProbeConfig, run_probe
+    from residual_trace.experiments.options import ProbeOptions
 
-    config = ProbeConfig(
+    options = ProbeOptions(
         norms=(f"wide:{norms_file}",),
         mappers=("ridge",),
         folds=3,
         layers=(1,),
         conditions=("system", "shuffled", "upper"),
-        out=tmp_path / "p",
         quiet=True,
         use_cache=False,
     )
-    result = run_probe(config, echo=lambda m: None, model=tiny_models["bert"])
+    result = options.run(tiny_models["bert"], warn=lambda m: None)
+    result.save(tmp_path / "p")
     readme = (Path(__file__).parents[2] / "README.md").read_text(encoding="utf-8")
+    assert set(result.tables) == {"scores", "summary", "verdicts", "concepts"}
     concepts = pd.read_csv(tmp_path / "p" / "concepts.csv")
-    for frame in (result.scores, result.summary, result.verdicts, concepts):
+    assert list(concepts.columns) == list(result.tables["concepts"].columns)
+    for frame in result.tables.values():
         for column in frame.columns:
             assert f"`{column}`" in readme, column

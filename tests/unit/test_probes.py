@@ -226,7 +226,7 @@ def test_linear_targets_score_near_perfect_and_their_shuffle_falls_to_chance(map
     scores = evaluate(
         embeddings, norms, mappers=[mapper], conditions=["system", "shuffled", "upper"], folds=4
     )
-    summary = summarise(scores).set_index(["condition", "metric"])["mean"]
+    summary = summarise(scores).set_index(["condition", "metric"])["score"]
     assert summary["system", "spearman"] > 0.9
     assert summary["system", "na_at_10"] > 0.9
     assert abs(summary["shuffled", "spearman"]) < 0.1
@@ -240,7 +240,7 @@ def test_independent_targets_score_at_chance_in_every_condition_but_upper():
     conditions = ["system", "shuffled", "random", "nonsense", "upper", "shuffled-upper"]
     scores = evaluate(embeddings, norms, mappers=["ridge"], conditions=conditions, folds=4)
     summary = summarise(scores)
-    means = summary.set_index(["condition", "metric"])["mean"]
+    means = summary.set_index(["condition", "metric"])["score"]
     for condition in ("system", "shuffled", "random", "nonsense", "shuffled-upper"):
         assert abs(means[condition, "spearman"]) < 0.1, condition
         assert means[condition, "na_at_10"] < 3 * 10 / 240, condition
@@ -274,6 +274,6 @@ def test_taxonomic_corruption_runs_only_with_categories():
     scores = evaluate(
         embeddings, with_categories, mappers=["ridge"], conditions=conditions, folds=3
     )
-    means = summarise(scores).set_index(["condition", "metric"])["mean"]
+    means = summarise(scores).set_index(["condition", "metric"])["score"]
     # vectors swapped within 4 large categories no longer match their concepts' norms
     assert means["taxonomic", "na_at_10"] < means["system", "na_at_10"] - 0.5

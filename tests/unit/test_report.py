@@ -1,5 +1,6 @@
 """``trace report`` on tiny models: the whole document, resuming a killed run, reproducing a
-report from its saved config, and a page that needs no network."""
+report from its saved config, a config checked whole before any work, and a page that needs
+no network."""
 
 from __future__ import annotations
 
@@ -10,63 +11,115 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
+import residual_trace.experiments.decompose as decompose_module
+import residual_trace.experiments.layers as layers_module
 import residual_trace.experiments.perturb as perturb_module
+import residual_trace.experiments.probe as probe_module
 from residual_trace.cli import trace
-from residual_trace.experiments.report import ReportConfig, run_report
+from residual_trace.errors import UserError
+from residual_trace.experiments.report import ReportOptions, run_report
+
+#: What each part's own summary contributes to depth.csv (per-block summaries of decompose
+#: and perturb sit at the layer their block writes: layer = block + 1).
+FROM_SUMMARY = {
+    "layers": (
+        "cos_input", "cos_input_lo", "cos_input_hi", "baseline",
+        "identifiable", "identifiable_lo", "identifiable_hi",
+    ),
+    "decompose": (
+        "proj_attn", "proj_attn_lo", "proj_attn_hi", "proj_mlp", "proj_mlp_lo", "proj_mlp_hi",
+        "mix_raw", "mix_norm_attn", "mix_norm", "mix_norm_lo", "mix_norm_hi", "mix_rollout",
+    ),
+    "perturb": (
+        "follow_index", "follow_index_lo", "follow_index_hi",
+        "n_heads_token", "n_heads_position", "n_heads_undecided",
+    ),
+}  # fmt: skip
+KINDS = ("bert", "gpt2")
 
 
-def _config(tiny_dirs, out: Path, **changes) -> ReportConfig:
+def _options(tiny_dirs, **changes) -> ReportOptions:
     values = {
-        "models": [str(tiny_dirs["bert"]), str(tiny_dirs["gpt2"])],
+        "models": [str(tiny_dirs[k]) for k in KINDS],
         "max_texts": 4,
         "perturb_samples": 2,
         "probe_max_concepts": 40,
         "probe_folds": 3,
         "probe_mappers": ["ridge"],
-        "out": str(out),
-        "quiet": True,
         "device": "cpu",
     }
     values.update(changes)
-    return ReportConfig(**values)
+    return ReportOptions(**values)
 
 
 def _models(tiny_dirs, tiny_models) -> dict:
-    return {str(tiny_dirs[k]): tiny_models[k] for k in ("bert", "gpt2")}
+    return {str(tiny_dirs[k]): tiny_models[k] for k in KINDS}
+
+
+def _report(options: ReportOptions, out: Path, models: dict):
+    """What ``trace report`` does: parts saved into ``out`` as they finish, then the document."""
+    result = run_report(options, warn=lambda m: None, workdir=out, models=models)
+    result.save(out)
+    return result
 
 
 @pytest.fixture(scope="module")
 def finished(tiny_dirs, tiny_models, tmp_path_factory):
     out = tmp_path_factory.mktemp("report") / "full"
-    result = run_report(
-        _config(tiny_dirs, out), echo=lambda m: None, models=_models(tiny_dirs, tiny_models)
-    )
+    result = _report(_options(tiny_dirs), out, _models(tiny_dirs, tiny_models))
     return out, result
+
+
+def _spy(monkeypatch, tiny_models) -> list[tuple[str, str]]:
+    """Record (model kind, experiment) of every experiment that actually runs."""
+    kind_of = {id(model): kind for kind, model in tiny_models.items()}
+    calls: list[tuple[str, str]] = []
+    for module, name in (
+        (layers_module, "run_layers"),
+        (decompose_module, "run_decompose"),
+        (perturb_module, "run_perturb"),
+        (probe_module, "run_probe"),
+    ):
+        real = getattr(module, name)
+
+        def spied(model, *args, _real=real, _experiment=name[4:], **kwargs):
+            calls.append((kind_of[id(model)], _experiment))
+            return _real(model, *args, **kwargs)
+
+        monkeypatch.setattr(module, name, spied)
+    return calls
 
 
 def test_report_has_every_section_on_a_relative_depth_axis(finished, tiny_dirs):
     out, result = finished
     assert all(part.ran for part in result.parts) and len(result.parts) == 2 * 4
     depth = pd.read_csv(out / "tables" / "depth.csv")
-    for model in (str(tiny_dirs["bert"]), str(tiny_dirs["gpt2"])):
+    for model in (str(tiny_dirs[k]) for k in KINDS):
         rows = depth[depth["model"] == model]
         assert rows["depth"].min() == 0.0 and rows["depth"].max() == 1.0
+        assert rows["layer"].tolist() == [0, 1, 2]
+        assert rows["block"].isna().tolist() == [True, False, False]
+        assert (rows["block"].dropna() == rows["layer"][1:] - 1).all()
         for column in ("cos_input", "baseline", "identifiable", "proj_attn", "mix_norm"):
             assert rows[column].notna().any(), column
         # random tiny models attend almost uniformly: the index may have no evidence, but
         # every head is counted under a verdict
-        assert "index" in rows
+        assert "follow_index" in rows
     heads = pd.read_csv(out / "tables" / "heads.csv")
-    assert (heads["heads"] == heads["position"] + heads["token"] + heads["undecided"]).all()
-    assert heads["heads"].tolist() == [2 * 4, 2 * 4]
-    # the comparison tables are the parts' own tables, on the new axis
-    layers = pd.read_csv(out / "runs" / "tiny-bert" / "layers" / "summary.csv")
-    bert = depth[depth["model"] == str(tiny_dirs["bert"])].set_index("layer")
-    pd.testing.assert_series_equal(
-        bert["cos_input"], layers.set_index("layer")["cos_input"], check_names=False
-    )
-    for name in ("drift", "identifiable", "sublayers", "mixing", "index", "probe"):
+    assert list(heads.columns) == [
+        "model", "n_heads", "n_heads_position", "n_heads_token", "n_heads_undecided",
+        "noise_floor",
+    ]  # fmt: skip
+    assert (
+        heads["n_heads"]
+        == heads["n_heads_position"] + heads["n_heads_token"] + heads["n_heads_undecided"]
+    ).all()
+    assert heads["n_heads"].tolist() == [2 * 4, 2 * 4]
+    for name in ("drift", "identifiable", "sublayers", "mixing", "follow_index", "probe"):
         assert (out / "figures" / f"{name}.png").stat().st_size > 5_000
+    assert set(result.figures()) == {
+        "drift", "identifiable", "sublayers", "mixing", "follow_index", "probe"
+    }  # fmt: skip
     text = (out / "report.md").read_text()
     assert "encoder" in text and "decoder" in text
     # the probe table with its controls, one column per condition
@@ -77,6 +130,57 @@ def test_report_has_every_section_on_a_relative_depth_axis(finished, tiny_dirs):
     assert any("expected to lose token identity steadily" in v for v in result.verdicts)
     assert any("follow positions" in v for v in result.verdicts)
     assert any("beats its shuffled" in v for v in result.verdicts)
+
+
+def test_comparison_tables_are_the_parts_own_tables(finished, tiny_dirs):
+    """depth.csv holds each part's own summary, unchanged: layers' per layer, decompose's and
+    perturb's (per block) at layer = block + 1 and empty at layer 0; heads.csv counts the
+    perturb part's own per-head verdicts; probe.csv is the probe parts' summaries."""
+    out, _ = finished
+    depth = pd.read_csv(out / "tables" / "depth.csv")
+    measures = [c for c in depth.columns if c not in {"model", "family", "depth", "layer", "block"}]
+    assert sorted(measures) == sorted(c for cs in FROM_SUMMARY.values() for c in cs)
+    heads = pd.read_csv(out / "tables" / "heads.csv").set_index("model")
+    probes = []
+    for kind in KINDS:
+        model = str(tiny_dirs[kind])
+        runs = out / "runs" / f"tiny-{kind}"
+        rows = depth[depth["model"] == model].set_index("layer")
+        layers = pd.read_csv(runs / "layers" / "summary.csv").set_index("layer")
+        assert layers.index.tolist() == [0, 1, 2]
+        decompose = pd.read_csv(runs / "decompose" / "summary.csv")
+        perturb = pd.read_csv(runs / "perturb" / "summary.csv")
+        perturb = perturb[perturb["perturbation"] == "shuffle"]
+        for summary, experiment in ((decompose, "decompose"), (perturb, "perturb")):
+            assert summary["block"].tolist() == [0, 1], experiment
+            by_layer = summary.set_index(summary["block"] + 1)
+            for column in FROM_SUMMARY[experiment]:
+                assert rows.loc[0, column] != rows.loc[0, column], column  # NaN at layer 0
+                pd.testing.assert_series_equal(
+                    rows.loc[[1, 2], column],
+                    by_layer[column],
+                    check_names=False,
+                    check_dtype=False,
+                    check_index_type=False,
+                )
+        for column in FROM_SUMMARY["layers"]:
+            pd.testing.assert_series_equal(
+                rows[column], layers[column], check_names=False, check_dtype=False
+            )
+        per_head = pd.read_csv(runs / "perturb" / "heads.csv")
+        per_head = per_head[per_head["perturbation"] == "shuffle"]
+        assert len(per_head) == 2 * 4
+        for verdict in ("position", "token", "undecided"):
+            expected = int((per_head["verdict"] == verdict).sum())
+            assert heads.loc[model, f"n_heads_{verdict}"] == expected
+            assert perturb[f"n_heads_{verdict}"].sum() == expected
+        # (NaN where no head had evidence, as random tiny models may)
+        floor = per_head["noise_floor"].max()
+        assert heads.loc[model, "noise_floor"] == pytest.approx(floor, nan_ok=True)
+        probes.append(pd.read_csv(runs / "probe" / "summary.csv"))
+    pd.testing.assert_frame_equal(
+        pd.read_csv(out / "tables" / "probe.csv"), pd.concat(probes, ignore_index=True)
+    )
 
 
 def test_html_is_self_contained(finished):
@@ -91,47 +195,62 @@ def test_html_is_self_contained(finished):
 
 def test_config_written_beside_the_report_reproduces_it(finished, tiny_dirs, tiny_models, tmp_path):
     out, _ = finished
-    config = ReportConfig.from_toml(out / "config.toml")
+    options = ReportOptions.from_toml(out / "config.toml")
+    assert options == _options(tiny_dirs)  # every option survives the round trip
+    assert options.to_toml() == (out / "config.toml").read_text()
+    # run in memory this time (no workdir), then saved: the same tables
     again = tmp_path / "again"
-    config = ReportConfig(**{**config.__dict__, "out": str(again), "quiet": True})
-    run_report(config, echo=lambda m: None, models=_models(tiny_dirs, tiny_models))
+    result = run_report(options, warn=lambda m: None, models=_models(tiny_dirs, tiny_models))
+    assert not again.exists()
+    result.save(again)
     for name in ("depth.csv", "heads.csv", "probe.csv"):
         pd.testing.assert_frame_equal(
             pd.read_csv(out / "tables" / name), pd.read_csv(again / "tables" / name)
         )
+    for kind in KINDS:  # the parts are saved beside it too
+        for experiment in ("layers", "decompose", "perturb", "probe"):
+            assert (again / "runs" / f"tiny-{kind}" / experiment / "run.json").is_file()
 
 
 def test_a_killed_run_resumes_without_redoing_finished_parts(
     finished, tiny_dirs, tiny_models, tmp_path, monkeypatch
 ):
     out = tmp_path / "killed"
-    config = _config(tiny_dirs, out)
+    options = _options(tiny_dirs)
     models = _models(tiny_dirs, tiny_models)
     real = perturb_module.run_perturb
 
-    def killed_on_the_second_model(perturb_config, echo, model):
-        if "gpt2" in perturb_config.model:
+    def killed_on_the_second_model(model, *args, **kwargs):
+        if model is tiny_models["gpt2"]:
             raise KeyboardInterrupt
-        return real(perturb_config, echo=echo, model=model)
+        return real(model, *args, **kwargs)
 
     monkeypatch.setattr(perturb_module, "run_perturb", killed_on_the_second_model)
     with pytest.raises(KeyboardInterrupt):
-        run_report(config, echo=lambda m: None, models=models)
+        _report(options, out, models)
     assert (out / "runs" / "tiny-bert" / "probe" / "run.json").is_file()
-    assert not (out / "runs" / "tiny-gpt2" / "perturb").exists()  # nothing half-written
+    # nothing half-written: the finished parts of gpt2, and nothing else
+    assert sorted(p.name for p in (out / "runs" / "tiny-gpt2").iterdir()) == [
+        "decompose",
+        "layers",
+    ]
     monkeypatch.setattr(perturb_module, "run_perturb", real)
-    result = run_report(config, echo=lambda m: None, models=models)
-    ran = {(p.model.split("/")[-1], p.experiment): p.ran for p in result.parts}
-    assert not any(v for (m, _), v in ran.items() if m == "tiny-bert")
-    assert ran[("tiny-gpt2", "perturb")] and not ran[("tiny-gpt2", "layers")]
+    calls = _spy(monkeypatch, tiny_models)
+    result = _report(options, out, models)
+    assert sorted(calls) == [("gpt2", "perturb"), ("gpt2", "probe")]
+    ran = {(Path(p.model).name, p.experiment) for p in result.parts if p.ran}
+    assert ran == {("tiny-gpt2", "perturb"), ("tiny-gpt2", "probe")}
+    assert len(result.parts) == 2 * 4
     full, _ = finished
     for name in ("depth.csv", "heads.csv", "probe.csv"):
         pd.testing.assert_frame_equal(
             pd.read_csv(full / "tables" / name), pd.read_csv(out / "tables" / name)
         )
+    assert (full / "report.md").read_text() == (out / "report.md").read_text()
     # a changed option invalidates only what depends on it
-    changed = _config(tiny_dirs, out, perturb_samples=3)
-    result = run_report(changed, echo=lambda m: None, models=models)
+    calls.clear()
+    result = _report(_options(tiny_dirs, perturb_samples=3), out, models)
+    assert sorted(calls) == [("bert", "perturb"), ("gpt2", "perturb")]
     assert {p.experiment for p in result.parts if p.ran} == {"perturb"}
 
 
@@ -140,16 +259,51 @@ def test_a_killed_run_resumes_without_redoing_finished_parts(
     [
         ("models = [\n", "not valid TOML"),
         ('colour = "red"\n', "unknown key(s) colour"),
-        ('experiments = ["dance"]\n', "experiments must be some of"),
-        ("models = []\n", "at least one --model"),
+        ('experiments = ["dance"]\n', "experiments (--experiment): expected"),
+        ("models = []\n", "at least one model"),
+        ('max_texts = "5"\n', "max_texts (--max-texts): expected an integer, got '5'"),
+        ("max_texts = 0\n", "max_texts (--max-texts): must be at least 1, got 0"),
+        ("probe_depths = [0.5, 2.0]\n", "probe_depths"),
     ],
 )
 def test_bad_configs_are_one_line_errors(tmp_path, content, fragment):
     path = tmp_path / "config.toml"
     path.write_text(content)
-    result = CliRunner().invoke(trace, ["report", "--config", str(path), "-o", str(tmp_path / "r")])
-    assert result.exit_code == 1 and fragment in result.output
+    out = tmp_path / "r"
+    result = CliRunner().invoke(trace, ["report", "--config", str(path), "-o", str(out)])
+    assert result.exit_code == 1 and fragment in result.output, result.output
+    assert result.output.startswith("Error: ") and result.output.count("\n") == 1
     assert "Traceback" not in result.output
+    assert not out.exists()
+
+
+def test_a_parts_option_is_checked_before_any_model_loads(tmp_path):
+    """A bad value for one part (perturb's samples) is refused when the config is read: the
+    error is about it, not about the model that does not exist and was never loaded."""
+    path = tmp_path / "config.toml"
+    path.write_text('models = ["no-such-org/no-such-model"]\nperturb_samples = 0\n')
+    out = tmp_path / "r"
+    result = CliRunner().invoke(trace, ["report", "--config", str(path), "-o", str(out)])
+    assert result.exit_code == 1, result.output
+    assert result.output.count("\n") == 1 and "Traceback" not in result.output
+    assert "perturb" in result.output and "samples" in result.output
+    assert "must be at least 1, got 0" in result.output
+    assert "no-such-model" not in result.output
+    assert not out.exists()
+    # the same check in the API, before run_report can be called
+    with pytest.raises(UserError, match="samples"):
+        ReportOptions(models=["no-such-org/no-such-model"], perturb_samples=0)
+    # and with a good value the same config gets as far as the model, which fails there
+    path.write_text('models = ["no-such-org/no-such-model"]\nperturb_samples = 1\n')
+    result = CliRunner().invoke(trace, ["report", "--config", str(path), "-o", str(out)])
+    assert result.exit_code == 1 and "no-such" in result.output, result.output
+
+
+def test_unknown_keys_are_refused_by_name(tmp_path):
+    path = tmp_path / "config.toml"
+    path.write_text('max_texts = 3\nperturb_sample = 2\nfigure_fromat = "svg"\n')
+    with pytest.raises(UserError, match=r"unknown key\(s\) figure_fromat, perturb_sample"):
+        ReportOptions.from_toml(path)
 
 
 _CHECK = """<script>

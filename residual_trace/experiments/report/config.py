@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
-from residual_trace.errors import UserError
+from residual_trace.errors import OptionError, UserError
 from residual_trace.experiments.options import (
     DecomposeOptions,
     LayersOptions,
@@ -25,13 +25,29 @@ from residual_trace.experiments.options import (
     ProbeOptions,
     Texts,
 )
-from residual_trace.options import Options, option
+from residual_trace.options import Options, no_type_check, option
 
 EXPERIMENTS = ("layers", "decompose", "perturb", "probe")
 Experiment = Literal["layers", "decompose", "perturb", "probe"]
 ExperimentOptions = LayersOptions | DecomposeOptions | PerturbOptions | ProbeOptions
 
+#: Which report key sets which option of a part (for error messages in the report's terms).
+_REPORT_KEYS = {
+    **{
+        (e, k): k
+        for e in ("layers", "decompose", "perturb", "probe")
+        for k in ("batch_size", "seed")
+    },
+    ("perturb", "mode"): "perturb_mode",
+    ("perturb", "samples"): "perturb_samples",
+    ("probe", "norms"): "probe_norms",
+    ("probe", "mappers"): "probe_mappers",
+    ("probe", "folds"): "probe_folds",
+    ("probe", "max_concepts"): "probe_max_concepts",
+}
 
+
+@no_type_check
 @dataclass(kw_only=True)
 class ReportOptions(Options):
     """What a report runs. Saved beside it as ``config.toml``; ``--config`` reads one back.
@@ -85,8 +101,11 @@ class ReportOptions(Options):
         for experiment in self.experiments:  # each part's own options, checked now
             try:
                 self.options_for(experiment, n_blocks=None)
-            except UserError as error:
-                raise UserError(f"report option for {experiment}: {error}") from None
+            except OptionError as error:
+                key = _REPORT_KEYS.get((experiment, error.option))
+                if key is None:
+                    raise
+                raise self.fail(key, error.detail) from None
 
     # -- the parts' options -----------------------------------------------------------------
     def options_for(self, experiment: str, n_blocks: int | None) -> ExperimentOptions:

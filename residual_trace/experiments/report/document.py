@@ -162,6 +162,10 @@ def _identifiable_depth(rows: pd.DataFrame) -> float:
     return float(depths[-1] if broken.size == 0 else depths[broken[0] - 1])
 
 
+def _floor(value: float) -> str:
+    return f"{value:.1e}" if np.isfinite(value) else "n/a"
+
+
 def verdict_lines(
     config: ReportOptions,
     depth: pd.DataFrame,
@@ -211,7 +215,7 @@ def verdict_lines(
         lines.append(
             f"{row.model}: {row.n_heads_position} of {row.n_heads} heads ({share:.0%}) follow "
             f"positions and {row.n_heads_token} follow tokens under {config.perturb_mode} (95% "
-            f"intervals over texts clear of a noise floor of at most {row.noise_floor:.1e}); "
+            f"intervals over texts clear of a noise floor of at most {_floor(row.noise_floor)}); "
             f"{row.n_heads_undecided} undecided."
         )
     if not probe_verdicts.empty:
