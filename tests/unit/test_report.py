@@ -108,7 +108,7 @@ def test_report_has_every_section_on_a_relative_depth_axis(finished, tiny_dirs):
     heads = pd.read_csv(out / "tables" / "heads.csv")
     assert list(heads.columns) == [
         "model", "n_heads", "n_heads_position", "n_heads_token", "n_heads_undecided",
-        "noise_floor",
+        "noise_floor", "position_heads",
     ]  # fmt: skip
     assert (
         heads["n_heads"]
@@ -177,6 +177,9 @@ def test_comparison_tables_are_the_parts_own_tables(finished, tiny_dirs):
         # (NaN where no head had evidence, as random tiny models may)
         floor = per_head["noise_floor"].max()
         assert heads.loc[model, "noise_floor"] == pytest.approx(floor, nan_ok=True)
+        named = per_head[per_head["verdict"] == "position"].sort_values("follow_index")
+        shown = heads.loc[model, "position_heads"]
+        assert (shown if isinstance(shown, str) else "").split() == named["head_name"].tolist()
         probes.append(pd.read_csv(runs / "probe" / "summary.csv"))
     pd.testing.assert_frame_equal(
         pd.read_csv(out / "tables" / "probe.csv"), pd.concat(probes, ignore_index=True)
@@ -393,3 +396,27 @@ def test_report_renders_in_headless_chromium_without_network(finished, tmp_path)
         check=True,
     )
     assert shot.stat().st_size > 50_000
+
+
+def test_report_names_the_positional_heads_most_positional_first():
+    from residual_trace.experiments.report.document import head_shares, verdict_lines
+    from residual_trace.experiments.report.parts import Part
+
+    heads = pd.DataFrame(
+        {
+            "perturbation": ["shuffle"] * 4 + ["swap"],
+            "head_name": ["L0H0", "L0H1", "L1H0", "L1H1", "L1H1"],
+            "follow_index": [-0.2, 0.9, -0.8, 0.1, -0.9],
+            "verdict": ["position", "token", "position", "undecided", "position"],
+            "noise_floor": [1e-6, 2e-6, 1e-6, 1e-6, 5e-6],
+        }
+    )
+    part = Part("m", "perturb", {"heads": heads}, info={})
+    table = head_shares([part], "shuffle")
+    row = table.iloc[0]
+    assert (row["n_heads"], row["n_heads_position"], row["n_heads_token"]) == (4, 2, 1)
+    assert row["position_heads"] == "L1H0 L0H0"  # by follow_index, most positional first
+    options = ReportOptions(models=("m",), experiments=("perturb",), perturb_mode="shuffle")
+    depth = pd.DataFrame({"model": ["m"], "layer": [0], "family": ["encoder"]})
+    lines = verdict_lines(options, depth, table, pd.DataFrame())
+    assert any("Most positional: L1H0, L0H0." in line for line in lines)

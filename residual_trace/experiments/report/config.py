@@ -28,6 +28,11 @@ from residual_trace.experiments.options import (
 from residual_trace.options import Options, no_type_check, option
 
 EXPERIMENTS = ("layers", "decompose", "perturb", "probe")
+
+#: The version of the parts' table layout: part of every fingerprint, so that a report
+#: directory written with other column names is run again, not resumed (2: ``block``,
+#: ``head_name``, ``follow_index``, ``score``).
+TABLE_SCHEMA = 2
 Experiment = Literal["layers", "decompose", "perturb", "probe"]
 ExperimentOptions = LayersOptions | DecomposeOptions | PerturbOptions | ProbeOptions
 
@@ -193,6 +198,7 @@ class ReportOptions(Options):
             keep = {"seed", "probe_norms", "probe_mappers", "probe_folds", "probe_max_concepts"}
             keep |= {"probe_depths"}
         payload = {
+            "schema": TABLE_SCHEMA,
             "model": model,
             "experiment": experiment,
             **{k: _plain(data[k]) for k in sorted(keep)},

@@ -128,7 +128,8 @@ def probe_grid(summary: pd.DataFrame) -> pd.DataFrame:
 
 
 def head_shares(parts: list[Part], mode: str) -> pd.DataFrame:
-    """One row per model: its heads by verdict under ``mode``, and the largest noise floor."""
+    """One row per model: its heads by verdict under ``mode``, the largest noise floor, and
+    the positional heads by name (``L{block}H{head}``, most positional first)."""
     rows = []
     for part in parts:
         if part.experiment != "perturb":
@@ -136,6 +137,7 @@ def head_shares(parts: list[Part], mode: str) -> pd.DataFrame:
         heads = part.tables["heads"]
         heads = heads[heads["perturbation"] == mode]
         counts = heads["verdict"].value_counts()
+        positional = heads[heads["verdict"] == "position"].sort_values("follow_index")
         rows.append(
             {
                 "model": part.model,
@@ -144,6 +146,7 @@ def head_shares(parts: list[Part], mode: str) -> pd.DataFrame:
                 "n_heads_token": int(counts.get("token", 0)),
                 "n_heads_undecided": int(counts.get("undecided", 0)),
                 "noise_floor": float(heads["noise_floor"].max()),
+                "position_heads": " ".join(positional["head_name"]),
             }
         )
     return pd.DataFrame(rows)
@@ -160,6 +163,14 @@ def _identifiable_depth(rows: pd.DataFrame) -> float:
         return 0.0
     broken = np.flatnonzero(~ok)
     return float(depths[-1] if broken.size == 0 else depths[broken[0] - 1])
+
+
+def _named(heads: str, shown: int = 6) -> str:
+    names = heads.split()
+    if not names:
+        return ""
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return f" Most positional: {', '.join(names[:shown])}{more}."
 
 
 def _floor(value: float) -> str:
@@ -217,6 +228,7 @@ def verdict_lines(
             f"positions and {row.n_heads_token} follow tokens under {config.perturb_mode} (95% "
             f"intervals over texts clear of a noise floor of at most {_floor(row.noise_floor)}); "
             f"{row.n_heads_undecided} undecided."
+            + _named(str(row.position_heads) if isinstance(row.position_heads, str) else "")
         )
     if not probe_verdicts.empty:
         for model, part in probe_verdicts.groupby("model", sort=False):
