@@ -76,14 +76,14 @@ def model_record(model: TracedModel) -> dict[str, Any]:
         "directory": str(model.resolved.directory),
         "revision": model.resolved.revision,
         "weights_sha256": model.resolved.weights_sha256,
-        "architecture": model.model_type,
-        "family": model.spec.family,
-        "norm_placement": model.spec.norm_placement,
+        **model.spec.describe(),
         "n_blocks": model.n_layers,
         "d_model": model.d_model,
         "n_heads": model.n_heads,
         "d_vocab": model.d_vocab,
         "device": str(model.device),
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "device_map": model.device_map,
     }
 
 

@@ -73,7 +73,7 @@ class DecomposeResult(Result):
         model, summary = self.model, self.summary
         lines = [
             f"{model.name}: {model.model_type} {model.spec.family} "
-            f"({model.spec.norm_placement}-LN), {model.n_layers} blocks, {len(self.texts)} "
+            f"({model.spec.norm_placement}-norm), {model.n_layers} blocks, {len(self.texts)} "
             "texts; parts reconstruct every block output (max relative error "
             f"{summary['max_recon_error'].max():.1e})",
             f"{'block':>5}  {'|attn|/|x|':>10}  {'|mlp|/|x|':>10}  {'attn → token':>19}  "

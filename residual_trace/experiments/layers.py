@@ -51,7 +51,7 @@ class LayersResult(Result):
 
     @property
     def _variants(self) -> tuple[str, ...]:
-        return ("", "_normed") if self.model.spec.norm_placement == "pre" else ("",)
+        return ("", "_normed") if self.model.spec.reads_normalised else ("",)
 
     def figures(self) -> dict[str, Figure]:
         options = self.options
@@ -84,7 +84,7 @@ class LayersResult(Result):
                 f"{model.name}: {model.model_type} {model.spec.family}, {model.n_layers} blocks "
                 f"({model.n_layers + 1} layers), {len(self.texts)} texts, {tokens} tokens "
                 "measured per layer",
-                format_summary(self.summary, show_normed=model.spec.norm_placement == "pre"),
+                format_summary(self.summary, show_normed=model.spec.reads_normalised),
                 "cos_input: cosine to the input token's embedding; baseline: the same to the "
                 "text's other tokens (the null); identifiable: own token is the nearest "
                 "vocabulary row.",

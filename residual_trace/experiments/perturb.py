@@ -555,7 +555,7 @@ def describe(result: PerturbResult) -> str:
     noise = float(heads["noise_floor"].max())
     n_texts = len(result.texts) - len(result.skipped)
     lines = [
-        f"{model.name}: {model.model_type} {model.spec.family} ({model.spec.norm_placement}-LN), "
+        f"{model.name}: {model.model_type} {model.spec.family} ({model.spec.norm_placement}-norm), "
         f"{model.n_layers} blocks x {model.n_heads} heads; {n_texts} text(s), "
         f"{result.n_perturbations} perturbations ({kind})",
         "noise floor (the measure's shift when a re-run of the unperturbed text stands in "

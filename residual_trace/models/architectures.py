@@ -1,65 +1,114 @@
-"""Where each architecture keeps its residual stream, sublayer deltas and norms: data, not code.
+"""What differs between architecture families, as data: derived from the bridge, then checked.
 
-Everything outside :mod:`residual_trace.models` is architecture-blind; it asks an
-:class:`ArchSpec` for hook names. Adding an architecture means adding one row to
-:data:`ARCHITECTURES` (keyed by the Hugging Face ``config.model_type``) and a test that
-checks it against Hugging Face ``output_hidden_states``.
+Everything outside :mod:`residual_trace.models` is architecture-blind: it asks an
+:class:`ArchSpec` for hook names and structural facts. No family is typed in here. The facts
+come from what the TransformerBridge already knows (its ``parallel_attn_mlp`` flag, its
+normalisation type, whether attention is bidirectional, which norm modules a block has) and
+from one short probe forward through the first block (:func:`derive_spec`), which checks the
+identity the decomposition relies on:
+
+- *additive* blocks (pre-norm GPT-2, Llama, Qwen, Mistral, Phi-3, OPT; parallel GPT-NeoX,
+  GPT-J, Phi; norm-after-sublayer Gemma 2/3 and OLMo 2): block output = block input +
+  what the attention sublayer adds + what the MLP adds (for Gemma 2/3 and OLMo 2 "what it
+  adds" is the output of the norm applied to the sublayer's output);
+- *post-LN* blocks (BERT, RoBERTa): mid = LN1(input + attention output), output =
+  LN2(mid + MLP output).
+
+An architecture whose first block satisfies neither is refused with a one-line error, as is
+one whose bridge lacks a hook the measures read.
 
 Examples:
-    >>> spec = ARCHITECTURES["bert"]
+    >>> spec = ArchSpec(model_type="gpt2", family="decoder", norm_placement="pre",
+    ...                 prepend_bos=True)
     >>> spec.resid_hook(0), spec.resid_hook(6)
     ('blocks.0.hook_resid_pre', 'blocks.5.hook_resid_post')
-    >>> spec.reader_norm(3, n_layers=6) is None    # post-LN: states are already normalised
-    True
-    >>> ARCHITECTURES["llama"].reader_norm(30, n_layers=30)
-    'ln_final'
+    >>> spec.reader_norm(3, n_layers=6), spec.reader_norm(6, n_layers=6)
+    ('blocks.3.ln1', 'ln_final')
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
+import torch
+
+from residual_trace._typing import Tensor
 from residual_trace.errors import UserError
+
+NormPlacement = Literal["pre", "post", "sandwich", "output"]
+
+#: What each norm placement means, for run.json and the README.
+NORM_PLACEMENTS: dict[str, str] = {
+    "pre": "a norm reads the residual stream before each sublayer; the stream is additive",
+    "post": "LayerNorm after each sublayer's residual sum (BERT, RoBERTa)",
+    "sandwich": "a norm before and after each sublayer (Gemma 2/3); the stream is additive",
+    "output": "a norm on each sublayer's output only (OLMo 2); the stream is additive",
+}
+
+#: Relative error below which the probe accepts an identity between two hook tensors.
+PROBE_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-8}
+PROBE_TOLERANCE_LOW_PRECISION = 3e-2
 
 
 @dataclass(frozen=True)
 class ArchSpec:
-    """Hook sites of one architecture family in the TransformerBridge.
+    """Structural facts and hook sites of one model.
 
     Attributes:
-        family: ``encoder`` (bidirectional) or ``decoder`` (causal).
-        norm_placement: ``post`` (BERT: normalise after each sublayer) or ``pre`` (GPT-2,
-            Llama: normalise the input of each sublayer, residual stream stays additive).
+        model_type: the Hugging Face ``config.model_type``.
+        family: ``encoder`` (bidirectional attention) or ``decoder`` (causal).
+        norm_placement: see :data:`NORM_PLACEMENTS`.
         prepend_bos: prepend the tokenizer's BOS token when the tokenizer does not add it
             (the TransformerLens convention for decoders: position 0 is an attention sink).
-        attn_pattern: hook holding the attention pattern ``[batch head q k]``.
-        attn_values: hook holding the value vectors ``[batch pos kv_head d_head]`` (bias
-            included; grouped-query models have fewer kv heads than query heads).
-        attn_z: hook holding each head's mixed values ``[batch pos head d_head]``.
-        attn_delta: hook holding the attention sublayer's own output (what it adds).
-        mlp_delta: hook holding the MLP sublayer's own output.
-        reader_norm_template: bridge module of the norm that *reads* layer ``k`` (the next
-            block's first norm); ``None`` for post-LN models, whose states are normalised.
-        final_norm: bridge module of the final norm that reads the last layer.
-        norm_centres: whether that norm subtracts the mean (LayerNorm) or not (RMSNorm).
-        post_norms: for post-LN models, the bridge modules of the norm after the attention
-            sublayer and after the MLP (each with a ``hook_scale`` holding its divisor);
-            ``None`` for pre-LN models, whose residual stream is additive.
+        parallel: attention and MLP both read the block input (GPT-NeoX, GPT-J, Phi).
+        norm_kind: ``layernorm`` (centres, then scales) or ``rmsnorm`` (scales only).
+        embed_scale: the factor the model multiplies token embeddings by (sqrt(d_model) for
+            Gemma, 1 elsewhere), measured on the probe.
+        tied_unembed: the unembedding shares the input embedding's weights.
+        attn_delta, mlp_delta: hooks holding what each sublayer contributes to the block
+            output (for post-LN: to the sum its LayerNorm reads).
+        attn_raw: hook holding the attention sublayer's raw output, sum over heads of
+            z_h @ W_O[h] (+ b_O), before any norm after it.
+        attn_pattern, attn_values, attn_z: per-head pattern ``[batch head q k]``, values
+            ``[batch pos kv_head d_head]`` and mixed values ``[batch pos head d_head]``.
+        reader_norm_template: norm module that reads residual layer ``k`` (the next block's
+            first norm); ``None`` when sublayers read the raw stream or states are normalised.
+        final_norm: the final norm module, which reads the last layer (``None`` for post-LN).
+        post_norms: post-LN only, the norms after the attention and MLP residual sums.
+        output_norms: sandwich/output only, the norms applied to each sublayer's output.
     """
 
+    model_type: str
     family: Literal["encoder", "decoder"]
-    norm_placement: Literal["pre", "post"]
+    norm_placement: NormPlacement
     prepend_bos: bool
+    parallel: bool = False
+    norm_kind: Literal["layernorm", "rmsnorm"] = "layernorm"
+    embed_scale: float = 1.0
+    tied_unembed: bool = False
     attn_pattern: str = "blocks.{layer}.attn.hook_pattern"
     attn_values: str = "blocks.{layer}.attn.hook_v"
     attn_z: str = "blocks.{layer}.attn.hook_z"
     attn_delta: str = "blocks.{layer}.hook_attn_out"
     mlp_delta: str = "blocks.{layer}.hook_mlp_out"
+    attn_raw: str = "blocks.{layer}.attn.o.hook_out"
     reader_norm_template: str | None = "blocks.{layer}.ln1"
     final_norm: str | None = "ln_final"
-    norm_centres: bool = True
     post_norms: tuple[str, str] | None = None
+    output_norms: tuple[str, str] | None = None
+
+    @property
+    def norm_centres(self) -> bool:
+        """Whether the model's norms subtract the mean (LayerNorm) or not (RMSNorm)."""
+        return self.norm_kind == "layernorm"
+
+    @property
+    def reads_normalised(self) -> bool:
+        """Whether a norm sits between the residual stream and the sublayers that read it
+        (so a ``*_normed`` drift variant differs from the raw one)."""
+        return self.reader_norm_template is not None
 
     @staticmethod
     def resid_hook(layer: int) -> str:
@@ -74,49 +123,171 @@ class ArchSpec:
         return self.attn_pattern.format(layer=block)
 
     def delta_hooks(self, block: int) -> tuple[str, str]:
-        """Hooks holding block ``block``'s attention and MLP sublayer outputs (the deltas)."""
+        """Hooks holding block ``block``'s attention and MLP contributions (the deltas)."""
         return self.attn_delta.format(layer=block), self.mlp_delta.format(layer=block)
 
+    def raw_attn_hook(self, block: int) -> str:
+        return self.attn_raw.format(layer=block)
+
     def post_norm_modules(self, block: int) -> tuple[str, str] | None:
-        """The two post-sublayer norms of block ``block`` (post-LN models only)."""
+        """The two post-sublayer LayerNorms of block ``block`` (post-LN models only)."""
         if self.post_norms is None:
             return None
         first, second = self.post_norms
         return first.format(layer=block), second.format(layer=block)
 
+    def output_norm_modules(self, block: int) -> tuple[str, str] | None:
+        """The norms on block ``block``'s attention and MLP outputs (sandwich/output only)."""
+        if self.output_norms is None:
+            return None
+        first, second = self.output_norms
+        return first.format(layer=block), second.format(layer=block)
+
     def reader_norm(self, layer: int, n_layers: int) -> str | None:
         """The norm module that reads residual layer ``layer`` (0..n_layers), if any."""
-        if self.reader_norm_template is None:
-            return None
         if layer == n_layers:
             return self.final_norm
+        if self.reader_norm_template is None:
+            return None
         return self.reader_norm_template.format(layer=layer)
 
+    def describe(self) -> dict[str, Any]:
+        """The structural facts, for ``run.json``."""
+        return {
+            "architecture": self.model_type,
+            "family": self.family,
+            "norm_placement": self.norm_placement,
+            "norm_kind": self.norm_kind,
+            "parallel_sublayers": self.parallel,
+            "embed_scale": self.embed_scale,
+            "tied_unembed": self.tied_unembed,
+            "prepend_bos": self.prepend_bos,
+        }
 
-ARCHITECTURES: dict[str, ArchSpec] = {
-    # BERT, post-LN. hook_attn_out is LN1's output (a residual, not a delta): the delta is
-    # attn.o.hook_out. See ENVIRONMENT.md, "BERT (post-LN) hook semantics".
-    "bert": ArchSpec(
-        family="encoder",
-        norm_placement="post",
-        prepend_bos=False,
-        attn_delta="blocks.{layer}.attn.o.hook_out",
-        reader_norm_template=None,
-        final_norm=None,
-        post_norms=("blocks.{layer}.ln1", "blocks.{layer}.ln2"),
-    ),
-    "gpt2": ArchSpec(family="decoder", norm_placement="pre", prepend_bos=True),
-    "llama": ArchSpec(family="decoder", norm_placement="pre", prepend_bos=True, norm_centres=False),
+
+#: Probe runs the first block and returns the requested hook tensors (float64 where the
+#: model runs in float32 or wider, the model's dtype otherwise).
+Probe = Callable[[list[str]], dict[str, Tensor]]
+
+
+def _refuse(model_type: str, why: str) -> UserError:
+    return UserError(f"architecture '{model_type}' is not supported: {why}")
+
+
+def _relative(a: Tensor, b: Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-12))
+
+
+#: Hooks every measure reads: without them nothing can be traced.
+REQUIRED_HOOKS = {
+    "blocks.0.hook_resid_pre": "residual stream",
+    "blocks.0.hook_resid_post": "residual stream",
+    "blocks.0.attn.hook_pattern": "attention pattern",
+    "blocks.0.attn.hook_v": "attention value",
+    "blocks.0.attn.hook_z": "per-head attention output",
+    "blocks.0.attn.o.hook_out": "attention output projection",
+    "blocks.0.hook_attn_out": "attention output",
+    "blocks.0.hook_mlp_out": "MLP output",
 }
 
 
-def spec_for(model_type: str) -> ArchSpec:
-    """The :class:`ArchSpec` for a Hugging Face ``model_type``, or a clear error."""
-    try:
-        return ARCHITECTURES[model_type]
-    except KeyError:
-        known = ", ".join(sorted(ARCHITECTURES))
-        raise UserError(
-            f"architecture '{model_type}' is not supported yet (supported: {known}); "
-            "adding one is a row in residual_trace/models/architectures.py"
-        ) from None
+def derive_spec(bridge: Any, probe: Probe, dtype: torch.dtype) -> ArchSpec:
+    """The :class:`ArchSpec` of a booted bridge, checked on one probe forward.
+
+    Raises:
+        UserError: one line naming what is not supported and why.
+    """
+    hf_config = bridge.original_model.config
+    cfg = bridge.cfg
+    model_type = str(getattr(hf_config, "model_type", "unknown"))
+    if getattr(hf_config, "is_encoder_decoder", False):
+        raise _refuse(model_type, "encoder-decoder models have two residual streams")
+    if int(getattr(cfg, "n_layers", 0) or 0) < 1:
+        raise _refuse(model_type, "the bridge found no transformer blocks")
+    hooks = bridge.hook_dict
+    for name, what in REQUIRED_HOOKS.items():
+        if name not in hooks:
+            raise _refuse(model_type, f"TransformerLens's bridge exposes no {what} hook ({name})")
+    block = bridge.blocks[0]
+    has = {name: name in dict(block.named_children()) for name in ("ln1", "ln2")}
+    has_output_norms = all(n in dict(block.named_children()) for n in ("ln1_post", "ln2_post"))
+    family: Literal["encoder", "decoder"] = (
+        "encoder" if getattr(cfg, "attention_dir", "causal") == "bidirectional" else "decoder"
+    )
+    rms = str(getattr(cfg, "normalization_type", "LN")).startswith("RMS")
+    norm_kind: Literal["layernorm", "rmsnorm"] = "rmsnorm" if rms else "layernorm"
+    tolerance = PROBE_TOLERANCE.get(dtype, PROBE_TOLERANCE_LOW_PRECISION)
+    names = [
+        "embed.hook_out",
+        "blocks.0.hook_resid_pre",
+        "blocks.0.hook_resid_post",
+        "blocks.0.hook_attn_out",
+        "blocks.0.hook_mlp_out",
+        "blocks.0.attn.o.hook_out",
+    ]
+    for norm in ("ln1", "ln2", "ln1_post", "ln2_post"):
+        if f"blocks.0.{norm}.hook_in" in hooks:
+            names += [f"blocks.0.{norm}.hook_in", f"blocks.0.{norm}.hook_out"]
+    got = probe([n for n in names if n in hooks])
+    pre, post = got["blocks.0.hook_resid_pre"], got["blocks.0.hook_resid_post"]
+    attn, mlp = got["blocks.0.hook_attn_out"], got["blocks.0.hook_mlp_out"]
+    common: dict[str, Any] = {
+        "model_type": model_type,
+        "family": family,
+        "prepend_bos": family == "decoder",
+        "parallel": bool(getattr(cfg, "parallel_attn_mlp", False)),
+        "norm_kind": norm_kind,
+        "embed_scale": _embed_scale(bridge, got),
+        "tied_unembed": bool(getattr(hf_config, "tie_word_embeddings", False)),
+    }
+    if _relative(pre + attn + mlp, post) < tolerance:
+        if has_output_norms:
+            for norm, delta in (("ln1_post", attn), ("ln2_post", mlp)):
+                out = got.get(f"blocks.0.{norm}.hook_out")
+                if out is None or _relative(out, delta) >= tolerance:
+                    raise _refuse(model_type, f"the sublayer output is not the {norm} output")
+            return ArchSpec(
+                norm_placement="sandwich" if has["ln1"] else "output",
+                reader_norm_template="blocks.{layer}.ln1" if has["ln1"] else None,
+                output_norms=("blocks.{layer}.ln1_post", "blocks.{layer}.ln2_post"),
+                **common,
+            )
+        if not has["ln1"]:
+            raise _refuse(model_type, "its blocks have no norm the bridge names ln1")
+        return ArchSpec(norm_placement="pre", **common)
+    delta = got["blocks.0.attn.o.hook_out"]
+    if (
+        all(has.values())
+        and "blocks.0.ln2.hook_out" in got
+        and _relative(got["blocks.0.ln1.hook_in"], pre + delta) < tolerance
+        and _relative(got["blocks.0.ln2.hook_out"], post) < tolerance
+    ):
+        return ArchSpec(
+            norm_placement="post",
+            attn_delta="blocks.{layer}.attn.o.hook_out",
+            reader_norm_template=None,
+            final_norm=None,
+            post_norms=("blocks.{layer}.ln1", "blocks.{layer}.ln2"),
+            **{**common, "prepend_bos": False},
+        )
+    raise _refuse(
+        model_type,
+        "its block output is neither the sum of the block input and its sublayer outputs "
+        "nor a post-LayerNorm of them, so it cannot be decomposed exactly",
+    )
+
+
+def _embed_scale(bridge: Any, got: dict[str, Tensor]) -> float:
+    """The factor between the token-embedding module's output and the embedding matrix's
+    rows (sqrt(d_model) for Gemma); 1 when the output is not a multiple of the rows."""
+    embedded = got.get("embed.hook_out")
+    ids = got.get("__ids__")
+    if embedded is None or ids is None:
+        return 1.0
+    weight = bridge.original_model.get_input_embeddings().weight.detach()
+    rows = weight[ids.to(weight.device)].double()
+    embedded = embedded.double()
+    scale = float((embedded * rows).sum() / (rows * rows).sum().clamp_min(1e-12))
+    collinear = float((embedded - scale * rows).norm() / embedded.norm().clamp_min(1e-12)) < 1e-2
+    return scale if collinear and abs(scale - 1.0) > 1e-3 else 1.0

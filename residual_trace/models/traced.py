@@ -26,7 +26,7 @@ from residual_trace._typing import (
     TokenIds,
 )
 from residual_trace.errors import UserError
-from residual_trace.models.architectures import ArchSpec, spec_for
+from residual_trace.models.architectures import ArchSpec, derive_spec
 from residual_trace.models.resolve import ResolvedModel, _quiet_transformers, resolve
 
 
@@ -47,6 +47,37 @@ class Capture:
 
     resid: ResidStack
     patterns: PatternStack | None
+
+
+@dataclass(frozen=True)
+class NormAffine:
+    """A norm module as an affine map once its divisor is fixed, measured by calling it.
+
+    ``norm(x) = gain * c(x) / s + bias`` with ``c`` centring (LayerNorm) or the identity
+    (RMSNorm) and ``s`` the divisor of that position. ``gain`` is the *effective* gain (for
+    Gemma's RMSNorm, 1 + weight), read off the module's own output, not its parameters.
+    """
+
+    gain: Float[Tensor, " d_model"]
+    bias: Float[Tensor, " d_model"]
+    centres: bool
+
+    def carry(self, part: Tensor, scale: Tensor) -> Tensor:
+        """The share of ``part`` (``[..., d_model]``) in the norm's output, without the bias."""
+        if self.centres:
+            part = part - part.mean(-1, keepdim=True)
+        return self.gain * part / scale
+
+
+#: Dtypes ``--dtype`` accepts.
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+#: Device maps ``--device-map`` accepts (accelerate's strategies).
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
 def pick_device(device: str) -> torch.device:
@@ -72,15 +103,25 @@ class TracedModel:
     - ``W_E``: the input token-embedding matrix ``[d_vocab, d_model]`` (no positions).
     """
 
-    def __init__(self, bridge: Any, resolved: ResolvedModel, device: torch.device) -> None:
+    def __init__(
+        self,
+        bridge: Any,
+        resolved: ResolvedModel,
+        device: torch.device,
+        dtype: torch.dtype = torch.float32,
+        device_map: str | None = None,
+    ) -> None:
         self.bridge = bridge
         self.resolved = resolved
         self.name = resolved.name
         self.device = device
+        self.dtype = dtype
+        self.device_map = device_map
         self.tokenizer = bridge.tokenizer
+        if self.tokenizer is None:
+            raise UserError(f"model '{self.name}' has no tokenizer in {resolved.directory}")
         hf_config = bridge.original_model.config
         self.model_type: str = hf_config.model_type
-        self.spec: ArchSpec = spec_for(self.model_type)
         self.n_layers: int = int(bridge.cfg.n_layers)
         self.d_model: int = int(bridge.cfg.d_model)
         self.n_heads: int = int(bridge.cfg.n_heads)
@@ -89,11 +130,6 @@ class TracedModel:
             or getattr(hf_config, "n_positions", None)
             or 512
         )
-        weight = bridge.original_model.get_input_embeddings().weight
-        self.W_E: EmbeddingMatrix = weight.detach().to(device=device, dtype=torch.float32)
-        self.d_vocab: int = int(self.W_E.shape[0])
-        if self.tokenizer is None:
-            raise UserError(f"model '{self.name}' has no tokenizer in {resolved.directory}")
         self.special_ids: frozenset[int] = frozenset(
             int(i) for i in self.tokenizer.all_special_ids if i is not None
         )
@@ -102,6 +138,25 @@ class TracedModel:
             if self.tokenizer.pad_token_id is not None
             else (self.tokenizer.eos_token_id or 0)
         )
+        self._affines: dict[str, NormAffine] = {}
+        self.spec: ArchSpec = derive_spec(bridge, self._probe, dtype)
+        weight = bridge.original_model.get_input_embeddings().weight
+        #: the input token embeddings as the first block sees them (Gemma's sqrt(d_model)
+        #: scale applied), float32
+        self.W_E: EmbeddingMatrix = (
+            weight.detach().to(device=device, dtype=torch.float32) * self.spec.embed_scale
+        )
+        self.d_vocab: int = int(self.W_E.shape[0])
+
+    def _probe(self, names: list[str]) -> dict[str, Tensor]:
+        """Run the first block on a short text and keep ``names`` (for :func:`derive_spec`)."""
+        ids = self.tokenizer("The cat sat on the mat.", add_special_tokens=True)["input_ids"]
+        batch = torch.tensor([ids[:16]], dtype=torch.long)
+        store = self.run_hooks(
+            batch, torch.ones_like(batch), names, stop_at="blocks.0.hook_resid_post"
+        )
+        store["__ids__"] = batch.to(self.device)
+        return store
 
     # -- tokens -------------------------------------------------------------------------
     def encode(self, text: str, max_length: int | None = None) -> list[int]:
@@ -123,34 +178,51 @@ class TracedModel:
         return [str(t) for t in self.tokenizer.convert_ids_to_tokens(list(ids))]
 
     # -- norms ----------------------------------------------------------------------------
+    def norm_affine(self, path: str) -> NormAffine:
+        """The norm module at bridge path ``path`` as gain, bias and centring, measured by
+        calling the module on inputs whose mean and scale are known (cached)."""
+        if path not in self._affines:
+            module = self.bridge.get_submodule(path)
+            inner = getattr(module, "_original_component", module)
+            param = next(iter(inner.parameters()), None)
+            dtype = param.dtype if param is not None else self.dtype
+            where = param.device if param is not None else self.device
+            d = self.d_model
+            # +-64 alternating: mean-square 4096, so eps (<= 1e-5) shifts the divisor by
+            # < 1e-9 relative; every value is exact in bfloat16 and float16
+            signs = torch.where(torch.arange(d) % 2 == 0, 1.0, -1.0)
+            probes = torch.stack([torch.zeros(d), torch.full((d,), 64.0), 64.0 * signs])
+            with torch.inference_mode():
+                out = inner(probes[:, None, :].to(device=where, dtype=dtype))
+            out = (out[0] if isinstance(out, tuple) else out)[:, 0].to(torch.float64).cpu()
+            zero, flat, alternating = out
+            centres = bool(torch.allclose(flat, zero, atol=1e-3 * float(flat.abs().max() + 1)))
+            x = probes[2].double()
+            c = x - x.mean() if centres else x
+            scale = c.pow(2).mean().sqrt()
+            bias = zero if centres else torch.zeros(d, dtype=torch.float64)
+            gain = (alternating - bias) * scale / c
+            self._affines[path] = NormAffine(
+                gain=gain.to(device=self.device, dtype=torch.float32),
+                bias=bias.to(device=self.device, dtype=torch.float32),
+                centres=centres,
+            )
+        return self._affines[path]
+
     def reader_norm_gain(self, layer: int) -> Float[Tensor, " d_model"] | None:
-        """Elementwise gain (gamma) of the norm that reads residual layer ``layer``.
+        """Effective elementwise gain of the norm that reads residual layer ``layer``.
 
-        ``None`` for post-LN models (their states are LayerNorm outputs already).
+        ``None`` when no norm reads it (post-LN models, whose states are normalised already,
+        and OLMo 2, whose sublayers read the raw stream).
         """
-        path = self.spec.reader_norm(layer, self.n_layers)
-        if path is None:
-            return None
-        module = self.bridge.get_submodule(path)
-        weight = getattr(module, "weight", None)
-        if not isinstance(weight, torch.Tensor):
-            weight = module._original_component.weight
-        return weight.detach().to(device=self.device, dtype=torch.float32)
+        affine = self.reader_norm(layer)
+        return None if affine is None else affine.gain
 
-    # -- forward ----------------------------------------------------------------------------
-    def norm_parameters(self, path: str) -> tuple[Tensor, Tensor | None, float]:
-        """``(weight, bias or None, eps)`` of the norm module at bridge path ``path``."""
-        module = self.bridge.get_submodule(path)
-        inner = getattr(module, "_original_component", module)
-        bias = getattr(inner, "bias", None)
-        eps: Any = getattr(inner, "eps", None)
-        if eps is None:
-            eps = getattr(inner, "variance_epsilon", 1e-5)
-        return (
-            inner.weight.detach().to(device=self.device, dtype=torch.float32),
-            None if bias is None else bias.detach().to(device=self.device, dtype=torch.float32),
-            float(eps),
-        )
+    def reader_norm(self, layer: int) -> NormAffine | None:
+        """The norm that reads residual layer ``layer`` (its effective gain, bias and whether
+        it centres), or ``None`` when no norm reads it."""
+        path = self.spec.reader_norm(layer, self.n_layers)
+        return None if path is None else self.norm_affine(path)
 
     def output_weights(
         self, block: int
@@ -166,14 +238,18 @@ class TracedModel:
 
     @torch.inference_mode()
     def run_hooks(
-        self, ids: TokenIds, attention_mask: AttentionMask, names: Sequence[str]
+        self,
+        ids: TokenIds,
+        attention_mask: AttentionMask,
+        names: Sequence[str],
+        stop_at: str | None = None,
     ) -> dict[str, Tensor]:
         """One forward pass keeping the activations at ``names`` (float32).
 
         The forward stops right after the last block's output: hooks of the final norm or
         the LM head cannot be requested, and the head is never computed.
         """
-        last = self.spec.resid_hook(self.n_layers)
+        last = stop_at or self.spec.resid_hook(self.n_layers)
         wanted = list(dict.fromkeys([*names, last]))
         store: dict[str, Tensor] = {}
 
@@ -188,14 +264,20 @@ class TracedModel:
             return keep
 
         hooks = [(name, keeper(name)) for name in wanted]
-        ids = ids.to(self.device)
-        attention_mask = attention_mask.to(self.device)
+        ids = ids.to(self.input_device)
+        attention_mask = attention_mask.to(self.input_device)
         with self.bridge.hooks(fwd_hooks=hooks), contextlib.suppress(_StopForward):
             self.bridge(ids, attention_mask=attention_mask, return_type=None)
         missing = [n for n in wanted if n not in store]
         if missing:
             raise RuntimeError(f"hooks did not fire for {self.model_type}: {missing[:3]}")
-        return {name: store[name].to(torch.float32) for name in names}
+        return {name: store[name].to(device=self.device, dtype=torch.float32) for name in names}
+
+    @property
+    def input_device(self) -> torch.device:
+        """Where token ids go: the embedding's device (the first device of a device map)."""
+        weight = self.bridge.original_model.get_input_embeddings().weight
+        return torch.device(weight.device)
 
     def capture(
         self, ids: TokenIds, attention_mask: AttentionMask, patterns: bool = False
@@ -215,23 +297,37 @@ def load_model(
     name: str = "minilm",
     device: str = "auto",
     on_convert: Callable[[str], None] | None = None,
+    dtype: str = "float32",
+    device_map: str | None = None,
 ) -> TracedModel:
     """Resolve ``name`` and boot it as a hooked TransformerBridge, offline where possible.
 
     Args:
         name: ``minilm`` (default), ``smollm2``, a Hugging Face name (``bert-base-uncased``,
             ``gpt2``, ``org/name``) or a local checkpoint directory with its tokenizer.
-        device: ``auto``, ``cpu`` or ``cuda``.
+        device: ``auto``, ``cpu`` or ``cuda`` (where the measures run; with ``device_map``
+            the weights are spread by accelerate instead).
         on_convert: called with a message before a one-time conversion (GGUF) starts.
+        dtype: ``float32`` (default), ``bfloat16`` or ``float16``: the weights and the
+            forward pass; every measure is still computed in float32.
+        device_map: ``auto``, ``balanced``, ``balanced_low_0`` or ``sequential``: split the
+            model over the visible devices through accelerate.
     """
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
+    if device_map is not None and device_map not in DEVICE_MAPS:
+        raise UserError(f"--device-map {device_map}: expected one of {', '.join(DEVICE_MAPS)}")
     torch_device = pick_device(device)
     resolved = resolve(name, on_convert=on_convert)  # before the slow import: fail fast
     from transformer_lens.model_bridge import TransformerBridge
 
+    placement: dict[str, Any] = (
+        {"device_map": device_map} if device_map is not None else {"device": str(torch_device)}
+    )
     with _quiet_transformers():
         try:
             bridge = TransformerBridge.boot_transformers(
-                str(resolved.directory), device=str(torch_device)
+                str(resolved.directory), dtype=DTYPES[dtype], **placement
             )
         except UserError:
             raise
@@ -241,7 +337,7 @@ def load_model(
                 f"cannot load model '{name}' from {resolved.directory}: {first}"
             ) from None
     bridge.eval()
-    return TracedModel(bridge, resolved, torch_device)
+    return TracedModel(bridge, resolved, torch_device, DTYPES[dtype], device_map)
 
 
 def random_init_copy(model: TracedModel, seed: int) -> TracedModel:
@@ -255,12 +351,13 @@ def random_init_copy(model: TracedModel, seed: int) -> TracedModel:
     loader = AutoModelForMaskedLM if model.spec.family == "encoder" else AutoModelForCausalLM
     with torch.random.fork_rng(), _quiet_transformers():
         torch.manual_seed(seed)
-        hf_model = loader.from_config(config)
+        hf_model = loader.from_config(config).to(model.dtype)
         bridge = TransformerBridge.boot_transformers(
             str(model.resolved.directory),
             hf_model=hf_model,
             tokenizer=model.tokenizer,
             device=str(model.device),
+            dtype=model.dtype,
         )
     bridge.eval()
     resolved = replace(
@@ -269,4 +366,4 @@ def random_init_copy(model: TracedModel, seed: int) -> TracedModel:
         source=f"{model.resolved.source}, weights re-initialised with seed {seed}",
         weights_sha256=f"random-init-seed-{seed}",
     )
-    return TracedModel(bridge, resolved, model.device)
+    return TracedModel(bridge, resolved, model.device, model.dtype)

@@ -1,7 +1,11 @@
 """Exact split of every layer's state into residual, attention, MLP and norm-bias parts.
 
-Pre-LN decoders (GPT-2, Llama) are additive: resid_mid = resid_pre + attn and
-resid_post = resid_mid + mlp, where attn and mlp are the sublayers' own outputs.
+Most decoders are additive: resid_post = resid_pre + attn + mlp, where attn and mlp are
+what each sublayer adds to the stream: its own output for pre-norm blocks (GPT-2, Llama,
+Qwen, Mistral, Phi-3, OPT) and for parallel ones (GPT-NeoX, GPT-J, Phi, where both read the
+block input), the output of the norm applied to it for Gemma 2/3 and OLMo 2. For those, the
+per-head split carries each head's output through that norm (RMSNorm is linear once its
+divisor is fixed: gain * h / s).
 
 Post-LN encoders (BERT) normalise after each sublayer: mid = LN1(pre + attn) and
 post = LN2(mid + mlp). LayerNorm is affine once its divisor s (the scale of the *sum*, read
@@ -50,26 +54,31 @@ class ReconstructionError(RuntimeError):
 
 @dataclass(frozen=True)
 class PostNorm:
-    """One LayerNorm of a post-LN block, with the divisor it used on this batch.
+    """One norm applied after a sublayer, with the divisor it used on this batch.
 
     Attributes:
-        weight: gamma ``[d_model]``.
+        weight: the effective gain ``[d_model]`` (gamma; 1 + w for Gemma's RMSNorm).
         bias: beta ``[d_model]`` (zeros when the norm has none).
-        scale: the divisor s = sqrt(var(x) + eps) of the norm's input ``[batch, pos, 1]``.
+        scale: the divisor of the norm's input ``[batch, pos, 1]``: sqrt(var(x) + eps) for
+            LayerNorm, sqrt(mean(x^2) + eps) for RMSNorm.
+        centres: LayerNorm (subtract the mean first) or RMSNorm (no centring).
     """
 
     weight: Float[Tensor, " d_model"]
     bias: Float[Tensor, " d_model"]
     scale: Float[Tensor, "batch pos 1"]
+    centres: bool = True
+
+    def _centre(self, part: Tensor) -> Tensor:
+        return part - part.mean(-1, keepdim=True) if self.centres else part
 
     def carry(self, part: Float[Tensor, "*parts batch pos d_model"]) -> Tensor:
-        """The share of ``part`` in the norm's output: gamma * (part - mean(part)) / s."""
-        return self.weight * (part - part.mean(-1, keepdim=True)) / self.scale
+        """The share of ``part`` in the norm's output: gamma * c(part) / s."""
+        return self.weight * self._centre(part) / self.scale
 
     def carry_heads(self, heads: Float[Tensor, "batch pos head_index d_model"]) -> Tensor:
         """:meth:`carry` for per-head parts (the divisor is shared by a position's heads)."""
-        centred = heads - heads.mean(-1, keepdim=True)
-        return self.weight * centred / self.scale[..., None]
+        return self.weight * self._centre(heads) / self.scale[..., None]
 
 
 @dataclass(frozen=True)
@@ -164,23 +173,28 @@ DECOMPOSE_COLUMNS = (
 )
 
 
+def post_norm(model: TracedModel, path: str, store: dict[str, Tensor]) -> PostNorm:
+    """The norm at bridge path ``path`` with the divisor it used on the stored batch."""
+    affine = model.norm_affine(path)
+    reference = store[model.spec.resid_hook(0)]
+    scale = store[f"{path}.hook_scale"].reshape(*reference.shape[:-1], 1)
+    return PostNorm(weight=affine.gain, bias=affine.bias, scale=scale, centres=affine.centres)
+
+
 def _post_norms(
     model: TracedModel, block: int, store: dict[str, Tensor]
 ) -> tuple[PostNorm, PostNorm] | None:
+    """Post-LN models: the LayerNorms after the attention and MLP residual sums."""
     paths = model.spec.post_norm_modules(block)
     if paths is None:
         return None
-    norms = []
-    for path in paths:
-        weight, bias, _ = model.norm_parameters(path)
-        norms.append(
-            PostNorm(
-                weight=weight,
-                bias=torch.zeros_like(weight) if bias is None else bias,
-                scale=store[f"{path}.hook_scale"],
-            )
-        )
-    return norms[0], norms[1]
+    return post_norm(model, paths[0], store), post_norm(model, paths[1], store)
+
+
+def _attn_output_norm(model: TracedModel, block: int, store: dict[str, Tensor]) -> PostNorm | None:
+    """Sandwich/output models: the norm applied to the attention sublayer's output."""
+    paths = model.spec.output_norm_modules(block)
+    return None if paths is None else post_norm(model, paths[0], store)
 
 
 def decompose_hooks(model: TracedModel, per_head: bool = False) -> list[str]:
@@ -188,11 +202,14 @@ def decompose_hooks(model: TracedModel, per_head: bool = False) -> list[str]:
     for block in range(model.n_layers):
         names += model.spec.delta_hooks(block)
         if per_head:
-            names.append(model.spec.attn_z.format(layer=block))
+            names += [model.spec.attn_z.format(layer=block), model.spec.raw_attn_hook(block)]
+            outputs = model.spec.output_norm_modules(block)
+            if outputs is not None:
+                names.append(f"{outputs[0]}.hook_scale")
         paths = model.spec.post_norm_modules(block)
         if paths is not None:
             names += [f"{path}.hook_scale" for path in paths]
-    return names
+    return list(dict.fromkeys(names))
 
 
 #: Columns of the per-head table (``--per-head``): one row per text x position x block x head
@@ -240,13 +257,26 @@ def split_heads(
     attn: Float[Tensor, "batch pos d_model"],
     norms: tuple[PostNorm, PostNorm] | None,
     valid: Tensor,
+    output_norm: PostNorm | None = None,
 ) -> HeadParts:
-    """Split the attention output into heads; the heads plus b_O must reconstruct it."""
+    """Split the attention output into heads; the heads plus b_O must reconstruct it.
+
+    ``attn`` is the raw sublayer output (before any norm). ``norms`` carries it through a
+    post-LN block; ``output_norm`` through the norm on the sublayer's output (Gemma 2/3,
+    OLMo 2), whose own bias, if any, joins the output-bias row.
+    """
     W_O, b_O = model.output_weights(block)
     heads = torch.einsum("bphd,hdm->bphm", z, W_O)
     bias = torch.zeros_like(attn) if b_O is None else b_O.expand_as(attn)
     where = f"{model.name} ({model.model_type}), block {block} heads"
     check_reconstruction(heads.sum(2) + bias, attn, valid, where)
+    if output_norm is not None:
+        return HeadParts(
+            raw=heads,
+            raw_bias=bias,
+            carried=output_norm.carry_heads(heads),
+            carried_bias=output_norm.carry(bias) + output_norm.bias,
+        )
     if norms is None:
         return HeadParts(raw=heads, raw_bias=bias, carried=heads, carried_bias=bias)
     ln1, ln2 = norms
@@ -296,7 +326,10 @@ def decompose_batch(
         where = f"{model.name} ({model.model_type}), block {block}"
         error = relative_error(parts.total(), post)
         check_reconstruction(parts.total(), post, valid, where)
-        mlp_input = x + a if norms is None else norms[0].carry(x + a) + norms[0].bias
+        if norms is not None:
+            mlp_input = norms[0].carry(x + a) + norms[0].bias
+        else:
+            mlp_input = x if model.spec.parallel else x + a
         values = {
             "attn_norm_rel": a.norm(dim=-1) / x.norm(dim=-1).clamp_min(1e-12),
             "mlp_norm_rel": m.norm(dim=-1) / mlp_input.norm(dim=-1).clamp_min(1e-12),
@@ -312,7 +345,12 @@ def decompose_batch(
             local[name].append(tensor[valid])
         if per_head:
             z = store[model.spec.attn_z.format(layer=block)]
-            split = split_heads(model, block, z, a, norms, valid)
+            raw = store[model.spec.raw_attn_hook(block)]
+            output_norm = _attn_output_norm(model, block, store)
+            split = split_heads(model, block, z, raw, norms, valid, output_norm)
+            if output_norm is not None:
+                carried = split.carried.sum(2) + split.carried_bias
+                check_reconstruction(carried, a, valid, f"{where} heads through the norm")
             x_norm = x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
             # the output bias b_O, attributed to no head, is listed as head -1
             raw_norms = [split.raw.norm(dim=-1), split.raw_bias.norm(dim=-1)[..., None]]

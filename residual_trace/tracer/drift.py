@@ -214,8 +214,8 @@ def _scorers(model: TracedModel, normed: bool) -> list[tuple[_Scorer, _Scorer | 
     raw = _Scorer.build(model.W_E, gain=None, centre=False)
     out: list[tuple[_Scorer, _Scorer | None]] = []
     for layer in range(model.n_layers + 1):
-        gain = model.reader_norm_gain(layer) if normed else None
-        variant = None if gain is None else _Scorer.build(model.W_E, gain, model.spec.norm_centres)
+        norm = model.reader_norm(layer) if normed else None
+        variant = None if norm is None else _Scorer.build(model.W_E, norm.gain, norm.centres)
         out.append((raw, variant))
     return out
 

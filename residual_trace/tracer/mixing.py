@@ -8,6 +8,10 @@ Three measures per layer and position, each a share in [0, 1] (0 = no mixing):
   F_i(x_j) = sum_h alpha^h_ij f_h(x_j), with f_h(x_j) = v_h(x_j) W_O^h (values include their
   bias; b_O is attributed to no token). Post-LN models carry each term through LN1 as
   gamma * (term - mean(term)) / s_i. The self term absorbs the residual x_i (carried likewise).
+  Where a norm is applied to the attention output before it joins the stream (Gemma 2/3,
+  OLMo 2), each term is carried through that norm (gain * term / s_i) and the residual is
+  not. Parallel blocks (GPT-NeoX, GPT-J, Phi) add the attention output to the block input
+  like sequential ones, so the measure is the same.
   mix_norm_i = sum_{j!=i} |F_i(x_j)| / (sum_{j!=i} |F_i(x_j)| + |F_i(x_i) + residual_i|).
   ``mix_norm_attn`` is the same without the residual (the 2020 attention-only measure).
 - ``mix_rollout``: 1 - R[i, i] with attention rollout (Abnar and Zuidema 2020):
@@ -55,6 +59,8 @@ def norm_mixing(
     residual: Float[Tensor, "n d_model"],
     ln_gamma: Float[Tensor, " d_model"] | None = None,
     ln_scale: Float[Tensor, "n 1"] | None = None,
+    centres: bool = True,
+    residual_normed: bool = True,
 ) -> LayerMixing:
     """Mixing measures of one layer of one text.
 
@@ -62,8 +68,12 @@ def norm_mixing(
         pattern: attention weights per head, rows = targets i, columns = sources j.
         head_values: f_h(x_j) = v_h(x_j) W_O^h for every source j and head h.
         residual: what the attention output is added to at each target (the block input).
-        ln_gamma, ln_scale: for post-LN models, LN1's gain and the divisor it used at each
-            target; every term is then centred and scaled by gamma / s_i. ``None`` for pre-LN.
+        ln_gamma, ln_scale: the gain and per-target divisor of the norm the attention output
+            passes through (post-LN's LN1, or the norm on the sublayer output); every term is
+            then centred (``centres``) and scaled by gamma / s_i. ``None`` for pre-norm blocks.
+        centres: LayerNorm (True) or RMSNorm (False).
+        residual_normed: whether the residual passes through that norm too (post-LN: yes;
+            a norm on the sublayer output only: no).
 
     Examples:
         >>> n, h, d = 3, 2, 4
@@ -79,7 +89,7 @@ def norm_mixing(
         if not post_ln:
             return x
         assert ln_gamma is not None
-        return ln_gamma * (x - x.mean(-1, keepdim=True)) / scale
+        return ln_gamma * (x - x.mean(-1, keepdim=True) if centres else x) / scale
 
     norms, self_total = [], []
     for start in range(0, n, _ROW_CHUNK):
@@ -90,7 +100,8 @@ def norm_mixing(
         index = torch.arange(rows.start, rows.stop, device=pattern.device)
         own = terms[index - rows.start, index]  # F_i(x_i)
         res = residual[rows]
-        res = carry(res, ln_scale[rows]) if post_ln and ln_scale is not None else res
+        if post_ln and residual_normed and ln_scale is not None:
+            res = carry(res, ln_scale[rows])
         norms.append(terms.norm(dim=-1))
         self_total.append((own + res).norm(dim=-1))
     contributions = torch.cat(norms)  # [i, j]
@@ -146,10 +157,20 @@ def mixing_hooks(model: TracedModel) -> list[str]:
             model.spec.pattern_hook(block),
             model.spec.attn_values.format(layer=block),
         ]
-        paths = model.spec.post_norm_modules(block)
-        if paths is not None:
-            names.append(f"{paths[0]}.hook_scale")
+        norm = _attention_norm(model, block)
+        if norm is not None:
+            names.append(f"{norm[0]}.hook_scale")
     return names
+
+
+def _attention_norm(model: TracedModel, block: int) -> tuple[str, bool] | None:
+    """The norm the attention output passes through before joining the stream, and whether
+    the residual passes through it too (post-LN) or not (a norm on the sublayer output)."""
+    paths = model.spec.post_norm_modules(block)
+    if paths is not None:
+        return paths[0], True
+    outputs = model.spec.output_norm_modules(block)
+    return None if outputs is None else (outputs[0], False)
 
 
 def mixing_batch(
@@ -165,12 +186,8 @@ def mixing_batch(
     row sum) and ``attention`` (mean raw attention weight over heads).
     """
     weights = [model.output_weights(block) for block in range(model.n_layers)]
-    gammas = [
-        model.norm_parameters(paths[0])[0]
-        if (paths := model.spec.post_norm_modules(block)) is not None
-        else None
-        for block in range(model.n_layers)
-    ]
+    norms = [_attention_norm(model, block) for block in range(model.n_layers)]
+    affines = [None if n is None else model.norm_affine(n[0]) for n in norms]
     rows, pairs = [], []
     for row, item in enumerate(batch.texts):
         n = len(item.ids)
@@ -185,14 +202,19 @@ def mixing_batch(
             repeat = W_O.shape[0] // values.shape[1]  # grouped-query attention: share kv heads
             values = values.repeat_interleave(repeat, dim=1)
             head_values = torch.einsum("jhd,hdm->jhm", values, W_O)
-            paths = model.spec.post_norm_modules(block)
-            scale = store[f"{paths[0]}.hook_scale"][row, :n] if paths is not None else None
+            norm, affine = norms[block], affines[block]
+            scale = None
+            if norm is not None:
+                full = store[f"{norm[0]}.hook_scale"]
+                scale = full.reshape(*store[model.spec.resid_hook(0)].shape[:-1], 1)[row, :n]
             mixing = norm_mixing(
                 pattern,
                 head_values,
                 store[model.spec.resid_hook(block)][row, :n],
-                ln_gamma=gammas[block],
+                ln_gamma=None if affine is None else affine.gain,
                 ln_scale=scale,
+                centres=True if affine is None else affine.centres,
+                residual_normed=norm is not None and norm[1],
             )
             rollout = rollout_step(rollout, pattern)
             rollout_self = rollout.diagonal()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from residual_trace.errors import UserError
 from residual_trace.figures import (
@@ -12,7 +13,7 @@ from residual_trace.figures import (
     identifiable_share_figure,
     token_drift_figure,
 )
-from residual_trace.models import ARCHITECTURES, HUB_RENAMES
+from residual_trace.models import HUB_RENAMES
 from residual_trace.models.resolve import cache_dir, resolve
 from residual_trace.runs import RunDir
 from residual_trace.stats import bootstrap_ci
@@ -143,18 +144,52 @@ def test_cache_dir_honours_environment(tmp_path, monkeypatch):
     assert cache_dir() == tmp_path
 
 
-def test_every_architecture_names_distinct_sites():
-    for spec in ARCHITECTURES.values():
-        assert spec.pattern_hook(0) != spec.resid_hook(1)
-        assert spec.attn_delta.format(layer=0) != spec.mlp_delta.format(layer=0)
-        if spec.norm_placement == "pre":
-            assert spec.reader_norm(0, n_layers=2) == "blocks.0.ln1"
-        else:
-            assert spec.reader_norm(0, n_layers=2) is None
+def test_structure_is_derived_for_the_tiny_models(tiny_models):
+    bert, gpt2, llama = (tiny_models[k] for k in ("bert", "gpt2", "llama"))
+    assert (bert.spec.family, bert.spec.norm_placement) == ("encoder", "post")
+    assert bert.spec.reader_norm(0, n_layers=2) is None
+    assert bert.spec.attn_delta == "blocks.{layer}.attn.o.hook_out"
+    for model, kind in ((gpt2, "layernorm"), (llama, "rmsnorm")):
+        assert (model.spec.family, model.spec.norm_placement) == ("decoder", "pre")
+        assert model.spec.norm_kind == kind
+        assert model.spec.reader_norm(0, n_layers=2) == "blocks.0.ln1"
+        assert model.spec.reader_norm(2, n_layers=2) == "ln_final"
+        assert not model.spec.parallel
 
 
-def test_unsupported_architecture_message():
-    from residual_trace.models.architectures import spec_for
+def _fake_bridge(model_type: str, **config: object):
+    from types import SimpleNamespace
 
-    with pytest.raises(UserError, match=r"not supported yet.*bert, gpt2, llama"):
-        spec_for("mamba")
+    from residual_trace.models.architectures import REQUIRED_HOOKS
+
+    block = torch.nn.Module()
+    block.ln1 = torch.nn.LayerNorm(4)
+    return SimpleNamespace(
+        original_model=SimpleNamespace(config=SimpleNamespace(model_type=model_type, **config)),
+        cfg=SimpleNamespace(n_layers=1),
+        hook_dict=dict.fromkeys(REQUIRED_HOOKS),
+        blocks=[block],
+    )
+
+
+def test_a_block_that_is_not_additive_is_refused():
+    from residual_trace.models import derive_spec
+
+    def probe(names):
+        ones = torch.ones(1, 3, 4)
+        # output = 2 * (input + attention + mlp): neither additive nor post-LN
+        return {name: ones * (6.0 if name.endswith("resid_post") else 1.0) for name in names}
+
+    with pytest.raises(UserError, match=r"architecture 'weird' is not supported: its block"):
+        derive_spec(_fake_bridge("weird"), probe, torch.float32)
+
+
+def test_encoder_decoder_and_missing_hooks_are_refused():
+    from residual_trace.models import derive_spec
+
+    with pytest.raises(UserError, match=r"'t5' is not supported: encoder-decoder"):
+        derive_spec(_fake_bridge("t5", is_encoder_decoder=True), dict, torch.float32)
+    bridge = _fake_bridge("mamba")
+    del bridge.hook_dict["blocks.0.attn.hook_pattern"]
+    with pytest.raises(UserError, match=r"'mamba' is not supported: .* no attention pattern"):
+        derive_spec(bridge, dict, torch.float32)
