@@ -96,6 +96,19 @@ _MODEL_OPTIONS = [
     click.option(
         "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True
     ),
+    click.option(
+        "--dtype",
+        type=click.Choice(["float32", "bfloat16", "float16"]),
+        default="float32",
+        show_default=True,
+        help="Weights and forward pass in this precision; the measures stay float32.",
+    ),
+    click.option(
+        "--device-map",
+        type=click.Choice(["auto", "balanced", "balanced_low_0", "sequential"]),
+        default=None,
+        help="Split the model over the visible devices (accelerate).",
+    ),
 ]
 _TEXT_OPTIONS = [
     click.option(
@@ -159,12 +172,19 @@ def _run(options: Options, raw: dict[str, Any], takes_texts: bool = True) -> Non
     from residual_trace.runs import check_out, default_out
 
     model_name, device = raw["model_name"], raw["device"]
+    dtype, device_map = raw["dtype"], raw["device_map"]
     out = raw["out"] if raw["out"] is not None else default_out(model_name)
     check_out(out)
     inputs = _texts(raw["texts"], raw["file"])
 
     def loader() -> Any:
-        return load_model(model_name, device, on_convert=lambda m: _echo_err(f"note: {m}"))
+        return load_model(
+            model_name,
+            device,
+            on_convert=lambda m: _echo_err(f"note: {m}"),
+            dtype=dtype,
+            device_map=device_map,
+        )
 
     if takes_texts:
         texts, _ = load_inputs(inputs)  # bad input fails before the model loads
@@ -180,7 +200,7 @@ def _run(options: Options, raw: dict[str, Any], takes_texts: bool = True) -> Non
 
 def _split(raw: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """(the experiment's options, the command line's own: model, texts, output)."""
-    own = {"model_name", "device", "texts", "file", "out", "figure_format"}
+    own = {"model_name", "device", "dtype", "device_map", "texts", "file", "out", "figure_format"}
     return {k: v for k, v in raw.items() if k not in own}, {k: raw.get(k) for k in own}
 
 

@@ -76,6 +76,12 @@ class ReportOptions(Options):
     )
     seed: int = option(0, "Seed of every experiment.")
     device: Literal["auto", "cpu", "cuda"] = option("auto", "Where the models run.")
+    dtype: Literal["float32", "bfloat16", "float16"] = option(
+        "float32", "Precision of the weights and forward passes (measures stay float32)."
+    )
+    device_map: Literal["auto", "balanced", "balanced_low_0", "sequential"] | None = option(
+        None, "Split each model over the visible devices (accelerate).", cli=False
+    )
     batch_size: int = option(16, "Texts per forward pass.", cli=False)
     perturb_mode: Mode = option("shuffle", "The perturbation of the perturb part.", cli=False)
     perturb_samples: int = option(5, "Perturbations per text in the perturb part.", cli=False)
@@ -154,7 +160,8 @@ class ReportOptions(Options):
         """The config as TOML: ``trace report --config THIS_FILE`` reproduces the report."""
         lines = ["# trace report config: `trace report --config THIS_FILE` reproduces the report"]
         for key, value in self.to_dict().items():
-            lines.append(f"{key} = {_toml_value(value)}")
+            if value is not None:  # TOML has no null: an absent key means the default
+                lines.append(f"{key} = {_toml_value(value)}")
         return "\n".join(lines) + "\n"
 
     @classmethod
@@ -191,11 +198,12 @@ class ReportOptions(Options):
     def fingerprint(self, model: str, experiment: str) -> str:
         """What one part depends on: its model, the inputs, and its experiment's options."""
         data = asdict(self)
-        keep = {"file", "texts", "max_texts", "seed", "batch_size"}
+        keep = {"file", "texts", "max_texts", "seed", "batch_size", "dtype"}
         if experiment == "perturb":
             keep |= {"perturb_mode", "perturb_samples"}
         if experiment == "probe":
-            keep = {"seed", "probe_norms", "probe_mappers", "probe_folds", "probe_max_concepts"}
+            keep = {"seed", "dtype", "probe_norms", "probe_mappers", "probe_folds"}
+            keep |= {"probe_max_concepts"}
             keep |= {"probe_depths"}
         payload = {
             "schema": TABLE_SCHEMA,

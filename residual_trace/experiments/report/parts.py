@@ -85,7 +85,11 @@ def run_parts(
                 continue
             if name not in loaded:
                 loaded[name] = load_model(
-                    name, options.device, on_convert=lambda m: warn(f"note: {m}")
+                    name,
+                    options.device,
+                    on_convert=lambda m: warn(f"note: {m}"),
+                    dtype=options.dtype,
+                    device_map=options.device_map,
                 )
             model = loaded[name]
             if progress is not None:

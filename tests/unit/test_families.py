@@ -1,0 +1,339 @@
+"""Conformance matrix: one tiny seeded checkpoint per architecture family, every verb run on
+it, the numbers checked against Hugging Face on the same weights.
+
+The references below use only Hugging Face modules (found through the paths in
+``tests/families.py``) and float64 NumPy: no residual-trace or TransformerLens code. Adding a
+family is one row in ``tests/families.py``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+import residual_trace as rt
+from tests.families import FAMILIES, Family, save_family
+from tests.unit.test_api import WORDS
+
+TEXTS = ["The cat sat on the mat.", "Rain fell on the old town and the river rose."]
+NAMES = list(FAMILIES)
+
+#: Families where a structural fact changes the mixing measure, with the HF names of the
+#: value and output projections inside the attention module: parallel blocks (phi, gptj),
+#: a norm after the sublayer (gemma2, gemma3, olmo2), grouped-query attention (the rest).
+MIXING = {
+    "llama": ("v_proj", "o_proj"),
+    "mistral": ("v_proj", "o_proj"),
+    "qwen2": ("v_proj", "o_proj"),
+    "qwen3": ("v_proj", "o_proj"),
+    "gemma2": ("v_proj", "o_proj"),
+    "gemma3": ("v_proj", "o_proj"),
+    "olmo2": ("v_proj", "o_proj"),
+    "phi": ("v_proj", "dense"),
+    "gptj": ("v_proj", "out_proj"),
+}
+
+
+@pytest.fixture(scope="module")
+def family_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("families")
+    return {name: save_family(root, name) for name in NAMES}
+
+
+_MODELS: dict[str, Any] = {}
+
+
+@pytest.fixture
+def family_model(family_dirs: dict[str, Path], request: pytest.FixtureRequest) -> Any:
+    name = request.node.callspec.params["name"]
+    if name not in _MODELS:
+        _MODELS[name] = rt.load_model(str(family_dirs[name]), device="cpu")
+    return _MODELS[name]
+
+
+# -- an independent Hugging Face reference ------------------------------------------------
+
+
+def _hf(directory: Path, family: Family) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
+    loader = AutoModelForMaskedLM if family.encoder else AutoModelForCausalLM
+    return loader.from_pretrained(directory, attn_implementation="eager").eval()
+
+
+def _first(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+class Recorder:
+    """Forward hooks on Hugging Face modules, keeping inputs and outputs per call."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.inputs: dict[str, torch.Tensor] = {}
+        self.outputs: dict[str, torch.Tensor] = {}
+        self.handles: list[Any] = []
+
+    def watch(self, path: str) -> None:
+        module = self.model.get_submodule(path)
+
+        def hook(module: Any, args: tuple, kwargs: dict, output: Any) -> None:
+            given = args[0] if args else kwargs.get("hidden_states")
+            self.inputs[path] = given.detach().double()
+            self.outputs[path] = _first(output).detach().double()
+
+        self.handles.append(module.register_forward_hook(hook, with_kwargs=True))
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def _norm_modules(model: torch.nn.Module) -> list[str]:
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.LayerNorm) or "Norm" in type(module).__name__
+    ]
+
+
+def hf_reference(model: torch.nn.Module, family: Family, ids: list[int]) -> dict[str, Any]:
+    """States of every layer (block inputs, then the last block's raw output), attentions,
+    the sublayer modules' outputs, and every norm module's input and output."""
+    n_blocks = len(model.get_submodule(family.block.split(".{block}")[0]))
+    recorder = Recorder(model)
+    paths = [family.block, family.attn_raw, family.mlp_raw, family.attn_after, family.mlp_after]
+    for block in range(n_blocks):
+        for path in paths:
+            if path is not None:
+                recorder.watch(path.format(block=block))
+    for name in _norm_modules(model):
+        if name not in recorder.inputs:
+            recorder.watch(name)
+    with torch.no_grad():
+        out = model(torch.tensor([ids]), output_attentions=True)
+    recorder.close()
+    blocks = [family.block.format(block=b) for b in range(n_blocks)]
+    states = [recorder.inputs[b][0] for b in blocks] + [recorder.outputs[blocks[-1]][0]]
+    return {
+        "states": states,
+        "attentions": [a[0].double() for a in out.attentions],
+        "recorder": recorder,
+        "n_blocks": n_blocks,
+    }
+
+
+def _get(recorder: Recorder, path: str, n: int, kind: str = "out") -> torch.Tensor:
+    store = recorder.outputs if kind == "out" else recorder.inputs
+    return store[path].reshape(n, -1)  # OPT's fc2 runs on (batch * pos, d)
+
+
+def _reader_norm(model: torch.nn.Module, ref: dict[str, Any], layer: int) -> Any:
+    """The first norm module that reads residual layer ``layer`` (its input equals the
+    state), or None: found by comparing tensors, not by name."""
+    state = ref["states"][layer]
+    recorder: Recorder = ref["recorder"]
+    for name in _norm_modules(model):
+        given = recorder.inputs.get(name)
+        if (
+            given is not None
+            and given.numel() == state.numel()
+            and torch.allclose(given.reshape(state.shape), state, rtol=0, atol=1e-6)
+        ):
+            return model.get_submodule(name)
+    return None
+
+
+def _cos(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return (x * y).sum(-1) / (x.norm(dim=-1) * y.norm(dim=-1)).clamp_min(1e-300)
+
+
+def _normed(norm: Any, x: torch.Tensor) -> torch.Tensor:
+    """What the norm makes of x without its bias: gain * c(x) / s (x float64)."""
+    param = next(norm.parameters())
+    with torch.no_grad():
+        out = _first(norm(x[None].to(param.dtype))).double()[0]
+        zero = _first(norm(torch.zeros_like(x[None]).to(param.dtype))).double()[0]
+    return out - zero
+
+
+# -- the matrix ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_structure_is_derived(name, family_model):
+    family, spec = FAMILIES[name], family_model.spec
+    assert spec.family == ("encoder" if family.encoder else "decoder")
+    assert spec.norm_placement == family.norm_site
+    assert spec.parallel == family.parallel
+    assert spec.model_type == family.model_type
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_states_patterns_and_drift_match_hugging_face(name, family_model, family_dirs):
+    family, model = FAMILIES[name], family_model
+    hf = _hf(family_dirs[name], family)
+    W_E = hf.get_input_embeddings().weight.detach().double()
+    drift = rt.layers(model, TEXTS, quiet=True).tables["drift"]
+    for text_id, text in enumerate(TEXTS):
+        ids = model.encode(text)
+        ref = hf_reference(hf, family, ids)
+        batch = torch.tensor([ids])
+        captured = model.capture(batch, torch.ones_like(batch), patterns=True)
+        assert captured.patterns is not None
+        rows = drift[drift["text_id"] == text_id]
+        e = W_E[ids]
+        for layer, state in enumerate(ref["states"]):
+            ours = captured.resid[layer, 0].double()
+            error = float((ours - state).norm() / state.norm())
+            assert error < 1e-4, f"{name} layer {layer}: relative error {error:.1e}"
+            at = rows[rows["layer"] == layer].sort_values("position")
+            np.testing.assert_allclose(at["cos_input"], _cos(state, e), atol=1e-4)
+            np.testing.assert_allclose(at["cos_layer0"], _cos(state, ref["states"][0]), atol=1e-4)
+            norm = _reader_norm(hf, ref, layer)
+            assert (norm is None) == (model.spec.reader_norm(layer, model.n_layers) is None)
+            expected = (
+                _cos(state, e) if norm is None else _cos(_normed(norm, state), _normed(norm, e))
+            )
+            np.testing.assert_allclose(at["cos_input_normed"], expected, atol=1e-4)
+        for block, attention in enumerate(ref["attentions"]):
+            ours = captured.patterns[block, 0].double()
+            np.testing.assert_allclose(ours.numpy(), attention.numpy(), atol=1e-5)
+
+
+def _carry(norm: torch.nn.Module, part: torch.Tensor, given: torch.Tensor) -> torch.Tensor:
+    """A LayerNorm's share of ``part`` when its input was ``given``: gamma * c(part) / s."""
+    eps = float(getattr(norm, "eps", 1e-12))
+    s = (given.var(-1, unbiased=False, keepdim=True) + eps).sqrt()
+    return norm.weight.detach().double() * (part - part.mean(-1, keepdim=True)) / s
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_decomposition_parts_match_hugging_face(name, family_model, family_dirs):
+    family, model = FAMILIES[name], family_model
+    hf = _hf(family_dirs[name], family)
+    W_E = hf.get_input_embeddings().weight.detach().double()
+    result = rt.decompose(model, TEXTS, per_head=True, quiet=True)
+    table, heads = result.tables["decompose"], result.tables["heads"]
+    assert float(table["recon_error"].max()) < 1e-4
+    for text_id, text in enumerate(TEXTS):
+        ids = model.encode(text)
+        n = len(ids)
+        ref = hf_reference(hf, family, ids)
+        rec: Recorder = ref["recorder"]
+        unit = W_E[ids] / W_E[ids].norm(dim=-1, keepdim=True)
+        for block in range(ref["n_blocks"]):
+            x = ref["states"][block]
+            a_raw = _get(rec, family.attn_raw.format(block=block), n)
+            m_raw = _get(rec, family.mlp_raw.format(block=block), n)
+            if family.norm_site == "pre":
+                attn, mlp, delta = a_raw, m_raw, a_raw
+            elif family.norm_site in ("sandwich", "output"):
+                assert family.attn_after is not None and family.mlp_after is not None
+                attn = _get(rec, family.attn_after.format(block=block), n)
+                mlp = _get(rec, family.mlp_after.format(block=block), n)
+                delta = attn
+            else:  # post-LN: carry each part through LN1 and LN2 with their own divisors
+                assert family.attn_after is not None and family.mlp_after is not None
+                ln1 = hf.get_submodule(family.attn_after.format(block=block))
+                ln2 = hf.get_submodule(family.mlp_after.format(block=block))
+                u = _get(rec, family.attn_after.format(block=block), n, "in")
+                w = _get(rec, family.mlp_after.format(block=block), n, "in")
+                attn = _carry(ln2, _carry(ln1, a_raw, u), w)
+                mlp = _carry(ln2, m_raw, w)
+                delta = a_raw
+            rows = table[(table["text_id"] == text_id) & (table["block"] == block)]
+            rows = rows.sort_values("position")
+            scale = float(x.norm(dim=-1).max())
+            for column, expected in (
+                ("proj_attn", (attn * unit).sum(-1)),
+                ("proj_mlp", (mlp * unit).sum(-1)),
+                ("attn_norm_rel", delta.norm(dim=-1) / x.norm(dim=-1)),
+            ):
+                np.testing.assert_allclose(
+                    rows[column], expected, atol=1e-4 * max(scale, 1.0), err_msg=column
+                )
+            per_head = heads[(heads["text_id"] == text_id) & (heads["block"] == block)]
+            summed = per_head.groupby("position")["proj_head"].sum().sort_index()
+            np.testing.assert_allclose(summed, rows["proj_attn"], atol=1e-4 * max(scale, 1.0))
+
+
+@pytest.mark.parametrize("name", list(MIXING))
+def test_mixing_matches_an_independent_reference(name, family_model, family_dirs):
+    """F_i(x_j) = sum_h A_h[i, j] v_h(x_j) W_O[h] from the HF value and output projections
+    (kv heads shared by query-head groups), carried through the norm on the attention output
+    where there is one (gain * F / s_i, with Gemma's gain 1 + w); the residual joins
+    uncarried."""
+    family, model = FAMILIES[name], family_model
+    hf = _hf(family_dirs[name], family)
+    v_name, o_name = MIXING[name]
+    mixing = rt.decompose(model, TEXTS, quiet=True).tables["mixing"]
+    n_heads = model.n_heads
+    for text_id, text in enumerate(TEXTS):
+        ids = model.encode(text)
+        n = len(ids)
+        ref = hf_reference(hf, family, ids)
+        for block in range(ref["n_blocks"]):
+            attn_path = family.attn_raw.format(block=block)
+            recorder = Recorder(hf)
+            recorder.watch(f"{attn_path}.{v_name}")
+            with torch.no_grad():
+                hf(torch.tensor([ids]))
+            recorder.close()
+            values = recorder.outputs[f"{attn_path}.{v_name}"][0]  # [n, kv * d_head]
+            W_O = hf.get_submodule(f"{attn_path}.{o_name}").weight.detach().double()
+            d_head = W_O.shape[1] // n_heads
+            kv = values.shape[-1] // d_head
+            A = ref["attentions"][block]  # [head, i, j]
+            F = torch.zeros(n, n, W_O.shape[0], dtype=torch.float64)
+            for h in range(n_heads):
+                v = values[:, (h // (n_heads // kv)) * d_head : (h // (n_heads // kv) + 1) * d_head]
+                f = v @ W_O[:, h * d_head : (h + 1) * d_head].T  # [j, d_model]
+                F += A[h][:, :, None] * f[None]
+            if family.attn_after is not None:
+                norm = hf.get_submodule(family.attn_after.format(block=block))
+                weight = norm.weight.detach().double()
+                gain = 1.0 + weight if name.startswith("gemma") else weight
+                eps = float(getattr(norm, "eps", getattr(norm, "variance_epsilon", 1e-6)))
+                raw = _get(ref["recorder"], attn_path, n)
+                s = (raw.pow(2).mean(-1, keepdim=True) + eps).sqrt()
+                F = gain * F / s[:, None]
+            norms = F.norm(dim=-1)
+            eye = torch.eye(n, dtype=torch.bool)
+            others = norms.masked_fill(eye, 0).sum(-1)
+            own = (F[torch.arange(n), torch.arange(n)] + ref["states"][block]).norm(dim=-1)
+            rows = mixing[(mixing["text_id"] == text_id) & (mixing["block"] == block)]
+            rows = rows.sort_values("position")
+            np.testing.assert_allclose(rows["mix_norm_attn"], others / norms.sum(-1), atol=1e-4)
+            np.testing.assert_allclose(rows["mix_norm"], others / (others + own), atol=1e-4)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_verb_runs(name, family_model, tmp_path):
+    model = family_model
+    perturb = rt.perturb(model, TEXTS, mode="shuffle", samples=1, quiet=True)
+    assert sorted(perturb.tables["summary"]["block"].unique()) == list(range(model.n_layers))
+    assert perturb.tables["heads"]["head_name"].str.fullmatch(r"L\d+H\d+").all()
+    norms = tmp_path / "norms.csv"
+    rng = np.random.default_rng(0)
+    lines = ["word,A,B"] + [f"{w},{rng.uniform(0, 5):.3f},{rng.uniform(0, 5):.3f}" for w in WORDS]
+    norms.write_text("\n".join(lines) + "\n")
+    probe = rt.probe(
+        model,
+        norms=f"wide:{norms}",
+        layers=(0, model.n_layers),
+        mappers=("ridge",),
+        folds=2,
+        conditions=("system",),
+        use_cache=False,
+        quiet=True,
+    )
+    assert np.isfinite(probe.tables["scores"]["value"]).all()
+    record = rt.layers(model, TEXTS, quiet=True).run_record([], "png")["model"]
+    assert record["norm_placement"] == FAMILIES[name].norm_site
+    assert record["parallel_sublayers"] == FAMILIES[name].parallel
+    assert record["dtype"] == "float32"
