@@ -143,9 +143,9 @@ class TracedModel:
         weight = bridge.original_model.get_input_embeddings().weight
         #: the input token embeddings as the first block sees them (Gemma's sqrt(d_model)
         #: scale applied), float32
-        self.W_E: EmbeddingMatrix = (
-            weight.detach().to(device=device, dtype=torch.float32) * self.spec.embed_scale
-        )
+        self.W_E: EmbeddingMatrix = weight.detach().to(device=device, dtype=torch.float32)
+        if self.spec.embed_scale != 1.0:
+            self.W_E = self.W_E * self.spec.embed_scale
         self.d_vocab: int = int(self.W_E.shape[0])
 
     def _probe(self, names: list[str]) -> dict[str, Tensor]:

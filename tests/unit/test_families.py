@@ -337,3 +337,32 @@ def test_every_verb_runs(name, family_model, tmp_path):
     assert record["norm_placement"] == FAMILIES[name].norm_site
     assert record["parallel_sublayers"] == FAMILIES[name].parallel
     assert record["dtype"] == "float32"
+
+
+def test_report_compares_families_of_every_structure(family_dirs, tmp_path):
+    """One report over a parallel (pythia), a sandwich (gemma2), an output-norm (olmo2) and a
+    post-LN (roberta) model: every part runs, and the document names each model."""
+    from residual_trace.experiments.report import ReportOptions, run_report
+
+    chosen = ["pythia", "gemma2", "olmo2", "roberta"]
+    models = {}
+    for name in chosen:
+        if name not in _MODELS:
+            _MODELS[name] = rt.load_model(str(family_dirs[name]), device="cpu")
+        models[str(family_dirs[name])] = _MODELS[name]
+    options = ReportOptions(
+        models=list(models),
+        max_texts=4,
+        perturb_samples=1,
+        probe_max_concepts=30,
+        probe_folds=2,
+        probe_mappers=["ridge"],
+        device="cpu",
+    )
+    result = run_report(options, warn=lambda m: None, models=models)
+    assert len(result.parts) == 4 * len(options.experiments)
+    assert all(part.ran for part in result.parts)
+    result.save(tmp_path / "report")
+    html = (tmp_path / "report" / "report.html").read_text()
+    for name in chosen:
+        assert f"tiny-{name}" in html
