@@ -328,11 +328,12 @@ def test_every_verb_runs(name, family_model, tmp_path):
         layers=(0, model.n_layers),
         mappers=("ridge",),
         folds=2,
-        conditions=("system",),
+        conditions=("system", "random-init"),
         use_cache=False,
         quiet=True,
     )
     assert np.isfinite(probe.tables["scores"]["value"]).all()
+    assert set(probe.tables["scores"]["condition"]) == {"system", "random-init"}
     record = rt.layers(model, TEXTS, quiet=True).run_record([], "png")["model"]
     assert record["norm_placement"] == FAMILIES[name].norm_site
     assert record["parallel_sublayers"] == FAMILIES[name].parallel
@@ -366,3 +367,78 @@ def test_report_compares_families_of_every_structure(family_dirs, tmp_path):
     html = (tmp_path / "report" / "report.html").read_text()
     for name in chosen:
         assert f"tiny-{name}" in html
+
+
+def _save_other(root: Path, name: str) -> Path:
+    """Architectures outside the matrix, built the same way (seeded, tiny, BPE tokenizer)."""
+    import transformers
+
+    from tests.conftest import _tiny_bpe_tokenizer
+
+    configs: dict[str, tuple[str, str, dict[str, Any]]] = {
+        "falcon": ("FalconConfig", "FalconForCausalLM", {"parallel_attn": True}),
+        "mixtral": (
+            "MixtralConfig",
+            "MixtralForCausalLM",
+            {"num_key_value_heads": 2, "num_local_experts": 4, "num_experts_per_tok": 2},
+        ),
+        "t5": (
+            "T5Config",
+            "T5ForConditionalGeneration",
+            {"d_model": 64, "d_ff": 128, "num_layers": 2, "num_heads": 4, "d_kv": 16},
+        ),
+    }
+    config_name, model_name, extra = configs[name]
+    target = root / f"other-{name}"
+    target.mkdir()
+    vocab = _tiny_bpe_tokenizer(target)
+    torch.manual_seed(3)
+    config = getattr(transformers, config_name)(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+        **extra,
+    )
+    getattr(transformers, model_name)(config).save_pretrained(target)
+    return target
+
+
+@pytest.mark.parametrize("name", ["falcon", "mixtral"])
+def test_an_architecture_outside_the_matrix_works_when_its_structure_holds(name, tmp_path):
+    """Falcon (parallel) and Mixtral (mixture of experts) are typed in nowhere: their
+    structure is derived, and the states match Hugging Face's."""
+    from transformers import AutoModelForCausalLM
+
+    directory = _save_other(tmp_path, name)
+    model = rt.load_model(str(directory), device="cpu")
+    assert model.spec.parallel == (name == "falcon")
+    decomposed = rt.decompose(model, TEXTS, per_head=True, quiet=True)
+    assert float(decomposed.tables["decompose"]["recon_error"].max()) < 1e-4
+    hf = AutoModelForCausalLM.from_pretrained(directory, attn_implementation="eager").eval()
+    ids = model.encode(TEXTS[0])
+    with torch.no_grad():
+        states = hf(torch.tensor([ids]), output_hidden_states=True).hidden_states
+    batch = torch.tensor([ids])
+    ours = model.capture(batch, torch.ones_like(batch)).resid
+    for layer in range(len(states) - 1):  # HF's last entry is after the final norm
+        expected = states[layer][0]
+        assert float((ours[layer, 0] - expected).norm() / expected.norm()) < 1e-4
+
+
+def test_an_encoder_decoder_is_refused_in_one_line(tmp_path):
+    from click.testing import CliRunner
+
+    from residual_trace.cli import trace
+
+    directory = _save_other(tmp_path, "t5")
+    result = CliRunner().invoke(trace, ["layers", "-m", str(directory), "-t", "A cat."])
+    assert result.exit_code == 1
+    message = result.output.strip()
+    assert message.count("\n") == 0 and "Traceback" not in message
+    assert "architecture 't5' is not supported: encoder-decoder" in message
