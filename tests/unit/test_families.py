@@ -115,13 +115,14 @@ def hf_reference(model: torch.nn.Module, family: Family, ids: list[int]) -> dict
         if name not in recorder.inputs:
             recorder.watch(name)
     with torch.no_grad():
-        out = model(torch.tensor([ids]), output_attentions=True)
+        out = model(torch.tensor([ids]), output_attentions=True, output_hidden_states=True)
     recorder.close()
     blocks = [family.block.format(block=b) for b in range(n_blocks)]
     states = [recorder.inputs[b][0] for b in blocks] + [recorder.outputs[blocks[-1]][0]]
     return {
         "states": states,
         "attentions": [a[0].double() for a in out.attentions],
+        "hidden_states": [h[0].double() for h in out.hidden_states],
         "recorder": recorder,
         "n_blocks": n_blocks,
     }
@@ -191,6 +192,9 @@ def test_states_patterns_and_drift_match_hugging_face(name, family_model, family
             ours = captured.resid[layer, 0].double()
             error = float((ours - state).norm() / state.norm())
             assert error < 1e-4, f"{name} layer {layer}: relative error {error:.1e}"
+            if layer < len(ref["states"]) - 1:  # HF's last hidden state follows the final norm
+                hidden = ref["hidden_states"][layer]
+                assert float((ours - hidden).norm() / hidden.norm()) < 1e-4
             at = rows[rows["layer"] == layer].sort_values("position")
             np.testing.assert_allclose(at["cos_input"], _cos(state, e), atol=1e-4)
             np.testing.assert_allclose(at["cos_layer0"], _cos(state, ref["states"][0]), atol=1e-4)
@@ -312,12 +316,54 @@ def test_mixing_matches_an_independent_reference(name, family_model, family_dirs
             np.testing.assert_allclose(rows["mix_norm"], others / (others + own), atol=1e-4)
 
 
+def _structure_reference(attention: np.ndarray, special: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-head means over the non-special query rows of one text's HF attention [h, n, n]:
+    entropy (bits), own-position, previous-position and special-token mass."""
+    n = attention.shape[-1]
+    rows = ~special
+    with np.errstate(divide="ignore", invalid="ignore"):
+        logs = np.where(attention > 0, np.log2(attention), 0.0)
+    entropy = -(attention * logs).sum(-1)
+    previous = np.zeros(attention.shape[:2])
+    previous[:, 1:] = attention[:, np.arange(1, n), np.arange(n - 1)]
+    has_previous = rows.copy()
+    has_previous[0] = False
+    return {
+        "entropy": entropy[:, rows].mean(-1),
+        "diag_mass": np.diagonal(attention, axis1=1, axis2=2)[:, rows].mean(-1),
+        "prev_mass": previous[:, has_previous].mean(-1),
+        "special_mass": attention[:, :, special].sum(-1)[:, rows].mean(-1),
+    }
+
+
 @pytest.mark.parametrize("name", NAMES)
-def test_every_verb_runs(name, family_model, tmp_path):
+def test_every_verb_runs(name, family_model, family_dirs, tmp_path):
+    from transformers import AutoTokenizer
+
     model = family_model
     perturb = rt.perturb(model, TEXTS, mode="shuffle", samples=1, quiet=True)
     assert sorted(perturb.tables["summary"]["block"].unique()) == list(range(model.n_layers))
-    assert perturb.tables["heads"]["head_name"].str.fullmatch(r"L\d+H\d+").all()
+    heads = perturb.tables["heads"]
+    assert heads["head_name"].str.fullmatch(r"L\d+H\d+").all()
+    # perturb's structure measures of the original patterns, against HF's attentions
+    family = FAMILIES[name]
+    hf = _hf(family_dirs[name], family)
+    specials = set(AutoTokenizer.from_pretrained(family_dirs[name]).all_special_ids)
+    per_text = []
+    for text in TEXTS:
+        ids = model.encode(text)
+        with torch.no_grad():
+            attentions = hf(torch.tensor([ids]), output_attentions=True).attentions
+        special = np.array([i in specials for i in ids])
+        per_text.append([_structure_reference(a[0].double().numpy(), special) for a in attentions])
+    assert set(heads["n_texts"]) == {len(TEXTS)}
+    for (kind, block), rows in heads.groupby(["perturbation", "block"]):
+        rows = rows.sort_values("head")
+        for column in ("entropy", "diag_mass", "prev_mass", "special_mass"):
+            expected = np.mean([text[block][column] for text in per_text], axis=0)
+            np.testing.assert_allclose(
+                rows[column], expected, atol=1e-4, err_msg=f"{kind} {column}"
+            )
     norms = tmp_path / "norms.csv"
     rng = np.random.default_rng(0)
     lines = ["word,A,B"] + [f"{w},{rng.uniform(0, 5):.3f},{rng.uniform(0, 5):.3f}" for w in WORDS]
