@@ -27,6 +27,7 @@ import torch
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
+from residual_trace._typing import Tensor
 from residual_trace.errors import UserError
 from residual_trace.experiments.common import load_inputs, resolve_model
 from residual_trace.experiments.options import (
@@ -61,6 +62,7 @@ from residual_trace.tracer.alignment_summary import (
     resid_summary,
 )
 from residual_trace.tracer.batching import EncodedText
+from residual_trace.tracer.chunking import chunks, items_per_chunk
 from residual_trace.tracer.perturbations import (
     Perturbation,
     identity,
@@ -162,10 +164,18 @@ class PerturbResult(Result):
 
 @dataclass
 class _Run:
-    """One sequence's patterns ``[layer, head, n, n]`` and residual stream ``[layer, n, d]``."""
+    """One sequence's patterns ``[layer, head, n, n]`` and residual stream ``[layer, n, d]``.
 
-    patterns: torch.Tensor
+    The patterns are kept as views into the batch's hook tensors, one per layer, and stacked
+    only when a comparison needs them: a batch's patterns are never copied whole.
+    """
+
+    pattern_layers: list[torch.Tensor]
     resid: torch.Tensor
+
+    @property
+    def patterns(self) -> torch.Tensor:
+        return torch.stack(self.pattern_layers)
 
 
 class _Runner:
@@ -178,10 +188,11 @@ class _Runner:
 
     def padded(self, ids: torch.Tensor, mask: torch.Tensor, lengths: Sequence[int]) -> list[_Run]:
         store = self.model.run_hooks(ids, mask, [*self.pattern_names, *self.resid_names])
-        patterns = torch.stack([store[n] for n in self.pattern_names], dim=1)
+        layers = [store[name] for name in self.pattern_names]
         resid = torch.stack([store[n] for n in self.resid_names], dim=1)
         return [
-            _Run(patterns[row, :, :, :n, :n], resid[row, :, :n]) for row, n in enumerate(lengths)
+            _Run([layer[row, :, :n, :n] for layer in layers], resid[row, :, :n])
+            for row, n in enumerate(lengths)
         ]
 
     def same_length(self, sequences: Sequence[Sequence[int]], batch_size: int) -> Iterator[_Run]:
@@ -230,6 +241,56 @@ def _perturbations(
     return out
 
 
+#: Live n x n temporaries per head in :func:`_head_values` (the alignment's views, the
+#: renormalised rows and the Jensen-Shannon terms), for sizing chunks of heads.
+ALIGN_TEMPORARIES = 24
+
+
+def _head_values(
+    flat_original: Tensor,
+    flat_rerun: Tensor,
+    flat: Tensor,
+    kind: str,
+    permutation: Tensor,
+    special: Tensor,
+    content: Tensor,
+    compared: Tensor,
+    causal: bool,
+) -> dict[str, Tensor]:
+    """Per-head values of one chunk of heads ``[chunk, n, n]``."""
+    count, n, _ = flat.shape
+    nan = torch.full((count,), float("nan"), device=flat.device)
+    if kind == "identity":
+        similarity = 1.0 - rerun_distance(flat_original, flat)
+        sim_token = sim_position = similarity
+        index, noise = torch.zeros_like(similarity), nan
+        rows = torch.full((count,), n)
+    elif kind in MOVING:
+        aligned = align_patterns(flat_original, flat, permutation, causal)
+        again = align_patterns(flat_rerun, flat, permutation, causal)
+        sim_token, sim_position, index, rows = (
+            aligned.sim_token,
+            aligned.sim_position,
+            aligned.follow_index,
+            aligned.n_rows,
+        )
+        noise = (aligned.follow_index - again.follow_index).abs()
+    else:
+        sim_position = position_similarity(flat_original, flat, compared)
+        noise = (sim_position - position_similarity(flat_rerun, flat, compared)).abs()
+        sim_token, index = nan, nan
+        rows = torch.full((count,), int(compared.sum()))
+    structure = pattern_structure(flat, special, content, causal)
+    return {
+        "sim_token": sim_token,
+        "sim_position": sim_position,
+        "follow_index": index,
+        "n_rows": rows.to(flat.device),
+        "noise": noise,
+        **structure,
+    }
+
+
 def _compare(
     original: _Run,
     rerun: _Run,
@@ -245,30 +306,17 @@ def _compare(
     ``noise`` is how far the head's measure (index, or pattern kept) moves when the re-run of
     the unperturbed text stands in for the original: run-to-run noise, in the measure's units.
     """
-    layers, heads, n, _ = original.patterns.shape
-    flat_original = original.patterns.reshape(layers * heads, n, n)
+    stacked = original.patterns
+    layers, heads, n, _ = stacked.shape
+    flat_original = stacked.reshape(layers * heads, n, n)
     flat_rerun = rerun.patterns.reshape(layers * heads, n, n)
     flat = perturbed.patterns.reshape(layers * heads, n, n)
     permutation = torch.tensor(p.permutation, device=flat.device)
     positions = torch.arange(n, device=flat.device)
     content = ~special
-    nan = torch.full((layers * heads,), float("nan"), device=flat.device)
     if p.kind == "identity":
-        similarity = 1.0 - rerun_distance(flat_original, flat)
-        sim_token = sim_position = similarity
-        index, noise = torch.zeros_like(similarity), nan
-        rows = torch.full((layers * heads,), n)
         compared = content
     elif p.kind in MOVING:
-        aligned = align_patterns(flat_original, flat, permutation, causal)
-        again = align_patterns(flat_rerun, flat, permutation, causal)
-        sim_token, sim_position, index, rows = (
-            aligned.sim_token,
-            aligned.sim_position,
-            aligned.follow_index,
-            aligned.n_rows,
-        )
-        noise = (aligned.follow_index - again.follow_index).abs()
         compared = content & (permutation != positions)
     else:  # the tokens change in place: random-token, embed-shuffle
         # random tokens change where the id changed; shuffled embeddings change every token
@@ -277,19 +325,24 @@ def _compare(
             device=flat.device,
         )
         compared = content & changed
-        sim_position = position_similarity(flat_original, flat, compared)
-        noise = (sim_position - position_similarity(flat_rerun, flat, compared)).abs()
-        sim_token, index = nan, nan
-        rows = torch.full((layers * heads,), int(compared.sum()))
-    structure = pattern_structure(flat, special, content, causal)
-    values = {
-        "sim_token": sim_token,
-        "sim_position": sim_position,
-        "follow_index": index,
-        "n_rows": rows,
-        "noise": noise,
-        **structure,
-    }
+    # heads are independent: chunk them so the temporaries (about ALIGN_TEMPORARIES copies
+    # of a head's n x n pattern) stay within the memory budget at any length
+    size = items_per_chunk(n * n * flat.element_size(), temporaries=ALIGN_TEMPORARIES)
+    parts = [
+        _head_values(
+            flat_original[part],
+            flat_rerun[part],
+            flat[part],
+            p.kind,
+            permutation,
+            special,
+            content,
+            compared,
+            causal,
+        )
+        for part in chunks(layers * heads, size)
+    ]
+    values = {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
     resid = resid_alignment(original.resid, perturbed.resid, permutation, compared)
     per_head = {k: v.detach().cpu().numpy() for k, v in values.items()}
     per_layer = {
@@ -407,7 +460,7 @@ def run_perturb(
     def reduce(item: EncodedText, original: _Run, rerun: _Run, p: Perturbation, run_: _Run) -> None:
         nonlocal shown
         special = torch.tensor(
-            [i in traced.special_ids for i in item.ids], device=original.patterns.device
+            [i in traced.special_ids for i in item.ids], device=original.resid.device
         )
         sample = samples_seen.get((item.text_id, p.kind), 0)
         samples_seen[(item.text_id, p.kind)] = sample + 1
@@ -460,7 +513,9 @@ def run_perturb(
                 for p, run_ in zip(sequences, runs, strict=True):
                     rerun = run_ if rerun is None else rerun  # the first: unperturbed
                     reduce(item, original, rerun, p, run_)
-                reruns.append(rerun)
+                # only embed-shuffle compares again after the loop; holding the others would
+                # keep every text's forward pass of the batch alive at once
+                reruns.append(rerun if config.mode == "embed-shuffle" else None)
             if config.mode == "embed-shuffle":
                 keep = sorted(traced.special_ids)
                 for sample in range(config.samples):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
@@ -122,6 +124,12 @@ def mixing_figure(summary: pd.DataFrame) -> Figure:
     return fig
 
 
+#: The mixing map labels at most this many tokens per axis (every k-th on long texts) ...
+MAX_LABELLED_TOKENS = 64
+#: ... on a canvas at most this wide: the figure's memory stays bounded at any length.
+MAX_MAP_INCHES = 20.0
+
+
 def mixing_heatmap_figure(pairs: pd.DataFrame, block: int) -> Figure:
     """Target (rows) x source (columns) norm-based contribution shares of one text and block."""
     data = pairs[pairs["block"] == block]
@@ -130,12 +138,15 @@ def mixing_heatmap_figure(pairs: pd.DataFrame, block: int) -> Figure:
     grid = data.pivot_table(index="target", columns="source", values="share", sort=True)
     tokens = data.drop_duplicates("target").set_index("target")["target_token"]
     labels = [f"{i}: {tokens[i]}" for i in grid.index]
-    size = 1.5 + 0.32 * len(labels)
+    # bounded canvas at any length: every k-th token labelled, at most MAX_MAP_INCHES wide
+    step = max(1, math.ceil(len(labels) / MAX_LABELLED_TOKENS))
+    size = min(MAX_MAP_INCHES, 1.5 + 0.32 * len(labels))
     fig = Figure(figsize=(size + 1.2, size), layout="constrained")
     ax = fig.subplots()
     image = ax.imshow(grid.to_numpy(), cmap="viridis", vmin=0.0, vmax=1.0)
-    ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=7)
-    ax.set_yticks(range(len(labels)), labels, fontsize=7)
+    shown = list(range(0, len(labels), step))
+    ax.set_xticks(shown, [labels[i] for i in shown], rotation=90, fontsize=7)
+    ax.set_yticks(shown, [labels[i] for i in shown], fontsize=7)
     ax.set_xlabel("source token j")
     ax.set_ylabel("target token i")
     fig.colorbar(image, ax=ax, label="share of |F_i(x_j)| in row i (diagonal: + residual)")

@@ -3,6 +3,8 @@ to a matplotlib :class:`~matplotlib.figure.Figure`. No model, no pyplot state, n
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pandas as pd
 import seaborn as sns
@@ -12,6 +14,11 @@ LAYER_LABEL = "layer (0 = embeddings, input of block 0; k = output of block k-1)
 
 #: At most this many faint per-token lines are drawn (a seeded sample), to stay legible.
 MAX_TOKEN_LINES = 400
+
+#: The drift heatmap labels at most this many positions (every k-th on long texts) ...
+MAX_LABELLED_ROWS = 64
+#: ... on a canvas at most this tall: the figure's memory stays bounded at any length.
+MAX_HEATMAP_INCHES = 20.0
 
 
 def _tokens(table: pd.DataFrame, include_special: bool) -> pd.DataFrame:
@@ -91,9 +98,11 @@ def drift_heatmap_figure(
     grid = data.pivot_table(index="position", columns="layer", values=column, sort=True)
     tokens = data.drop_duplicates("position").set_index("position")["token"]
     labels = [f"{p}: {tokens[p]}" for p in grid.index]
-    fig = Figure(
-        figsize=(1.2 + 0.42 * grid.shape[1], 1.2 + 0.28 * grid.shape[0]), layout="constrained"
-    )
+    # a long text keeps a readable, bounded canvas: at most MAX_LABELLED_ROWS labels (every
+    # k-th position) on a figure no taller than MAX_HEATMAP_INCHES
+    step = max(1, math.ceil(len(labels) / MAX_LABELLED_ROWS))
+    height = min(MAX_HEATMAP_INCHES, 1.2 + 0.28 * grid.shape[0])
+    fig = Figure(figsize=(1.2 + 0.42 * grid.shape[1], height), layout="constrained")
     ax = fig.subplots()
     sns.heatmap(
         grid,
@@ -102,9 +111,11 @@ def drift_heatmap_figure(
         vmax=1.0,
         cmap="vlag",
         center=0.0,
-        yticklabels=labels,
+        yticklabels=False,
         cbar_kws={"label": f"{column} (cosine)"},
     )
+    shown = list(range(0, len(labels), step))
+    ax.set_yticks([i + 0.5 for i in shown], [labels[i] for i in shown], rotation=0)
     ax.set_xlabel("layer")
     ax.set_ylabel("position: token")
     ax.set_title(f"{_model_name(table)}: {column}, text {text_id}", fontsize=9)

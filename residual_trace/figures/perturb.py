@@ -3,6 +3,7 @@ matplotlib figures. No model, no pyplot state, no I/O."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -139,6 +140,12 @@ def structure_figure(summary: pd.DataFrame, kind: str) -> Figure:
     return fig
 
 
+#: Attention panels label at most this many tokens per axis (every k-th on long texts) ...
+MAX_LABELLED_TOKENS = 48
+#: ... and are at most this many inches square: memory stays bounded at any length.
+MAX_PANEL_INCHES = 8.0
+
+
 def attention_pairs_figure(
     example: AttentionExample, heads: Sequence[tuple[int, int]], model: str, text_id: int
 ) -> Figure:
@@ -149,7 +156,9 @@ def attention_pairs_figure(
     moved = list(example.permutation) != list(range(len(example.permutation)))
     columns = 3 if moved else 2
     n = len(example.tokens)
-    size = 1.6 + 0.22 * n
+    # bounded canvas at any length: panels at most MAX_PANEL_INCHES, every k-th token labelled
+    size = min(MAX_PANEL_INCHES, 1.6 + 0.22 * n)
+    shown = list(range(0, n, max(1, math.ceil(n / MAX_LABELLED_TOKENS))))
     fig = Figure(figsize=(columns * size + 1.0, len(heads) * size + 0.6), layout="constrained")
     axes = fig.subplots(len(heads), columns, squeeze=False)
     order = np.asarray(example.permutation)
@@ -164,8 +173,8 @@ def attention_pairs_figure(
             panels.append((perturbed[order][:, order], example.tokens, "perturbed, token order"))
         for ax, (grid, labels, title) in zip(axes[row], panels, strict=True):
             image = ax.imshow(grid, cmap="viridis", vmin=0.0, vmax=1.0)
-            ax.set_xticks(range(n), labels, rotation=90, fontsize=6.5)
-            ax.set_yticks(range(n), labels, fontsize=6.5)
+            ax.set_xticks(shown, [labels[i] for i in shown], rotation=90, fontsize=6.5)
+            ax.set_yticks(shown, [labels[i] for i in shown], fontsize=6.5)
             ax.set_title(f"L{block}H{head}: {title}", fontsize=8)
         fig.colorbar(image, ax=axes[row, -1], label="attention", shrink=0.8)
     fig.suptitle(f"{model}, text {text_id}: rows attend (queries) to columns (keys)", fontsize=9)

@@ -45,6 +45,7 @@ from residual_trace._typing import Bool, EmbeddingMatrix, Float, Int, Tensor
 from residual_trace.errors import UserError
 from residual_trace.models import TracedModel
 from residual_trace.tracer.batching import TOKEN_KEYS, Batch, iter_batches, prepare_texts
+from residual_trace.tracer.chunking import items_per_chunk
 
 #: Columns of the drift table, in order.
 DRIFT_COLUMNS = (
@@ -61,8 +62,8 @@ DRIFT_COLUMNS = (
     "top_dim_share",
 )
 
-#: Bytes of similarity scores held at once (rows x d_vocab x 4), bounding peak memory.
-_SCORE_BUDGET_BYTES = 1 << 27
+#: Live temporaries of a token's vocabulary-sized score row (scores, comparison, mask).
+_SCORE_TEMPORARIES = 3
 
 PatternSink = Callable[[int, list[str], np.ndarray], None]
 
@@ -135,7 +136,7 @@ class _Scorer:
     ) -> tuple[Tensor, Tensor, Tensor]:
         """``(cos to own token, baseline over other tokens of the text, vocab rank)``."""
         q = self.queries(h)
-        chunk = max(1, _SCORE_BUDGET_BYTES // (4 * self.rows.shape[0]))
+        chunk = items_per_chunk(4 * self.rows.shape[0], temporaries=_SCORE_TEMPORARIES)
         own, base, rank = [], [], []
         for start in range(0, q.shape[0], chunk):
             stop = start + chunk

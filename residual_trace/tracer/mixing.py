@@ -30,9 +30,10 @@ import torch
 from residual_trace._typing import Float, Tensor
 from residual_trace.models import TracedModel
 from residual_trace.tracer.batching import BLOCK_TOKEN_KEYS, Batch, iter_batches, prepare_texts
+from residual_trace.tracer.chunking import chunks, items_per_chunk
 
-#: Query rows per chunk of the (query x key x d_model) contribution tensor.
-_ROW_CHUNK = 32
+#: Live (key x d_model) temporaries per query row of the contribution tensor.
+_ROW_TEMPORARIES = 4
 
 
 @dataclass(frozen=True)
@@ -92,8 +93,8 @@ def norm_mixing(
         return ln_gamma * (x - x.mean(-1, keepdim=True) if centres else x) / scale
 
     norms, self_total = [], []
-    for start in range(0, n, _ROW_CHUNK):
-        rows = slice(start, min(n, start + _ROW_CHUNK))
+    size = items_per_chunk(n * head_values.shape[-1] * 4, temporaries=_ROW_TEMPORARIES)
+    for rows in chunks(n, size):
         terms = torch.einsum("hij,jhm->ijm", pattern[:, rows], head_values)  # [i, j, d]
         scale = ln_scale[rows][:, None] if post_ln and ln_scale is not None else None
         terms = carry(terms, scale) if scale is not None else terms
