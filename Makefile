@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.residual-trace-installed
 ARGS ?=
 
-.PHONY: trace test lint typecheck browser bench bench-probe install clean
+.PHONY: trace test lint typecheck browser bench bench-probe bench-length install clean
 
 install: $(STAMP)
 
@@ -42,6 +42,10 @@ bench: $(STAMP)
 
 bench-probe: $(STAMP)
 	$(BIN)/python benchmarks/bench_probe.py
+
+bench-length: $(STAMP)
+	$(BIN)/python benchmarks/bench_length.py
+	$(BIN)/python benchmarks/bench_length.py --model smollm2 --lengths 256 1024 --texts 4 --batch-size 4
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache
