@@ -94,6 +94,12 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[64, 128, 256, 512])
     parser.add_argument("--texts", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=["layers", "decompose", "perturb"],
+        help="verbs to measure (the floor always runs)",
+    )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 
@@ -114,7 +120,8 @@ def main() -> None:
                 "perturb": (VERB, ["perturb", *common, "--mode", "shuffle", "--samples", "2"]),
             }
             floor: tuple[float, float] | None = None
-            for name, (code, argv) in variants.items():
+            chosen = {k: v for k, v in variants.items() if k == "floor" or k in args.variants}
+            for name, (code, argv) in chosen.items():
                 try:
                     seconds, peak = _run(code, argv)
                 except RuntimeError as error:

@@ -35,7 +35,7 @@ from residual_trace.figures.decompose import (
 from residual_trace.tracer import iter_batches, prepare_texts
 from residual_trace.tracer.decompose import decompose_batch, decompose_hooks, pool_cumulative
 from residual_trace.tracer.decompose_summary import decompose_summary, head_summary
-from residual_trace.tracer.mixing import mixing_batch, mixing_hooks
+from residual_trace.tracer.mixing import MixingStream
 
 __all__ = ["DecomposeOptions", "DecomposeResult", "run_decompose"]
 
@@ -136,7 +136,7 @@ def run_decompose(
     encoded = prepare_texts(
         traced, texts_list, options.max_length, warn=lambda m: note(f"warning: {m}")
     )
-    names = list(dict.fromkeys([*decompose_hooks(traced, options.per_head), *mixing_hooks(traced)]))
+    names = decompose_hooks(traced, options.per_head)
     local, pooled, mixes, pair_frames, head_frames = [], [], [], [], []
     n_batches = -(-len(encoded) // options.batch_size)
     with torch.inference_mode():
@@ -148,13 +148,16 @@ def run_decompose(
             disable=not options.progress,
             leave=False,
         ):
-            store = traced.run_hooks(batch.ids, batch.mask, names)
+            # mixing is reduced block by block inside the forward pass: one block's
+            # attention patterns are all that is ever held
+            stream = MixingStream(traced, batch, options.mixing_text)
+            store = traced.run_hooks(batch.ids, batch.mask, names, stream=stream)
             split = decompose_batch(traced, batch, store, per_head=options.per_head)
             local.append(split.local)
             pooled.append(split.cumulative)
             if split.heads is not None:
                 head_frames.append(split.heads)
-            mixing, pairs = mixing_batch(traced, batch, store, options.mixing_text)
+            mixing, pairs = stream.frames()
             mixes.append(mixing)
             if pairs is not None:
                 pair_frames.append(pairs)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -28,6 +28,19 @@ from residual_trace._typing import (
 from residual_trace.errors import UserError
 from residual_trace.models.architectures import ArchSpec, derive_spec
 from residual_trace.models.resolve import ResolvedModel, _quiet_transformers, resolve
+
+
+@runtime_checkable
+class BlockStream(Protocol):
+    """A per-block reduction run inside the forward pass (see :meth:`TracedModel.run_hooks`)."""
+
+    def names(self, block: int) -> list[str]:
+        """The hooks block ``block`` needs (all fire while that block runs, or before)."""
+        ...
+
+    def reduce(self, block: int, tensors: dict[str, Tensor]) -> None:
+        """Reduce block ``block``'s activations (float32) to what must be kept."""
+        ...
 
 
 class _StopForward(Exception):
@@ -243,35 +256,61 @@ class TracedModel:
         attention_mask: AttentionMask,
         names: Sequence[str],
         stop_at: str | None = None,
+        stream: BlockStream | None = None,
     ) -> dict[str, Tensor]:
         """One forward pass keeping the activations at ``names`` (float32).
 
         The forward stops right after the last block's output: hooks of the final norm or
         the LM head cannot be requested, and the head is never computed.
+
+        With ``stream``, the activations ``stream.names(b)`` of each block ``b`` are handed
+        to ``stream.reduce(b, tensors)`` as soon as the last of them fires, and dropped
+        right after: what is quadratic in the length (attention patterns) is then never held
+        for more than one block.
         """
         last = stop_at or self.spec.resid_hook(self.n_layers)
         wanted = list(dict.fromkeys([*names, last]))
         store: dict[str, Tensor] = {}
+        groups: dict[int, list[str]] = {}
+        pending: dict[int, dict[str, Tensor]] = {}
+        if stream is not None:
+            groups = {b: list(dict.fromkeys(stream.names(b))) for b in range(self.n_layers)}
+        members: dict[str, list[int]] = {}
+        for block, group in groups.items():
+            for name in group:
+                members.setdefault(name, []).append(block)
+
+        def as_float(tensor: Tensor) -> Tensor:
+            return tensor.to(device=self.device, dtype=torch.float32)
 
         def keeper(name: str) -> Callable[[Tensor, Any], None]:
             # Bridge hook points report canonical names (blocks.0.hook_in), not the alias
             # requested (blocks.0.hook_resid_pre): key the store by the requested name.
             def keep(tensor: Tensor, hook: Any) -> None:
-                store[name] = tensor
+                if name in wanted_set:
+                    store[name] = tensor
+                for block in members.get(name, ()):
+                    group = pending.setdefault(block, {})
+                    group[name] = as_float(tensor)
+                    if len(group) == len(groups[block]):
+                        assert stream is not None
+                        stream.reduce(block, pending.pop(block))
                 if name == last:
                     raise _StopForward
 
             return keep
 
-        hooks = [(name, keeper(name)) for name in wanted]
+        wanted_set = set(wanted)
+        hooks = [(name, keeper(name)) for name in dict.fromkeys([*wanted, *members])]
         ids = ids.to(self.input_device)
         attention_mask = attention_mask.to(self.input_device)
         with self.bridge.hooks(fwd_hooks=hooks), contextlib.suppress(_StopForward):
             self.bridge(ids, attention_mask=attention_mask, return_type=None)
         missing = [n for n in wanted if n not in store]
-        if missing:
-            raise RuntimeError(f"hooks did not fire for {self.model_type}: {missing[:3]}")
-        return {name: store[name].to(device=self.device, dtype=torch.float32) for name in names}
+        if missing or pending:
+            lost = missing or [f"block {b}" for b in pending]
+            raise RuntimeError(f"hooks did not fire for {self.model_type}: {lost[:3]}")
+        return {name: as_float(store[name]) for name in names}
 
     @property
     def input_device(self) -> torch.device:

@@ -174,52 +174,71 @@ def _attention_norm(model: TracedModel, block: int) -> tuple[str, bool] | None:
     return None if outputs is None else (outputs[0], False)
 
 
-def mixing_batch(
-    model: TracedModel,
-    batch: Batch,
-    store: dict[str, Tensor],
-    pair_text: int | None = None,
-) -> tuple[pd.DataFrame, pd.DataFrame | None]:
-    """Per-token mixing rows for one batch, and the per-pair map of text ``pair_text``.
+class MixingStream:
+    """Mixing rows of one batch, computed block by block (a :class:`BlockStream`): inside
+    the forward pass with :meth:`TracedModel.run_hooks`, so that one block's attention
+    patterns are all that is held, or from a full store with :func:`mixing_batch`."""
 
-    The pair table has one row per block x target x source: ``contribution`` (the norm of
-    F_i(x_j), the residual added on the diagonal), ``share`` (its share of the target's
-    row sum) and ``attention`` (mean raw attention weight over heads).
-    """
-    weights = [model.output_weights(block) for block in range(model.n_layers)]
-    norms = [_attention_norm(model, block) for block in range(model.n_layers)]
-    affines = [None if n is None else model.norm_affine(n[0]) for n in norms]
-    rows, pairs = [], []
-    for row, item in enumerate(batch.texts):
-        n = len(item.ids)
-        rollout = torch.eye(n, device=model.device)
-        ids = torch.tensor(item.ids, device=model.device)
-        special = torch.isin(ids, torch.tensor(sorted(model.special_ids), device=model.device))
-        tokens = model.token_strings(item.ids)
-        for block in range(model.n_layers):
-            pattern = store[model.spec.pattern_hook(block)][row, :, :n, :n]
-            values = store[model.spec.attn_values.format(layer=block)][row, :n]
-            W_O, _ = weights[block]
+    def __init__(self, model: TracedModel, batch: Batch, pair_text: int | None = None) -> None:
+        self.model, self.batch, self.pair_text = model, batch, pair_text
+        self.weights = [model.output_weights(block) for block in range(model.n_layers)]
+        self.norms = [_attention_norm(model, block) for block in range(model.n_layers)]
+        self.affines = [None if n is None else model.norm_affine(n[0]) for n in self.norms]
+        device = model.device
+        self.rollouts = [torch.eye(len(item.ids), device=device) for item in batch.texts]
+        self.special = [
+            torch.isin(
+                torch.tensor(item.ids, device=device),
+                torch.tensor(sorted(model.special_ids), device=device),
+            )
+            .cpu()
+            .numpy()
+            for item in batch.texts
+        ]
+        self.tokens = [model.token_strings(item.ids) for item in batch.texts]
+        self.rows: list[pd.DataFrame] = []
+        self.pairs: list[pd.DataFrame] = []
+        self.shape = tuple(batch.ids.shape)
+
+    def names(self, block: int) -> list[str]:
+        model = self.model
+        names = [
+            model.spec.resid_hook(block),
+            model.spec.pattern_hook(block),
+            model.spec.attn_values.format(layer=block),
+        ]
+        norm = self.norms[block]
+        return names + ([f"{norm[0]}.hook_scale"] if norm is not None else [])
+
+    def reduce(self, block: int, tensors: dict[str, Tensor]) -> None:
+        model, norm, affine = self.model, self.norms[block], self.affines[block]
+        pattern_all = tensors[model.spec.pattern_hook(block)]
+        values_all = tensors[model.spec.attn_values.format(layer=block)]
+        resid_all = tensors[model.spec.resid_hook(block)]
+        scale_all = None
+        if norm is not None:
+            scale_all = tensors[f"{norm[0]}.hook_scale"].reshape(*self.shape, 1)
+        W_O, _ = self.weights[block]
+        for row, item in enumerate(self.batch.texts):
+            n = len(item.ids)
+            pattern = pattern_all[row, :, :n, :n]
+            values = values_all[row, :n]
             repeat = W_O.shape[0] // values.shape[1]  # grouped-query attention: share kv heads
             values = values.repeat_interleave(repeat, dim=1)
             head_values = torch.einsum("jhd,hdm->jhm", values, W_O)
-            norm, affine = norms[block], affines[block]
-            scale = None
-            if norm is not None:
-                full = store[f"{norm[0]}.hook_scale"]
-                scale = full.reshape(*store[model.spec.resid_hook(0)].shape[:-1], 1)[row, :n]
             mixing = norm_mixing(
                 pattern,
                 head_values,
-                store[model.spec.resid_hook(block)][row, :n],
+                resid_all[row, :n],
                 ln_gamma=None if affine is None else affine.gain,
-                ln_scale=scale,
+                ln_scale=None if scale_all is None else scale_all[row, :n],
                 centres=True if affine is None else affine.centres,
                 residual_normed=norm is not None and norm[1],
             )
-            rollout = rollout_step(rollout, pattern)
-            rollout_self = rollout.diagonal()
-            rows.append(
+            self.rollouts[row] = rollout_step(self.rollouts[row], pattern)
+            rollout_self = self.rollouts[row].diagonal()
+            tokens = self.tokens[row]
+            self.rows.append(
                 pd.DataFrame(
                     {
                         "model": model.name,
@@ -228,7 +247,7 @@ def mixing_batch(
                         "block": block,
                         "token": tokens,
                         "token_id": list(item.ids),
-                        "is_special": special.cpu().numpy(),
+                        "is_special": self.special[row],
                         "raw_self": mixing.raw_self.cpu().numpy(),
                         "mix_raw": (1.0 - mixing.raw_self).cpu().numpy(),
                         "mix_norm_attn": mixing.mix_norm_attn.cpu().numpy(),
@@ -238,31 +257,57 @@ def mixing_batch(
                     }
                 )
             )
-            if item.text_id == pair_text:
-                contribution = mixing.contributions.cpu().numpy()
-                share = contribution / np.clip(contribution.sum(-1, keepdims=True), 1e-12, None)
-                target, source = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
-                pairs.append(
-                    pd.DataFrame(
-                        {
-                            "model": model.name,
-                            "text_id": item.text_id,
-                            "block": block,
-                            "target": target.ravel(),
-                            "source": source.ravel(),
-                            "target_token": np.array(tokens, dtype=object)[target.ravel()],
-                            "source_token": np.array(tokens, dtype=object)[source.ravel()],
-                            "contribution": contribution.ravel(),
-                            "share": share.ravel(),
-                            "attention": pattern.mean(0).cpu().numpy().ravel(),
-                        }
-                    )
-                )
-    frame = pd.concat(rows, ignore_index=True)
-    frame = frame.sort_values(["text_id", "position", "block"], kind="stable")
-    return frame.reset_index(drop=True)[list(MIXING_COLUMNS)], (
-        pd.concat(pairs, ignore_index=True) if pairs else None
-    )
+            if item.text_id == self.pair_text:
+                self.pairs.append(self._pairs(item.text_id, block, mixing, pattern, tokens))
+
+    def _pairs(
+        self, text_id: int, block: int, mixing: LayerMixing, pattern: Tensor, tokens: list[str]
+    ) -> pd.DataFrame:
+        n = len(tokens)
+        contribution = mixing.contributions.cpu().numpy()
+        share = contribution / np.clip(contribution.sum(-1, keepdims=True), 1e-12, None)
+        target, source = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
+        return pd.DataFrame(
+            {
+                "model": self.model.name,
+                "text_id": text_id,
+                "block": block,
+                "target": target.ravel(),
+                "source": source.ravel(),
+                "target_token": np.array(tokens, dtype=object)[target.ravel()],
+                "source_token": np.array(tokens, dtype=object)[source.ravel()],
+                "contribution": contribution.ravel(),
+                "share": share.ravel(),
+                "attention": pattern.mean(0).cpu().numpy().ravel(),
+            }
+        )
+
+    def frames(self) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+        """The mixing rows (sorted by text, position, block) and the pair map, if any."""
+        frame = pd.concat(self.rows, ignore_index=True)
+        frame = frame.sort_values(["text_id", "position", "block"], kind="stable")
+        pairs = pd.concat(self.pairs, ignore_index=True) if self.pairs else None
+        return frame.reset_index(drop=True)[list(MIXING_COLUMNS)], pairs
+
+
+def mixing_batch(
+    model: TracedModel,
+    batch: Batch,
+    store: dict[str, Tensor],
+    pair_text: int | None = None,
+) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """Per-token mixing rows for one batch, and the per-pair map of text ``pair_text``, from
+    a store holding :func:`mixing_hooks` (the same numbers as :class:`MixingStream` inside
+    the forward pass).
+
+    The pair table has one row per block x target x source: ``contribution`` (the norm of
+    F_i(x_j), the residual added on the diagonal), ``share`` (its share of the target's
+    row sum) and ``attention`` (mean raw attention weight over heads).
+    """
+    stream = MixingStream(model, batch, pair_text)
+    for block in range(model.n_layers):
+        stream.reduce(block, {name: store[name] for name in stream.names(block)})
+    return stream.frames()
 
 
 def mixing_table(

@@ -183,3 +183,19 @@ def test_model_with_attention_forced_to_identity_does_not_mix(kind, tiny_models)
     # and with the hook gone the model mixes again
     again, _ = mixing_table(model, TEXTS)
     assert again["mix_norm"].max() > 0.01
+
+
+@pytest.mark.parametrize("kind", ["bert", "llama"])
+def test_streamed_mixing_equals_mixing_from_a_full_store(kind, tiny_models, sentences):
+    """`trace decompose` reduces mixing block by block inside the forward pass; the numbers
+    must be those of the same code run on a store holding every block's patterns."""
+    import pandas as pd
+
+    import residual_trace as rt
+
+    model = tiny_models[kind]
+    full, full_pairs = mixing_table(model, sentences, batch_size=4, pair_text=1)
+    streamed = rt.decompose(model, sentences, batch_size=4, mixing_text=1, quiet=True)
+    pd.testing.assert_frame_equal(full, streamed.tables["mixing"], check_exact=True)
+    assert full_pairs is not None
+    pd.testing.assert_frame_equal(full_pairs, streamed.tables["mixing_pairs"], check_exact=True)
