@@ -149,19 +149,20 @@ MIXING_COLUMNS = (
 )
 
 
+def block_mixing_hooks(model: TracedModel, block: int) -> list[str]:
+    """Hooks the mixing of block ``block`` reads (its input, pattern, values, norm scale)."""
+    names = [
+        model.spec.resid_hook(block),
+        model.spec.pattern_hook(block),
+        model.spec.attn_values.format(layer=block),
+    ]
+    norm = _attention_norm(model, block)
+    return names + ([f"{norm[0]}.hook_scale"] if norm is not None else [])
+
+
 def mixing_hooks(model: TracedModel) -> list[str]:
-    """Hooks :func:`mixing_batch` reads (block inputs, patterns, values, LN1 scales)."""
-    names = []
-    for block in range(model.n_layers):
-        names += [
-            model.spec.resid_hook(block),
-            model.spec.pattern_hook(block),
-            model.spec.attn_values.format(layer=block),
-        ]
-        norm = _attention_norm(model, block)
-        if norm is not None:
-            names.append(f"{norm[0]}.hook_scale")
-    return names
+    """Hooks :func:`mixing_batch` reads: :func:`block_mixing_hooks` of every block."""
+    return [name for block in range(model.n_layers) for name in block_mixing_hooks(model, block)]
 
 
 def _attention_norm(model: TracedModel, block: int) -> tuple[str, bool] | None:
@@ -201,14 +202,7 @@ class MixingStream:
         self.shape = tuple(batch.ids.shape)
 
     def names(self, block: int) -> list[str]:
-        model = self.model
-        names = [
-            model.spec.resid_hook(block),
-            model.spec.pattern_hook(block),
-            model.spec.attn_values.format(layer=block),
-        ]
-        norm = self.norms[block]
-        return names + ([f"{norm[0]}.hook_scale"] if norm is not None else [])
+        return block_mixing_hooks(self.model, block)
 
     def reduce(self, block: int, tensors: dict[str, Tensor]) -> None:
         model, norm, affine = self.model, self.norms[block], self.affines[block]
