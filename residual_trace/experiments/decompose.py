@@ -9,6 +9,7 @@ Tables: ``decompose`` (one row per text x position x block), ``mixing`` (the sam
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import pandas as pd
@@ -17,6 +18,7 @@ from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
 from residual_trace.experiments.common import load_inputs, resolve_model
+from residual_trace.experiments.engine import ShardPart, run_shards
 from residual_trace.experiments.options import (
     DecomposeOptions,
     ModelArg,
@@ -32,12 +34,14 @@ from residual_trace.figures.decompose import (
     mixing_heatmap_figure,
     sublayer_figure,
 )
+from residual_trace.models import TracedModel
 from residual_trace.tracer import iter_batches, prepare_texts
+from residual_trace.tracer.batching import EncodedText
 from residual_trace.tracer.decompose import decompose_batch, decompose_hooks, pool_cumulative
 from residual_trace.tracer.decompose_summary import decompose_summary, head_summary
 from residual_trace.tracer.mixing import MixingStream
 
-__all__ = ["DecomposeOptions", "DecomposeResult", "run_decompose"]
+__all__ = ["DecomposeOptions", "DecomposeResult", "merge_extras", "run_decompose", "shard_rows"]
 
 
 @dataclass(repr=False)
@@ -99,6 +103,54 @@ class DecomposeResult(Result):
         return "\n".join(lines)
 
 
+def shard_rows(
+    traced: TracedModel, encoded: Sequence[EncodedText], options: DecomposeOptions
+) -> ShardPart:
+    """The per-token split and mixing rows of some texts, with the per-batch sums that
+    :func:`pool_cumulative` pools (table ``pooled``) and, for the shard holding
+    ``mixing_text``, its per-pair map."""
+    names = decompose_hooks(traced, options.per_head)
+    local, pooled, mixes, pair_frames, head_frames = [], [], [], [], []
+    n_batches = -(-len(encoded) // options.batch_size)
+    with torch.inference_mode():
+        for batch in tqdm(
+            iter_batches(encoded, options.batch_size, traced.pad_id),
+            total=n_batches,
+            desc=f"decomposing {traced.name}",
+            unit="batch",
+            disable=not options.progress,
+            leave=False,
+        ):
+            # mixing is reduced block by block inside the forward pass: one block's
+            # attention patterns are all that is ever held
+            stream = MixingStream(traced, batch, options.mixing_text)
+            store = traced.run_hooks(batch.ids, batch.mask, names, stream=stream)
+            split = decompose_batch(traced, batch, store, per_head=options.per_head)
+            local.append(split.local)
+            pooled.append(split.cumulative)
+            if split.heads is not None:
+                head_frames.append(split.heads)
+            mixing, pairs = stream.frames()
+            mixes.append(mixing)
+            if pairs is not None:
+                pair_frames.append(pairs)
+    tables = {
+        "decompose": pd.concat(local, ignore_index=True),
+        "mixing": pd.concat(mixes, ignore_index=True),
+        "pooled": pd.concat(pooled, ignore_index=True),
+    }
+    if pair_frames:
+        tables["mixing_pairs"] = pd.concat(pair_frames, ignore_index=True)
+    if head_frames:
+        tables["heads"] = pd.concat(head_frames, ignore_index=True)
+    return ShardPart(tables)
+
+
+def merge_extras(extras: list[None]) -> None:
+    """Decompose's shards carry nothing beside their tables."""
+    return None
+
+
 def run_decompose(
     model: ModelArg,
     texts: Texts = None,
@@ -136,43 +188,18 @@ def run_decompose(
     encoded = prepare_texts(
         traced, texts_list, options.max_length, warn=lambda m: note(f"warning: {m}")
     )
-    names = decompose_hooks(traced, options.per_head)
-    local, pooled, mixes, pair_frames, head_frames = [], [], [], [], []
-    n_batches = -(-len(encoded) // options.batch_size)
-    with torch.inference_mode():
-        for batch in tqdm(
-            iter_batches(encoded, options.batch_size, traced.pad_id),
-            total=n_batches,
-            desc=f"decomposing {traced.name}",
-            unit="batch",
-            disable=not options.progress,
-            leave=False,
-        ):
-            # mixing is reduced block by block inside the forward pass: one block's
-            # attention patterns are all that is ever held
-            stream = MixingStream(traced, batch, options.mixing_text)
-            store = traced.run_hooks(batch.ids, batch.mask, names, stream=stream)
-            split = decompose_batch(traced, batch, store, per_head=options.per_head)
-            local.append(split.local)
-            pooled.append(split.cumulative)
-            if split.heads is not None:
-                head_frames.append(split.heads)
-            mixing, pairs = stream.frames()
-            mixes.append(mixing)
-            if pairs is not None:
-                pair_frames.append(pairs)
-    table = pd.concat(local, ignore_index=True)
-    mixing_table = pd.concat(mixes, ignore_index=True)
+    rows = run_shards("decompose", traced, encoded, options)
+    table, mixing_table = rows.tables["decompose"], rows.tables["mixing"]
     seed, special = options.seed, options.include_special
     tables = {
         "decompose": table,
         "mixing": mixing_table,
         "summary": decompose_summary(table, special, seed, mixing_table),
-        "cumulative": pool_cumulative(pooled, traced.name),
-        "mixing_pairs": pd.concat(pair_frames, ignore_index=True),
+        "cumulative": pool_cumulative([rows.tables["pooled"]], traced.name),
+        "mixing_pairs": rows.tables["mixing_pairs"],
     }
-    if head_frames:
-        heads = pd.concat(head_frames, ignore_index=True)
+    if "heads" in rows.tables:
+        heads = rows.tables["heads"]
         tables["heads"] = heads
         tables["head_summary"] = head_summary(heads, special, seed)
     mixing_block = (

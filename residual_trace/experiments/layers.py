@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from residual_trace.experiments.common import load_inputs, resolve_model
+from residual_trace.experiments.engine import ShardPart, run_shards
 from residual_trace.experiments.options import (
     LayersOptions,
     ModelArg,
@@ -28,9 +30,12 @@ from residual_trace.figures import (
     identifiable_share_figure,
     token_drift_figure,
 )
-from residual_trace.tracer import DriftConfig, format_summary, iter_drift, layer_summary
+from residual_trace.models import TracedModel
+from residual_trace.tracer import DriftConfig, format_summary, layer_summary, prepare_texts
+from residual_trace.tracer.batching import EncodedText
+from residual_trace.tracer.drift import iter_drift_encoded
 
-__all__ = ["LayersOptions", "LayersResult", "run_layers"]
+__all__ = ["LayersOptions", "LayersResult", "merge_extras", "run_layers", "shard_rows"]
 
 
 @dataclass(repr=False)
@@ -105,6 +110,32 @@ class LayersResult(Result):
         return ["attention"]
 
 
+def shard_rows(
+    traced: TracedModel, encoded: Sequence[EncodedText], options: LayersOptions
+) -> ShardPart:
+    """The drift rows of some texts (and their patterns with ``save_attention``)."""
+    drift_options = DriftConfig(
+        batch_size=options.batch_size,
+        max_length=options.max_length,
+        normed=options.normed,
+        progress=options.progress,
+    )
+    attention: dict[int, tuple[list[str], np.ndarray]] = {}
+
+    def keep_pattern(text_id: int, tokens: list[str], pattern: np.ndarray) -> None:
+        attention[text_id] = (tokens, pattern.astype(np.float16))
+
+    frames = iter_drift_encoded(
+        traced, encoded, drift_options, patterns=keep_pattern if options.save_attention else None
+    )
+    return ShardPart({"drift": pd.concat(list(frames), ignore_index=True)}, attention)
+
+
+def merge_extras(extras: list[dict[int, tuple[list[str], np.ndarray]]]) -> dict:
+    """The shards' attention patterns, in text order."""
+    return {k: v for extra in extras for k, v in extra.items()}
+
+
 def run_layers(
     model: ModelArg,
     texts: Texts = None,
@@ -131,27 +162,12 @@ def run_layers(
 
     traced = resolve_model(model, note)
     options.seed_torch()
-    drift_options = DriftConfig(
-        batch_size=options.batch_size,
-        max_length=options.max_length,
-        normed=options.normed,
-        progress=options.progress,
+    encoded = prepare_texts(
+        traced, texts_list, options.max_length, warn=lambda m: note(f"warning: {m}")
     )
-    attention: dict[int, tuple[list[str], np.ndarray]] = {}
-
-    def keep_pattern(text_id: int, tokens: list[str], pattern: np.ndarray) -> None:
-        attention[text_id] = (tokens, pattern.astype(np.float16))
-
-    frames = list(
-        iter_drift(
-            traced,
-            texts_list,
-            drift_options,
-            patterns=keep_pattern if options.save_attention else None,
-            warn=lambda m: note(f"warning: {m}"),
-        )
-    )
-    drift = pd.concat(frames, ignore_index=True)
+    rows = run_shards("layers", traced, encoded, options)
+    drift = rows.tables["drift"]
+    attention: dict[int, tuple[list[str], np.ndarray]] = rows.extra
     summary = layer_summary(drift, include_special=options.include_special, seed=options.seed)
     layer0 = drift[drift["layer"] == 0]
     text_rows = pd.DataFrame(

@@ -81,6 +81,43 @@ class CommonOptions(Options):
         torch.manual_seed(self.seed)
 
 
+#: The ``engine`` choices (see :mod:`residual_trace.experiments.engine`).
+Engine = Literal["local", "ray"]
+
+
+@no_type_check
+@dataclass(kw_only=True)
+class CorpusOptions(CommonOptions):
+    """Options of the experiments that read a corpus of texts: where the work runs."""
+
+    engine: Engine = option(
+        "local",
+        "local: this process; ray: shard the texts over Ray workers (one model each, a GPU "
+        "each where there are GPUs), same tables and summaries (pip install "
+        "'residual-trace[ray]').",
+    )
+    ray_address: str | None = option(
+        None,
+        "engine ray: the cluster to join (auto: the one `ray start --head` started here; "
+        "default: a local Ray instance for this run).",
+        metavar="ADDR",
+    )
+    workers: int | None = option(
+        None, "engine ray: number of workers (default: one per GPU, else one per CPU)."
+    )
+
+    def validate(self) -> None:
+        super().validate()
+        if self.engine != "ray":
+            for name in ("ray_address", "workers"):
+                if getattr(self, name) is not None:
+                    raise self.fail(name, f"goes with engine ray, not engine {self.engine}")
+        if self.workers is not None and self.workers < 1:
+            raise self.fail("workers", f"must be at least 1, got {self.workers}")
+        if self.ray_address is not None and not self.ray_address.strip():
+            raise self.fail("ray_address", "is empty")
+
+
 def check_text_id(name: str, value: int, texts: Sequence[str]) -> None:
     """A text id option (``--heatmap-text`` and the like) must name one of the texts."""
     if value >= len(texts):
@@ -90,7 +127,7 @@ def check_text_id(name: str, value: int, texts: Sequence[str]) -> None:
 
 @no_type_check
 @dataclass(kw_only=True)
-class LayersOptions(CommonOptions):
+class LayersOptions(CorpusOptions):
     """Options of ``layers`` (and ``trace layers``)."""
 
     save_attention: bool = option(
@@ -123,7 +160,7 @@ class LayersOptions(CommonOptions):
 
 @no_type_check
 @dataclass(kw_only=True)
-class DecomposeOptions(CommonOptions):
+class DecomposeOptions(CorpusOptions):
     """Options of ``decompose`` (and ``trace decompose``)."""
 
     mixing_text: int = option(
@@ -162,7 +199,7 @@ Mode = Literal["swap", "shuffle", "embed-shuffle", "random-token"]
 
 @no_type_check
 @dataclass(kw_only=True)
-class PerturbOptions(CommonOptions):
+class PerturbOptions(CorpusOptions):
     """Options of ``perturb`` (and ``trace perturb``).
 
     ``samples`` is the number of perturbations per text (pair swaps, shuffles, random-token

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from residual_trace._typing import Tensor
 from residual_trace.errors import UserError
 from residual_trace.experiments.common import load_inputs, resolve_model
+from residual_trace.experiments.engine import ShardPart, run_shards
 from residual_trace.experiments.options import (
     MODES,
     ModelArg,
@@ -82,7 +83,9 @@ __all__ = [
     "RESID_COLUMNS",
     "PerturbOptions",
     "PerturbResult",
+    "merge_extras",
     "run_perturb",
+    "shard_rows",
 ]
 
 #: One row per model x text x perturbation x block x head (``perturbations.csv``).
@@ -410,45 +413,21 @@ class _Tables:
             self.n_perturbations += 1
 
 
-def run_perturb(
-    model: ModelArg,
-    texts: Texts = None,
-    options: PerturbOptions | None = None,
-    warn: Warn = python_warning,
-) -> PerturbResult:
-    """Does attention (and the residual stream) follow tokens or positions?
+@dataclass
+class _ShardFacts:
+    """Perturb's per-shard facts beside its tables."""
 
-    For each text and perturbation, compares every head's pattern with the original's
-    aligned by token (moved with the tokens) and by position, giving a token-following
-    index in [-1, 1] with a 95% interval over texts and a noise floor from re-running the
-    unperturbed text; does the same for the residual stream.
+    n_perturbations: int = 0
+    skipped: list[int] = field(default_factory=list)
+    reasons: dict[int, str] = field(default_factory=dict)
+    example: AttentionExample | None = None
 
-    Args:
-        model: a loaded model, or a name for :func:`residual_trace.load_model`.
-        texts: a list of texts, one text, a file (``Path``), or ``None`` (bundled sentences).
-        options: :class:`PerturbOptions` (defaults when ``None``).
-        warn: receives one-line warnings (skipped texts, truncation).
-    """
-    config = options or PerturbOptions()
-    texts_list, source = load_inputs(texts)
-    config.check_texts(texts_list)
-    notes: list[str] = []
 
-    def echo(message: str) -> None:
-        notes.append(message)
-        warn(message)
-
-    traced = resolve_model(model, echo)
-    config.seed_torch()
-    try:
-        shown_heads = [
-            parse_head_name(spec, traced.n_layers, traced.n_heads) for spec in config.show_heads
-        ]
-    except UserError as error:
-        raise config.fail("show_heads", str(error)) from None
-    encoded = prepare_texts(
-        traced, texts_list, config.max_length, warn=lambda m: echo(f"warning: {m}")
-    )
+def shard_rows(
+    traced: TracedModel, encoded: Sequence[EncodedText], config: PerturbOptions
+) -> ShardPart:
+    """The per-perturbation rows of some texts (tables ``perturbations`` and ``resid``),
+    the texts skipped and why, and the attention example when ``show_text`` is here."""
     causal = traced.spec.family == "decoder"
     candidates = replacement_candidates(traced) if config.mode == "random-token" else None
     runner = _Runner(traced)
@@ -500,8 +479,6 @@ def run_perturb(
                     try:
                         perturbations = _perturbations(traced, config, item, special, candidates)
                     except UserError as error:
-                        if config.swap is not None and len(texts_list) == 1:
-                            raise
                         reasons[item.text_id] = str(error)
                     if not perturbations:
                         skipped.append(item.text_id)
@@ -531,7 +508,70 @@ def run_perturb(
                         assert rerun is not None  # embed-shuffle skips no text
                         reduce(item, original, rerun, p, run_)
             bar.update(len(batch.texts))
-    if tables.n_perturbations == 0:
+    facts = _ShardFacts(tables.n_perturbations, skipped, reasons, shown)
+    out: dict[str, pd.DataFrame] = {}
+    if tables.heads:
+        out["perturbations"] = pd.concat(tables.heads, ignore_index=True)
+        out["resid"] = pd.concat(tables.resid, ignore_index=True)
+    return ShardPart(out, facts)
+
+
+def merge_extras(extras: list[_ShardFacts]) -> _ShardFacts:
+    """The shards' facts, in text order."""
+    merged = _ShardFacts()
+    for facts in extras:
+        merged.n_perturbations += facts.n_perturbations
+        merged.skipped += facts.skipped
+        merged.reasons.update(facts.reasons)
+        merged.example = merged.example or facts.example
+    return merged
+
+
+def run_perturb(
+    model: ModelArg,
+    texts: Texts = None,
+    options: PerturbOptions | None = None,
+    warn: Warn = python_warning,
+) -> PerturbResult:
+    """Does attention (and the residual stream) follow tokens or positions?
+
+    For each text and perturbation, compares every head's pattern with the original's
+    aligned by token (moved with the tokens) and by position, giving a token-following
+    index in [-1, 1] with a 95% interval over texts and a noise floor from re-running the
+    unperturbed text; does the same for the residual stream.
+
+    Args:
+        model: a loaded model, or a name for :func:`residual_trace.load_model`.
+        texts: a list of texts, one text, a file (``Path``), or ``None`` (bundled sentences).
+        options: :class:`PerturbOptions` (defaults when ``None``).
+        warn: receives one-line warnings (skipped texts, truncation).
+    """
+    config = options or PerturbOptions()
+    texts_list, source = load_inputs(texts)
+    config.check_texts(texts_list)
+    notes: list[str] = []
+
+    def echo(message: str) -> None:
+        notes.append(message)
+        warn(message)
+
+    traced = resolve_model(model, echo)
+    config.seed_torch()
+    try:
+        shown_heads = [
+            parse_head_name(spec, traced.n_layers, traced.n_heads) for spec in config.show_heads
+        ]
+    except UserError as error:
+        raise config.fail("show_heads", str(error)) from None
+    encoded = prepare_texts(
+        traced, texts_list, config.max_length, warn=lambda m: echo(f"warning: {m}")
+    )
+    rows = run_shards("perturb", traced, encoded, config)
+    extra: _ShardFacts = rows.extra
+    skipped, reasons = extra.skipped, extra.reasons
+    if config.swap is not None and len(texts_list) == 1 and skipped:
+        raise UserError(reasons[skipped[0]])
+    if extra.n_perturbations == 0:
         why = "; ".join(f"text {k}: {v}" for k, v in list(reasons.items())[:3])
         raise UserError(f"no text could be perturbed with mode {config.mode} ({why})")
     if skipped:
@@ -541,8 +581,7 @@ def run_perturb(
             f"warning: {len(skipped)} text(s) skipped, nothing to perturb "
             f"(text ids {shown_ids}; e.g. {first})"
         )
-    per_perturbation = pd.concat(tables.heads, ignore_index=True)
-    resid = pd.concat(tables.resid, ignore_index=True)
+    per_perturbation, resid = rows.tables["perturbations"], rows.tables["resid"]
     heads = head_table(per_perturbation, traced.name, config.seed)
     summary = block_summary(heads, per_perturbation, config.seed)
     summary.insert(0, "model", traced.name)
@@ -561,10 +600,10 @@ def run_perturb(
         texts=texts_list,
         source=source,
         notes=notes,
-        record={"n_perturbations": tables.n_perturbations, "skipped_texts": skipped},
-        n_perturbations=tables.n_perturbations,
+        record={"n_perturbations": extra.n_perturbations, "skipped_texts": skipped},
+        n_perturbations=extra.n_perturbations,
         skipped=skipped,
-        example=shown,
+        example=extra.example,
         shown_heads=shown_heads,
     )
 

@@ -44,7 +44,13 @@ from tqdm.auto import tqdm
 from residual_trace._typing import Bool, EmbeddingMatrix, Float, Int, Tensor
 from residual_trace.errors import UserError
 from residual_trace.models import TracedModel
-from residual_trace.tracer.batching import TOKEN_KEYS, Batch, iter_batches, prepare_texts
+from residual_trace.tracer.batching import (
+    TOKEN_KEYS,
+    Batch,
+    EncodedText,
+    iter_batches,
+    prepare_texts,
+)
 from residual_trace.tracer.chunking import items_per_chunk
 
 #: Columns of the drift table, in order.
@@ -240,6 +246,17 @@ def iter_drift(
     """
     config = config or DriftConfig()
     encoded = prepare_texts(model, texts, config.max_length, warn)
+    yield from iter_drift_encoded(model, encoded, config, patterns)
+
+
+def iter_drift_encoded(
+    model: TracedModel,
+    encoded: Sequence[EncodedText],
+    config: DriftConfig | None = None,
+    patterns: PatternSink | None = None,
+) -> Iterator[pd.DataFrame]:
+    """:func:`iter_drift` on texts already tokenised (their ``text_id`` is kept)."""
+    config = config or DriftConfig()
     scorers = _scorers(model, config.normed)
     n_batches = math.ceil(len(encoded) / config.batch_size)
     bar = tqdm(

@@ -230,14 +230,14 @@ def _crash_while_measuring(monkeypatch):
     """The drift stream yields its first batch, then fails (nothing saved yet)."""
     import residual_trace.experiments.layers as layers
 
-    real = layers.iter_drift
+    real = layers.iter_drift_encoded
 
     def failing(*args, **kwargs):
         frames = real(*args, **kwargs)
         yield next(frames)
         raise RuntimeError("disk full while measuring")
 
-    monkeypatch.setattr(layers, "iter_drift", failing)
+    monkeypatch.setattr(layers, "iter_drift_encoded", failing)
     return "disk full while measuring"
 
 
