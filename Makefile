@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.residual-trace-installed
 ARGS ?=
 
-.PHONY: trace test lint typecheck browser bench bench-probe bench-length install clean
+.PHONY: trace test lint typecheck browser bench bench-probe bench-length bench-engine install clean
 
 install: $(STAMP)
 
@@ -42,6 +42,9 @@ bench: $(STAMP)
 
 bench-probe: $(STAMP)
 	$(BIN)/python benchmarks/bench_probe.py
+
+bench-engine: $(STAMP)
+	$(BIN)/python benchmarks/bench_engine.py
 
 bench-length: $(STAMP)
 	$(BIN)/python benchmarks/bench_length.py

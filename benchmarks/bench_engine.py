@@ -20,6 +20,7 @@ sentences (``--repeat`` copies of them, for a larger corpus).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -57,10 +58,8 @@ def _tree_rss(root: int) -> int:
     tree, total, stack = _children(), 0, [root]
     while stack:
         pid = stack.pop()
-        try:
+        with contextlib.suppress(OSError):
             total += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE
-        except OSError:
-            pass
         stack += tree.get(pid, [])
     return total
 

@@ -10,16 +10,14 @@ import sys
 from pathlib import Path
 
 import pandas as pd
-import ray
 import pytest
+import ray
 from click.testing import CliRunner
 
 import residual_trace as rt
 from residual_trace.cli import trace
 from residual_trace.errors import UserError
 from residual_trace.experiments.engine import KILL_SHARD_ENV, plan_shards
-
-
 
 TEXTS = [
     "The dog chased the cat.",
