@@ -17,7 +17,7 @@ patterns is kept):
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +48,7 @@ from residual_trace.figures.perturb import (
     structure_figure,
 )
 from residual_trace.models import TracedModel
+from residual_trace.models.traced import BlockStream
 from residual_trace.naming import head_name, parse_head_name
 from residual_trace.tracer import iter_batches, prepare_texts
 from residual_trace.tracer.alignment import (
@@ -66,12 +67,14 @@ from residual_trace.tracer.batching import EncodedText
 from residual_trace.tracer.chunking import chunks, items_per_chunk
 from residual_trace.tracer.perturbations import (
     Perturbation,
+    embed_shuffle,
+    embedding_order,
+    embedding_rows,
     identity,
     pair_swaps,
     random_tokens,
     replacement_candidates,
     shuffle,
-    shuffled_embeddings,
     swap_spans,
     word_span,
 )
@@ -148,7 +151,7 @@ class PerturbResult(Result):
         if self.example is not None:
             options = self.options
             assert isinstance(options, PerturbOptions)
-            chosen = self.shown_heads or _default_heads(heads, kind)
+            chosen = list(self.example.original)  # the heads run for the example
             figures["attention"] = attention_pairs_figure(
                 self.example, chosen, self.model.name, options.show_text
             )
@@ -169,16 +172,12 @@ class PerturbResult(Result):
 class _Run:
     """One sequence's patterns ``[layer, head, n, n]`` and residual stream ``[layer, n, d]``.
 
-    The patterns are kept as views into the batch's hook tensors, one per layer, and stacked
-    only when a comparison needs them: a batch's patterns are never copied whole.
+    The patterns are kept as views into the batch's hook tensors, one per layer: a batch's
+    patterns are never copied.
     """
 
     pattern_layers: list[torch.Tensor]
     resid: torch.Tensor
-
-    @property
-    def patterns(self) -> torch.Tensor:
-        return torch.stack(self.pattern_layers)
 
 
 class _Runner:
@@ -190,6 +189,8 @@ class _Runner:
         self.resid_names = [model.spec.resid_hook(k) for k in range(model.n_layers + 1)]
 
     def padded(self, ids: torch.Tensor, mask: torch.Tensor, lengths: Sequence[int]) -> list[_Run]:
+        """The originals of a padded batch: every block's patterns, like any forward pass
+        that returns its attentions."""
         store = self.model.run_hooks(ids, mask, [*self.pattern_names, *self.resid_names])
         layers = [store[name] for name in self.pattern_names]
         resid = torch.stack([store[n] for n in self.resid_names], dim=1)
@@ -198,11 +199,13 @@ class _Runner:
             for row, n in enumerate(lengths)
         ]
 
-    def same_length(self, sequences: Sequence[Sequence[int]], batch_size: int) -> Iterator[_Run]:
-        """Sequences of one length, ``batch_size`` per forward pass (no padding)."""
-        for start in range(0, len(sequences), batch_size):
-            ids = torch.tensor([list(s) for s in sequences[start : start + batch_size]])
-            yield from self.padded(ids, torch.ones_like(ids), [ids.shape[1]] * len(ids))
+    def streamed(self, sequences: Sequence[Sequence[int]], stream: BlockStream) -> torch.Tensor:
+        """Sequences of one length in one forward pass (no padding), their patterns handed
+        to ``stream`` block by block and dropped; returns the residual stream
+        ``[sequence, layer, n, d]``."""
+        ids = torch.tensor([list(s) for s in sequences])
+        store = self.model.run_hooks(ids, torch.ones_like(ids), self.resid_names, stream=stream)
+        return torch.stack([store[n] for n in self.resid_names], dim=1)
 
 
 def _sample_seed(*keys: int) -> int:
@@ -294,28 +297,23 @@ def _head_values(
     }
 
 
-def _compare(
-    original: _Run,
-    rerun: _Run,
-    perturbed: _Run,
-    p: Perturbation,
-    original_ids: Sequence[int],
-    special: torch.Tensor,
-    causal: bool,
-) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], int]:
-    """Reduce one perturbed run against the original: per-head values (flattened
-    ``layer x head``), per-residual-layer cosines, and the positions those compared.
+@dataclass(frozen=True)
+class _Setting:
+    """What comparing one perturbed sequence with its original needs besides patterns."""
 
-    ``noise`` is how far the head's measure (index, or pattern kept) moves when the re-run of
-    the unperturbed text stands in for the original: run-to-run noise, in the measure's units.
-    """
-    stacked = original.patterns
-    layers, heads, n, _ = stacked.shape
-    flat_original = stacked.reshape(layers * heads, n, n)
-    flat_rerun = rerun.patterns.reshape(layers * heads, n, n)
-    flat = perturbed.patterns.reshape(layers * heads, n, n)
-    permutation = torch.tensor(p.permutation, device=flat.device)
-    positions = torch.arange(n, device=flat.device)
+    perturbation: Perturbation
+    permutation: Tensor
+    special: Tensor
+    content: Tensor
+    compared: Tensor
+
+
+def _setting(p: Perturbation, original_ids: Sequence[int], special: Tensor) -> _Setting:
+    """Which positions ``p`` compares: the moved ones for swaps and shuffles, the changed
+    ones for random tokens, every content token for embed-shuffle and the identity."""
+    device = special.device
+    permutation = torch.tensor(p.permutation, device=device)
+    positions = torch.arange(len(p.ids), device=device)
     content = ~special
     if p.kind == "identity":
         compared = content
@@ -325,36 +323,91 @@ def _compare(
         # random tokens change where the id changed; shuffled embeddings change every token
         changed = torch.tensor(
             [p.kind == "embed-shuffle" or a != b for a, b in zip(p.ids, original_ids, strict=True)],
-            device=flat.device,
+            device=device,
         )
         compared = content & changed
+    return _Setting(p, permutation, special, content, compared)
+
+
+def _block_values(
+    original: Tensor, rerun: Tensor, perturbed: Tensor, setting: _Setting, causal: bool
+) -> dict[str, Tensor]:
+    """Per-head values of one block (``[head, n, n]`` patterns of the original, the re-run
+    of the unperturbed text and the perturbed text).
+
+    ``noise`` is how far the head's measure (index, or pattern kept) moves when the re-run
+    of the unperturbed text stands in for the original: run-to-run noise, in the measure's
+    units.
+    """
+    heads, n, _ = perturbed.shape
     # heads are independent: chunk them so the temporaries (about ALIGN_TEMPORARIES copies
     # of a head's n x n pattern) stay within the memory budget at any length
-    size = items_per_chunk(n * n * flat.element_size(), temporaries=ALIGN_TEMPORARIES)
+    size = items_per_chunk(n * n * perturbed.element_size(), temporaries=ALIGN_TEMPORARIES)
     parts = [
         _head_values(
-            flat_original[part],
-            flat_rerun[part],
-            flat[part],
-            p.kind,
-            permutation,
-            special,
-            content,
-            compared,
+            original[part],
+            rerun[part],
+            perturbed[part],
+            setting.perturbation.kind,
+            setting.permutation,
+            setting.special,
+            setting.content,
+            setting.compared,
             causal,
         )
-        for part in chunks(layers * heads, size)
+        for part in chunks(heads, size)
     ]
-    values = {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
-    resid = resid_alignment(original.resid, perturbed.resid, permutation, compared)
-    per_head = {k: v.detach().cpu().numpy() for k, v in values.items()}
+    return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
+
+
+class _GroupStream:
+    """A :class:`BlockStream` over one same-length group ``[unperturbed, perturbed...]`` of
+    one text: each block's patterns are compared with the original's as soon as the block
+    has run, then dropped. Row 0 (the re-run of the unperturbed text) is every row's noise
+    reference; a row whose setting is ``None`` is not reported (the re-run of a later
+    group)."""
+
+    def __init__(
+        self,
+        runner: _Runner,
+        original: _Run,
+        settings: Sequence[_Setting | None],
+        causal: bool,
+    ) -> None:
+        self.runner, self.original, self.settings, self.causal = runner, original, settings, causal
+        self.values: list[list[dict[str, Tensor]]] = [[] for _ in settings]
+
+    def names(self, block: int) -> list[str]:
+        return [self.runner.pattern_names[block]]
+
+    def reduce(self, block: int, tensors: dict[str, Tensor]) -> None:
+        patterns = tensors[self.runner.pattern_names[block]]  # [row, head, n, n]
+        original = self.original.pattern_layers[block]
+        for row, setting in enumerate(self.settings):
+            if setting is not None:
+                values = _block_values(original, patterns[0], patterns[row], setting, self.causal)
+                self.values[row].append(values)
+
+    def per_head(self, row: int) -> dict[str, np.ndarray]:
+        """Row ``row``'s values over every block x head (block-major)."""
+        blocks = self.values[row]
+        return {key: torch.cat([b[key] for b in blocks]).cpu().numpy() for key in blocks[0]}
+
+
+def _resid_values(
+    original: _Run, resid: Tensor, setting: _Setting
+) -> tuple[dict[str, np.ndarray], int]:
+    """Per-residual-layer cosines of the perturbed states to the original's, and the number
+    of positions they compare."""
+    kind = setting.perturbation.kind
+    aligned = resid_alignment(original.resid, resid, setting.permutation, setting.compared)
     per_layer = {
-        "cos_token": resid.cos_token.cpu().numpy(),
-        "cos_position": resid.cos_position.cpu().numpy(),
+        "cos_token": aligned.cos_token.cpu().numpy(),
+        "cos_position": aligned.cos_position.cpu().numpy(),
     }
-    if p.kind not in MOVING and p.kind != "identity":
+    if kind not in MOVING and kind != "identity":
         per_layer["cos_token"] = np.full_like(per_layer["cos_token"], np.nan)
-    return per_head, per_layer, resid.n_positions
+    return per_layer, aligned.n_positions
 
 
 class _Tables:
@@ -413,6 +466,87 @@ class _Tables:
             self.n_perturbations += 1
 
 
+@dataclass(frozen=True)
+class _Sources:
+    """What a text's perturbations are drawn from: the mode's options, the replacement
+    vocabulary (random-token) and the embedding permutations (embed-shuffle)."""
+
+    model: TracedModel
+    config: PerturbOptions
+    candidates: list[int] | None
+    orders: tuple[tuple[int, torch.Tensor], ...]
+
+    @classmethod
+    def of(cls, model: TracedModel, config: PerturbOptions) -> _Sources:
+        candidates = replacement_candidates(model) if config.mode == "random-token" else None
+        orders = []
+        if config.mode == "embed-shuffle":
+            rows, keep = embedding_rows(model), sorted(model.special_ids)
+            for sample in range(config.samples):
+                seed = _sample_seed(config.seed, sample)  # one permutation per sample
+                orders.append((seed, embedding_order(rows, seed, keep)))
+        return cls(model, config, candidates, tuple(orders))
+
+    def perturbations(self, item: EncodedText) -> list[Perturbation]:
+        """The perturbations of one text (``[]``, or a :class:`UserError` saying why, when
+        it has none)."""
+        if self.config.mode == "embed-shuffle":
+            return [
+                embed_shuffle(item.ids, order, f"embedding shuffle seed {seed}")
+                for seed, order in self.orders
+            ]
+        special = [i in self.model.special_ids for i in item.ids]
+        return _perturbations(self.model, self.config, item, special, self.candidates)
+
+
+class _HeadPatterns:
+    """A :class:`BlockStream` keeping chosen heads' patterns of every sequence in a batch."""
+
+    def __init__(self, runner: _Runner, heads: Sequence[tuple[int, int]]) -> None:
+        self.runner, self.heads = runner, list(heads)
+        self.kept: dict[tuple[int, int], Tensor] = {}
+
+    def names(self, block: int) -> list[str]:
+        wanted = any(b == block for b, _ in self.heads)
+        return [self.runner.pattern_names[block]] if wanted else []
+
+    def reduce(self, block: int, tensors: dict[str, Tensor]) -> None:
+        patterns = tensors[self.runner.pattern_names[block]]
+        for b, head in self.heads:
+            if b == block:
+                self.kept[(b, head)] = patterns[:, head].clone()
+
+
+def _attention_example(
+    model: TracedModel,
+    config: PerturbOptions,
+    item: EncodedText,
+    heads: Sequence[tuple[int, int]],
+) -> AttentionExample | None:
+    """Text ``item`` and its first perturbation, run again together, keeping only the
+    drawn heads' patterns (memory n^2 per head at any length), or ``None`` when the text has
+    no perturbation."""
+    try:
+        perturbations = _Sources.of(model, config).perturbations(item)
+    except UserError:
+        return None
+    if not perturbations:
+        return None
+    p = perturbations[0]
+    runner = _Runner(model)
+    stream = _HeadPatterns(runner, heads)
+    with torch.inference_mode():
+        runner.streamed([item.ids, p.ids], stream)
+    return AttentionExample(
+        tokens=model.token_strings(item.ids),
+        perturbed_tokens=model.token_strings(p.ids),
+        permutation=p.permutation,
+        label=p.label,
+        original={key: value[0].cpu().numpy() for key, value in stream.kept.items()},
+        perturbed={key: value[1].cpu().numpy() for key, value in stream.kept.items()},
+    )
+
+
 @dataclass
 class _ShardFacts:
     """Perturb's per-shard facts beside its tables."""
@@ -420,44 +554,56 @@ class _ShardFacts:
     n_perturbations: int = 0
     skipped: list[int] = field(default_factory=list)
     reasons: dict[int, str] = field(default_factory=dict)
-    example: AttentionExample | None = None
 
 
 def shard_rows(
     traced: TracedModel, encoded: Sequence[EncodedText], config: PerturbOptions
 ) -> ShardPart:
     """The per-perturbation rows of some texts (tables ``perturbations`` and ``resid``),
-    the texts skipped and why, and the attention example when ``show_text`` is here."""
+    and the texts skipped and why."""
     causal = traced.spec.family == "decoder"
-    candidates = replacement_candidates(traced) if config.mode == "random-token" else None
+    sources = _Sources.of(traced, config)
     runner = _Runner(traced)
     tables = _Tables(traced)
     skipped: list[int] = []
     reasons: dict[int, str] = {}
-    shown: AttentionExample | None = None
+    # perturbed sequences per forward pass, beside the re-run of the unperturbed text
+    per_group = max(1, config.batch_size - 1)
 
-    def reduce(item: EncodedText, original: _Run, rerun: _Run, p: Perturbation, run_: _Run) -> None:
-        nonlocal shown
+    def perturbations_of(item: EncodedText) -> list[Perturbation]:
+        try:
+            return sources.perturbations(item)
+        except UserError as error:
+            reasons[item.text_id] = str(error)
+            return []
+
+    def run_text(item: EncodedText, original: _Run) -> None:
         special = torch.tensor(
             [i in traced.special_ids for i in item.ids], device=original.resid.device
         )
-        sample = samples_seen.get((item.text_id, p.kind), 0)
-        samples_seen[(item.text_id, p.kind)] = sample + 1
-        per_head, per_layer, n_positions = _compare(
-            original, rerun, run_, p, item.ids, special, causal
-        )
-        tables.add(item.text_id, p, sample, per_head, per_layer, n_positions)
-        if shown is None and item.text_id == config.show_text and p.kind != "identity":
-            shown = AttentionExample(
-                tokens=traced.token_strings(item.ids),
-                perturbed_tokens=traced.token_strings(p.ids),
-                permutation=p.permutation,
-                label=p.label,
-                original=original.patterns.cpu().numpy(),
-                perturbed=run_.patterns.cpu().numpy(),
-            )
+        samples: dict[str, int] = {}
+        perturbations = perturbations_of(item)
+        if not perturbations:
+            skipped.append(item.text_id)
+            reasons.setdefault(item.text_id, "nothing to perturb")
+            return
+        unperturbed = identity(item.ids)
+        for start in range(0, len(perturbations), per_group):
+            group = perturbations[start : start + per_group]
+            # the first group also reports the re-run itself (the identity rows)
+            first = _setting(unperturbed, item.ids, special) if start == 0 else None
+            settings = [first, *(_setting(p, item.ids, special) for p in group)]
+            stream = _GroupStream(runner, original, settings, causal)
+            resid = runner.streamed([unperturbed.ids, *(p.ids for p in group)], stream)
+            for row, setting in enumerate(settings):
+                if setting is None:
+                    continue
+                p = setting.perturbation
+                sample = samples.get(p.kind, 0)
+                samples[p.kind] = sample + 1
+                per_layer, n_positions = _resid_values(original, resid[row], setting)
+                tables.add(item.text_id, p, sample, stream.per_head(row), per_layer, n_positions)
 
-    samples_seen: dict[tuple[int, str], int] = {}
     with (
         torch.inference_mode(),
         tqdm(
@@ -470,45 +616,14 @@ def shard_rows(
     ):
         for batch in iter_batches(encoded, config.batch_size, traced.pad_id):
             lengths = [len(item.ids) for item in batch.texts]
-            originals = runner.padded(batch.ids, batch.mask, lengths)
-            reruns: list[_Run | None] = []
-            for item, original in zip(batch.texts, originals, strict=True):
-                special = [i in traced.special_ids for i in item.ids]
-                perturbations: list[Perturbation] = []
-                if config.mode != "embed-shuffle":
-                    try:
-                        perturbations = _perturbations(traced, config, item, special, candidates)
-                    except UserError as error:
-                        reasons[item.text_id] = str(error)
-                    if not perturbations:
-                        skipped.append(item.text_id)
-                        reasons.setdefault(item.text_id, "nothing to perturb")
-                        continue
-                sequences = [identity(item.ids), *perturbations]
-                runs = runner.same_length([q.ids for q in sequences], config.batch_size)
-                rerun = None
-                for p, run_ in zip(sequences, runs, strict=True):
-                    rerun = run_ if rerun is None else rerun  # the first: unperturbed
-                    reduce(item, original, rerun, p, run_)
-                # only embed-shuffle compares again after the loop; holding the others would
-                # keep every text's forward pass of the batch alive at once
-                reruns.append(rerun if config.mode == "embed-shuffle" else None)
-            if config.mode == "embed-shuffle":
-                keep = sorted(traced.special_ids)
-                for sample in range(config.samples):
-                    seed = _sample_seed(config.seed, sample)
-                    with shuffled_embeddings(traced, seed, keep=keep):
-                        shuffled = runner.padded(batch.ids, batch.mask, lengths)
-                    for item, original, rerun, run_ in zip(
-                        batch.texts, originals, reruns, shuffled, strict=True
-                    ):
-                        n = len(item.ids)
-                        label = f"embedding shuffle seed {seed}"
-                        p = Perturbation("embed-shuffle", item.ids, tuple(range(n)), label)
-                        assert rerun is not None  # embed-shuffle skips no text
-                        reduce(item, original, rerun, p, run_)
-            bar.update(len(batch.texts))
-    facts = _ShardFacts(tables.n_perturbations, skipped, reasons, shown)
+            # the originals' patterns are held for the batch (as by any forward pass that
+            # returns attentions); every perturbed run is reduced block by block
+            for item, original in zip(
+                batch.texts, runner.padded(batch.ids, batch.mask, lengths), strict=True
+            ):
+                run_text(item, original)
+                bar.update(1)
+    facts = _ShardFacts(tables.n_perturbations, skipped, reasons)
     out: dict[str, pd.DataFrame] = {}
     if tables.heads:
         out["perturbations"] = pd.concat(tables.heads, ignore_index=True)
@@ -523,7 +638,6 @@ def merge_extras(extras: list[_ShardFacts]) -> _ShardFacts:
         merged.n_perturbations += facts.n_perturbations
         merged.skipped += facts.skipped
         merged.reasons.update(facts.reasons)
-        merged.example = merged.example or facts.example
     return merged
 
 
@@ -583,6 +697,8 @@ def run_perturb(
         )
     per_perturbation, resid = rows.tables["perturbations"], rows.tables["resid"]
     heads = head_table(per_perturbation, traced.name, config.seed)
+    shown_heads = shown_heads or _default_heads(heads, config.mode)
+    example = _attention_example(traced, config, encoded[config.show_text], shown_heads)
     summary = block_summary(heads, per_perturbation, config.seed)
     summary.insert(0, "model", traced.name)
     states = resid_summary(resid, config.seed)
@@ -603,7 +719,7 @@ def run_perturb(
         record={"n_perturbations": extra.n_perturbations, "skipped_texts": skipped},
         n_perturbations=extra.n_perturbations,
         skipped=skipped,
-        example=extra.example,
+        example=example,
         shown_heads=shown_heads,
     )
 

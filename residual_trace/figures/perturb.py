@@ -19,16 +19,17 @@ _MOVING = ("swap", "shuffle")
 class AttentionExample:
     """One text's patterns before and after one perturbation, for side-by-side heatmaps.
 
-    ``original`` and ``perturbed`` are ``[block, head, n, n]``; ``permutation[i]`` is the new
-    position of the token at position i.
+    ``original`` and ``perturbed`` map ``(block, head)`` to that head's ``[n, n]`` pattern
+    (only the heads drawn are kept); ``permutation[i]`` is the new position of the token at
+    position i.
     """
 
     tokens: list[str]
     perturbed_tokens: list[str]
     permutation: tuple[int, ...]
     label: str
-    original: np.ndarray
-    perturbed: np.ndarray
+    original: dict[tuple[int, int], np.ndarray]
+    perturbed: dict[tuple[int, int], np.ndarray]
 
 
 def index_heatmap_figure(heads: pd.DataFrame, kind: str) -> Figure:
@@ -163,8 +164,8 @@ def attention_pairs_figure(
     axes = fig.subplots(len(heads), columns, squeeze=False)
     order = np.asarray(example.permutation)
     for row, (block, head) in enumerate(heads):
-        original = example.original[block, head]
-        perturbed = example.perturbed[block, head]
+        original = example.original[(block, head)]
+        perturbed = example.perturbed[(block, head)]
         panels = [
             (original, example.tokens, "original"),
             (perturbed, example.perturbed_tokens, example.label),

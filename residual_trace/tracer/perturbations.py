@@ -146,6 +146,37 @@ def replacement_candidates(model: TracedModel) -> list[int]:
 _RESERVED = re.compile(r"^(\[.*\]|<.*>)$")
 
 
+def embedding_rows(model: TracedModel) -> int:
+    """Rows of the input token-embedding matrix (the ids an embed-shuffle permutes)."""
+    return int(model.bridge.original_model.get_input_embeddings().weight.shape[0])
+
+
+def embedding_order(rows: int, seed: int, keep: Iterable[int] = ()) -> torch.Tensor:
+    """A seeded permutation of ``rows`` embedding rows that leaves the rows in ``keep`` in
+    place: under it, id ``t`` reads the vector of ``order[t]``."""
+    generator = torch.Generator().manual_seed(seed)
+    kept = torch.zeros(rows, dtype=torch.bool)
+    kept[[k for k in keep if 0 <= k < rows]] = True
+    free = torch.nonzero(~kept).squeeze(-1)
+    order = torch.arange(rows)
+    order[free] = free[torch.randperm(len(free), generator=generator)]
+    return order
+
+
+def embed_shuffle(
+    ids: Sequence[int], order: torch.Tensor, label: str = "embedding shuffle"
+) -> Perturbation:
+    """The input that makes the model see the embedding matrix permuted by ``order``.
+
+    A model whose embedding rows are permuted (id ``t`` reads row ``order[t]``) computes
+    exactly what the unchanged model computes on the ids ``order[t]``: the embedding is a
+    row lookup and nothing before the first block reads the ids otherwise (the special
+    tokens, padding included, keep their rows). Positions do not move.
+    """
+    mapped = tuple(int(order[t]) for t in ids)
+    return Perturbation("embed-shuffle", mapped, tuple(range(len(ids))), label)
+
+
 @contextmanager
 def shuffled_embeddings(
     model: TracedModel, seed: int, keep: Iterable[int] = ()
@@ -155,17 +186,10 @@ def shuffled_embeddings(
     Token identity is destroyed (every id now looks up another token's vector) while
     positions stay intact. Rows in ``keep`` (the special tokens, so that [CLS], [SEP] and
     BOS stay what they were, like in every other perturbation) are not moved. Yields the row
-    order used: id ``t`` now reads the vector of ``order[t]``.
+    order used (:func:`embedding_order`): id ``t`` now reads the vector of ``order[t]``.
     """
     embedding = model.bridge.original_model.get_input_embeddings().weight
-    generator = torch.Generator().manual_seed(seed)
-    rows = embedding.shape[0]
-    kept = torch.zeros(rows, dtype=torch.bool)
-    kept[[k for k in keep if 0 <= k < rows]] = True
-    free = torch.nonzero(~kept).squeeze(-1)
-    order = torch.arange(rows)
-    order[free] = free[torch.randperm(len(free), generator=generator)]
-    order = order.to(embedding.device)
+    order = embedding_order(embedding.shape[0], seed, keep).to(embedding.device)
     saved = embedding.detach().clone()
     with torch.no_grad():
         embedding.copy_(saved[order])

@@ -91,7 +91,9 @@ def test_perturb_on_ray_equals_one_process(local_ray, tiny_models):
     assert sharded.skipped == local.skipped == [3]  # "a" has one content token
     assert sharded.example is not None and local.example is not None
     assert sharded.example.label == local.example.label
-    assert (sharded.example.perturbed == local.example.perturbed).all()
+    assert list(sharded.example.perturbed) == list(local.example.perturbed)
+    for head, pattern in local.example.perturbed.items():
+        assert (sharded.example.perturbed[head] == pattern).all()
 
 
 def test_a_worker_killed_mid_shard_loses_and_duplicates_nothing(

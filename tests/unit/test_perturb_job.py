@@ -412,3 +412,73 @@ def test_show_head_errors_are_one_line_and_write_nothing(tiny_dirs, tmp_path, he
     assert len(lines) == 1 and lines[0].startswith("Error: ")
     assert fragment in lines[0] and head in lines[0]
     assert not out.exists() and not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2", "llama"])
+def test_embed_shuffle_input_is_the_permuted_embedding_matrix_exactly(kind, tiny_models):
+    from residual_trace.tracer.perturbations import (
+        embed_shuffle,
+        embedding_order,
+        embedding_rows,
+        shuffled_embeddings,
+    )
+
+    model = tiny_models[kind]
+    keep = sorted(model.special_ids)
+    ids = model.encode(TEXTS[0])
+    with shuffled_embeddings(model, seed=5, keep=keep):  # the weights really permuted
+        tensor = torch.tensor([ids])
+        permuted = model.capture(tensor, torch.ones_like(tensor), patterns=True)
+    mapped = embed_shuffle(ids, embedding_order(embedding_rows(model), 5, keep))
+    assert [i for i, m in zip(ids, mapped.ids, strict=True) if i in model.special_ids] == [
+        m for i, m in zip(ids, mapped.ids, strict=True) if i in model.special_ids
+    ]
+    tensor = torch.tensor([mapped.ids])
+    fed = model.capture(tensor, torch.ones_like(tensor), patterns=True)
+    torch.testing.assert_close(fed.resid, permuted.resid, rtol=0, atol=0)
+    torch.testing.assert_close(fed.patterns, permuted.patterns, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode", ["shuffle", "embed-shuffle", "random-token"])
+def test_perturb_tables_do_not_depend_on_how_runs_are_grouped(mode, tiny_models):
+    # batch size 1: every perturbed run in its own forward pass beside a fresh re-run of the
+    # unperturbed text; batch size 16: all of a text's runs in one forward pass
+    model = tiny_models["gpt2"]
+    tables = [
+        PerturbOptions(mode=mode, samples=3, batch_size=size, quiet=True)
+        .run(model, TEXTS[:3], warn=_quiet)
+        .tables
+        for size in (1, 16)
+    ]
+    per_text = {"perturbations": model.n_layers * model.n_heads, "resid": model.n_layers + 1}
+    for key, rows in per_text.items():
+        one, many = tables[0][key], tables[1][key]
+        keys = [c for c in one.columns if one[c].dtype == object or c in ("sample", "block")]
+        pd.testing.assert_frame_equal(one[keys], many[keys])  # same rows, same order
+        identity_rows = [(t["perturbation"] == "identity").sum() for t in (one, many)]
+        assert identity_rows[0] == identity_rows[1] == 3 * rows  # once per text
+        # float32 rounding of other batch shapes; the Jensen-Shannon *distance* is a square
+        # root, so near identical rows it turns 1e-9 of divergence into 3e-5
+        numeric = one.select_dtypes("number").columns
+        np.testing.assert_allclose(one[numeric], many[numeric], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2"])
+def test_attention_figure_shows_the_models_own_patterns(kind, tiny_dirs):
+    from transformers import AutoModel
+
+    model = load_model(str(tiny_dirs[kind]), device="cpu")
+    heads = ("L0H1", "L1H0")
+    result = PerturbOptions(swap=("dog", "cat"), show_heads=heads, show_text=0, quiet=True).run(
+        model, [TEXTS[0]], warn=_quiet
+    )
+    example = result.example
+    assert example is not None and sorted(example.original) == [(0, 1), (1, 0)]
+    hf = AutoModel.from_pretrained(tiny_dirs[kind], attn_implementation="eager").eval()
+    swapped = TEXTS[0].replace("dog", "@").replace("cat", "dog").replace("@", "cat")
+    for text, patterns in ((TEXTS[0], example.original), (swapped, example.perturbed)):
+        with torch.no_grad():
+            attentions = hf(torch.tensor([model.encode(text)]), output_attentions=True).attentions
+        for (block, head), pattern in patterns.items():
+            expected = attentions[block][0, head].numpy()
+            np.testing.assert_allclose(pattern, expected, atol=1e-5)
