@@ -103,6 +103,23 @@ class DecomposeResult(Result):
         return "\n".join(lines)
 
 
+#: The per-pair map of ``mixing_text`` keeps every block while it has at most this many rows
+#: (tokens^2 x blocks); beyond, only the block drawn (``mixing_block``), so that a long text
+#: does not turn one table into gigabytes.
+MAX_PAIR_ROWS = 2_000_000
+
+
+def pair_blocks(model: TracedModel, n_tokens: int, options: DecomposeOptions) -> tuple[int, ...]:
+    """The blocks at which ``mixing_pairs`` keeps the mixing text's map."""
+    if n_tokens * n_tokens * model.n_layers <= MAX_PAIR_ROWS:
+        return tuple(range(model.n_layers))
+    return (_mixing_block(model, options),)
+
+
+def _mixing_block(model: TracedModel, options: DecomposeOptions) -> int:
+    return options.mixing_block if options.mixing_block is not None else model.n_layers // 2
+
+
 def shard_rows(
     traced: TracedModel, encoded: Sequence[EncodedText], options: DecomposeOptions
 ) -> ShardPart:
@@ -110,6 +127,10 @@ def shard_rows(
     :func:`pool_cumulative` pools (table ``pooled``) and, for the shard holding
     ``mixing_text``, its per-pair map."""
     names = decompose_hooks(traced, options.per_head)
+    lengths = {item.text_id: len(item.ids) for item in encoded}
+    blocks = None
+    if options.mixing_text in lengths:
+        blocks = pair_blocks(traced, lengths[options.mixing_text], options)
     local, pooled, mixes, pair_frames, head_frames = [], [], [], [], []
     n_batches = -(-len(encoded) // options.batch_size)
     with torch.inference_mode():
@@ -123,7 +144,7 @@ def shard_rows(
         ):
             # mixing is reduced block by block inside the forward pass: one block's
             # attention patterns are all that is ever held
-            stream = MixingStream(traced, batch, options.mixing_text)
+            stream = MixingStream(traced, batch, options.mixing_text, blocks)
             store = traced.run_hooks(batch.ids, batch.mask, names, stream=stream)
             split = decompose_batch(traced, batch, store, per_head=options.per_head)
             local.append(split.local)
@@ -188,6 +209,14 @@ def run_decompose(
     encoded = prepare_texts(
         traced, texts_list, options.max_length, warn=lambda m: note(f"warning: {m}")
     )
+    n_pair = len(encoded[options.mixing_text].ids)
+    kept = pair_blocks(traced, n_pair, options)
+    if len(kept) < traced.n_layers:
+        note(
+            f"warning: mixing_pairs: text {options.mixing_text} has {n_pair} tokens, so its map "
+            f"at every block would take {n_pair * n_pair * traced.n_layers:,} rows; kept at "
+            f"block {kept[0]} only (--mixing-block)"
+        )
     rows = run_shards("decompose", traced, encoded, options)
     table, mixing_table = rows.tables["decompose"], rows.tables["mixing"]
     seed, special = options.seed, options.include_special
@@ -202,9 +231,7 @@ def run_decompose(
         heads = rows.tables["heads"]
         tables["heads"] = heads
         tables["head_summary"] = head_summary(heads, special, seed)
-    mixing_block = (
-        options.mixing_block if options.mixing_block is not None else traced.n_layers // 2
-    )
+    mixing_block = _mixing_block(traced, options)
     return DecomposeResult(
         model=traced,
         options=options,

@@ -21,6 +21,7 @@ Three measures per layer and position, each a share in [0, 1] (0 = no mixing):
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import numpy as np
@@ -180,8 +181,17 @@ class MixingStream:
     the forward pass with :meth:`TracedModel.run_hooks`, so that one block's attention
     patterns are all that is held, or from a full store with :func:`mixing_batch`."""
 
-    def __init__(self, model: TracedModel, batch: Batch, pair_text: int | None = None) -> None:
+    def __init__(
+        self,
+        model: TracedModel,
+        batch: Batch,
+        pair_text: int | None = None,
+        pair_blocks: Collection[int] | None = None,
+    ) -> None:
+        """``pair_text``: the text whose per-pair map is kept, at the blocks in
+        ``pair_blocks`` (every block when ``None``)."""
         self.model, self.batch, self.pair_text = model, batch, pair_text
+        self.pair_blocks = pair_blocks
         self.weights = [model.output_weights(block) for block in range(model.n_layers)]
         self.norms = [_attention_norm(model, block) for block in range(model.n_layers)]
         self.affines = [None if n is None else model.norm_affine(n[0]) for n in self.norms]
@@ -251,7 +261,8 @@ class MixingStream:
                     }
                 )
             )
-            if item.text_id == self.pair_text:
+            wanted = self.pair_blocks is None or block in self.pair_blocks
+            if item.text_id == self.pair_text and wanted:
                 self.pairs.append(self._pairs(item.text_id, block, mixing, pattern, tokens))
 
     def _pairs(

@@ -70,3 +70,21 @@ def test_budget_from_the_environment(monkeypatch):
     with pytest.raises(UserError, match="RESIDUAL_TRACE_MEMORY_MB='lots': expected a whole"):
         memory_budget()
     assert [(s.start, s.stop) for s in chunks(5, 2)] == [(0, 2), (2, 4), (4, 5)]
+
+
+def test_a_long_mixing_text_keeps_its_pair_map_at_the_drawn_block_only(tiny_models, monkeypatch):
+    import residual_trace.experiments.decompose as decompose
+
+    model = tiny_models["llama"]
+    full = rt.decompose(model, TEXTS, mixing_block=1, quiet=True).tables["mixing_pairs"]
+    n = int(np.sqrt((full["block"] == 0).sum()))
+    assert sorted(full["block"].unique()) == list(range(model.n_layers))
+    # a row budget below the map of every block, above the map of one
+    monkeypatch.setattr(decompose, "MAX_PAIR_ROWS", n * n * model.n_layers - 1)
+    with pytest.warns(UserWarning, match=r"mixing_pairs: text 0 has \d+ tokens.*block 1 only"):
+        result = rt.decompose(model, TEXTS, mixing_block=1, quiet=True)
+    kept = result.tables["mixing_pairs"]
+    assert set(kept["block"]) == {1}
+    expected = full[full["block"] == 1].reset_index(drop=True)
+    pd.testing.assert_frame_equal(kept.reset_index(drop=True), expected, check_exact=True)
+    assert "mixing_heatmap" in result.figures()
