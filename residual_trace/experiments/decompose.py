@@ -239,6 +239,6 @@ def run_decompose(
         texts=texts_list,
         source=source,
         notes=notes,
-        record={"max_recon_error": float(table["recon_error"].max())},
+        record={"max_recon_error": float(table["recon_error"].max()), "engine": rows.engine},
         mixing_block=mixing_block,
     )

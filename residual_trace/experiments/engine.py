@@ -71,10 +71,12 @@ class ShardPart:
         tables: row tables keyed like the experiment's tables (``drift``, ``heads`` ...);
             a key may be missing from a shard that has no rows for it.
         extra: the experiment's other per-shard facts (a small picklable value).
+        engine: how the rows were computed, for ``run.json`` (engine, workers, shards).
     """
 
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)
     extra: Any = None
+    engine: dict[str, Any] = field(default_factory=dict)
 
 
 @runtime_checkable
@@ -141,7 +143,9 @@ def run_shards(
     """Run ``command``'s per-text work on ``encoded`` with ``options.engine``."""
     experiment = _experiment(command)
     if options.engine == "local":
-        return experiment.shard_rows(model, encoded, options)
+        part = experiment.shard_rows(model, encoded, options)
+        part.engine = {"engine": "local"}
+        return part
     return _RayRun(command, model, encoded, options).run()
 
 
@@ -300,7 +304,12 @@ class _RayRun:
                 f"workers (--workers) {workers}: the Ray cluster has {available} {kind}"
             )
         workers = min(workers, n_batches)
-        threads = None if gpus else max(1, cpus // workers)
+        # a worker's cores must fit on one node, or Ray could never place it
+        largest = max(
+            (int(node["Resources"].get("CPU", 0)) for node in ray.nodes() if node["Alive"]),
+            default=cpus,
+        )
+        threads = None if gpus else max(1, min(cpus // workers, largest))
         return workers, threads, bool(gpus)
 
     def _run(self, ray: Any, spool: _Spool) -> ShardPart:
@@ -310,7 +319,7 @@ class _RayRun:
         shards = plan_shards(len(self.encoded), options.batch_size, workers)
         cpus = threads if threads else 1
         actor_type = ray.remote(
-            num_cpus=0 if use_gpu else cpus,
+            num_cpus=1 if use_gpu else cpus,
             num_gpus=1 if use_gpu else 0,
             max_restarts=MAX_RETRIES,
             max_task_retries=MAX_RETRIES,
@@ -354,7 +363,17 @@ class _RayRun:
                     submit(actor)
         for actor in actors:
             ray.kill(actor)
-        return merge_parts(self.command, [spool.read(i) for i in range(len(shards))])
+        merged = merge_parts(self.command, [spool.read(i) for i in range(len(shards))])
+        merged.engine = {
+            "engine": "ray",
+            "ray_address": options.ray_address,
+            "workers": workers,
+            "gpu_per_worker": use_gpu,
+            "threads_per_worker": threads,
+            "shards": len(shards),
+            "texts_per_shard": len(shards[0]),
+        }
+        return merged
 
     @staticmethod
     def _get(ray: Any, ref: Any, index: int) -> ShardPart:

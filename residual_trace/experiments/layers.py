@@ -187,5 +187,6 @@ def run_layers(
         texts=texts_list,
         source=source,
         notes=notes,
+        record={"engine": rows.engine},
         attention=attention,
     )

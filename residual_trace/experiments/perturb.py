@@ -716,7 +716,11 @@ def run_perturb(
         texts=texts_list,
         source=source,
         notes=notes,
-        record={"n_perturbations": extra.n_perturbations, "skipped_texts": skipped},
+        record={
+            "n_perturbations": extra.n_perturbations,
+            "skipped_texts": skipped,
+            "engine": rows.engine,
+        },
         n_perturbations=extra.n_perturbations,
         skipped=skipped,
         example=example,

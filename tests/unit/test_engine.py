@@ -6,6 +6,7 @@ tiny seeded checkpoints from disk, as they would load a checkpoint on a cluster 
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -121,6 +122,10 @@ def test_cli_engine_ray_writes_what_the_local_run_writes(local_ray, tiny_dirs, t
         result = runner.invoke(trace, [*args, "--out", str(out), *extra])
         assert result.exit_code == 0, result.output
         outs[engine] = out
+    record = json.loads((outs["ray"] / "run.json").read_text())
+    assert record["engine"]["engine"] == "ray" and record["engine"]["workers"] == 2
+    assert record["engine"]["shards"] >= 2
+    assert json.loads((outs["local"] / "run.json").read_text())["engine"] == {"engine": "local"}
     local_files = sorted(p.name for p in outs["local"].iterdir())
     assert local_files == sorted(p.name for p in outs["ray"].iterdir())
     for name in local_files:
