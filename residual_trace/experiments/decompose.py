@@ -69,8 +69,8 @@ class DecomposeResult(Result):
 
     def headline(self) -> str:
         s = self.summary
-        return f"max reconstruction error {s['max_recon_error'].max():.1e}; mix_norm " + " ".join(
-            f"{v:.2f}" for v in s["mix_norm"]
+        return f"max reconstruction error {s['max_recon_error'].max():.1e}; AttnRes-N " + " ".join(
+            f"{v:.2f}" for v in s["mix_attnres_n"]
         )
 
     def describe(self) -> str:
@@ -82,7 +82,7 @@ class DecomposeResult(Result):
             f"{summary['max_recon_error'].max():.1e})",
             f"{'block':>5}  {'|attn|/|x|':>10}  {'|mlp|/|x|':>10}  {'attn → token':>19}  "
             f"{'mlp → token':>19}  {'carried':>8}  {'net change':>10}  "
-            f"{'mix raw':>7}  {'rollout':>7}  {'mix norm':>8}",
+            f"{'Attn-W':>6}  {'rollout':>7}  {'Attn-N':>6}  {'AttnRes-N':>9}  {'AttnResLn-N':>11}",
         ]
         for row in summary.itertuples(index=False):
             lines.append(
@@ -90,15 +90,18 @@ class DecomposeResult(Result):
                 f"{row.proj_attn:>+7.3f} [{row.proj_attn_lo:+.2f},{row.proj_attn_hi:+.2f}]  "
                 f"{row.proj_mlp:>+7.3f} [{row.proj_mlp_lo:+.2f},{row.proj_mlp_hi:+.2f}]  "
                 f"{row.proj_carried_change:>+8.3f}  {row.proj_change:>+10.3f}  "
-                f"{row.mix_raw:>7.3f}  {row.mix_rollout:>7.3f}  {row.mix_norm:>8.3f}"
+                f"{row.mix_raw:>6.3f}  {row.mix_rollout:>7.3f}  {row.mix_attn_n:>6.3f}  "
+                f"{row.mix_attnres_n:>9.3f}  {_ratio(row.mix_attnresln_n):>11}"
             )
         lines += [
             "block b's output is layer b+1. x → token: signed change of the state's projection "
             "on the unit input-token direction (+ restores identity, − erodes it), mean with "
             "95% CI; carried: the norms' rescaling of the block input (0 for pre-LN); net "
             "change = attn + mlp + carried + norm biases.",
-            "mix: share of each token's attention-block output from other tokens: raw attention "
-            "weight, attention rollout, and norm-based with residual and LN (Kobayashi et al.).",
+            "mixing: share of each token's attention-block output from other tokens: raw "
+            "attention weight (Attn-W), attention rollout, and Kobayashi et al.'s norm-based "
+            "ratios (attention only, + residual, + residual and the norm after it; n/a "
+            "without such a norm).",
         ]
         return "\n".join(lines)
 
@@ -170,6 +173,10 @@ def shard_rows(
 def merge_extras(extras: list[None]) -> None:
     """Decompose's shards carry nothing beside their tables."""
     return None
+
+
+def _ratio(value: float) -> str:
+    return "n/a" if value != value else f"{value:.3f}"
 
 
 def run_decompose(

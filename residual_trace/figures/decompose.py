@@ -98,8 +98,9 @@ def cumulative_figure(cumulative: pd.DataFrame) -> Figure:
 _MEASURES = (
     ("mix_raw", "raw attention on other tokens", "0.5", "--"),
     ("mix_rollout", "attention rollout (Abnar & Zuidema)", "C2", "-."),
-    ("mix_norm_attn", "norm-based, attention only (Kobayashi 2020)", "C0", ":"),
-    ("mix_norm", "norm-based + residual + LN (Kobayashi 2021)", "C3", "-"),
+    ("mix_attn_n", "Attn-N (Kobayashi 2020)", "C0", ":"),
+    ("mix_attnres_n", "AttnRes-N (Kobayashi 2021)", "C1", "-"),
+    ("mix_attnresln_n", "AttnResLn-N (Kobayashi 2021)", "C3", "-"),
 )
 
 
@@ -110,6 +111,8 @@ def mixing_figure(summary: pd.DataFrame) -> Figure:
     ax = fig.subplots()
     blocks = summary["block"].to_numpy()
     for column, label, colour, style in _MEASURES:
+        if not np.isfinite(summary[column]).any():
+            continue  # AttnResLn-N: no norm after the attention sum (pre-norm blocks)
         ax.fill_between(
             blocks, summary[f"{column}_lo"], summary[f"{column}_hi"], color=colour, alpha=0.2, lw=0
         )

@@ -93,12 +93,13 @@ def sublayer_figure(depth: pd.DataFrame) -> Figure:
 
 
 def mixing_figure(depth: pd.DataFrame) -> Figure:
-    """Raw-attention, norm-based (residual + LN) and rollout mixing per model."""
+    """Raw-attention, norm-based (AttnRes-N: residual included, defined for every family)
+    and rollout mixing per model."""
     fig = Figure(figsize=(12, 3.8), layout="constrained")
     axes = fig.subplots(1, 3, sharey=True)
     titles = {
         "mix_raw": "raw attention",
-        "mix_norm": "norm-based, residual + LN",
+        "mix_attnres_n": "norm-based with residual (AttnRes-N)",
         "mix_rollout": "rollout",
     }
     for ax, (column, title) in zip(axes, titles.items(), strict=True):
@@ -113,11 +114,11 @@ def mixing_figure(depth: pd.DataFrame) -> Figure:
                 ms=2.5,
                 label=model,
             )
-            if column == "mix_norm":
+            if column == "mix_attnres_n":
                 ax.fill_between(
                     rows["depth"],
-                    rows["mix_norm_lo"],
-                    rows["mix_norm_hi"],
+                    rows["mix_attnres_n_lo"],
+                    rows["mix_attnres_n_hi"],
                     color=f"C{k}",
                     alpha=0.2,
                     lw=0,

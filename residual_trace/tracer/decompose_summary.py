@@ -18,7 +18,13 @@ SPLIT_MEASURES = (
 )
 
 #: Per-block context-mixing measures, each with ``_lo``/``_hi``.
-MIXING_MEASURES = ("mix_raw", "mix_norm_attn", "mix_norm", "mix_rollout")
+MIXING_MEASURES = (
+    "mix_raw",
+    "mix_attn_n",
+    "mix_attnres_n",
+    "mix_attnresln_n",
+    "mix_rollout",
+)
 
 
 def _tokens(table: pd.DataFrame, include_special: bool) -> pd.DataFrame:
@@ -43,7 +49,8 @@ def decompose_summary(
     input-token direction); ``proj_carried_change`` (carried input minus input: the norms'
     rescaling); each with ``_lo``/``_hi``, its 95% bootstrap interval; ``proj_bias``,
     ``proj_change`` (``proj_post - proj_pre``), ``max_recon_error``; with ``mixing``, also
-    the mean ``mix_raw``, ``mix_norm_attn``, ``mix_norm``, ``mix_rollout`` with intervals
+    the mean ``mix_raw``, ``mix_attn_n``, ``mix_attnres_n``, ``mix_attnresln_n``,
+    ``mix_rollout`` with intervals
     (see :mod:`residual_trace.tracer.mixing`).
     """
     rows = _tokens(table, include_special)

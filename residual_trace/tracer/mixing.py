@@ -1,19 +1,19 @@
 """Context mixing: how much of position i's attention-block output comes from *other* tokens.
 
-Three measures per layer and position, each a share in [0, 1] (0 = no mixing):
+Measures per layer and position, each a share in [0, 1] (0 = no mixing):
 
-- ``mix_raw``: 1 - the attention weight on itself, averaged over heads (the naive reading).
-- ``mix_norm``: norm-based mixing with the residual and, for post-LN models, LayerNorm
-  accounted for (Kobayashi et al. 2020, 2021). Position j's contribution to i is
-  F_i(x_j) = sum_h alpha^h_ij f_h(x_j), with f_h(x_j) = v_h(x_j) W_O^h (values include their
-  bias; b_O is attributed to no token). Post-LN models carry each term through LN1 as
-  gamma * (term - mean(term)) / s_i. The self term absorbs the residual x_i (carried likewise).
-  Where a norm is applied to the attention output before it joins the stream (Gemma 2/3,
-  OLMo 2), each term is carried through that norm (gain * term / s_i) and the residual is
-  not. Parallel blocks (GPT-NeoX, GPT-J, Phi) add the attention output to the block input
-  like sequential ones, so the measure is the same.
-  mix_norm_i = sum_{j!=i} |F_i(x_j)| / (sum_{j!=i} |F_i(x_j)| + |F_i(x_i) + residual_i|).
-  ``mix_norm_attn`` is the same without the residual (the 2020 attention-only measure).
+- ``mix_raw`` (Attn-W): 1 - the attention weight on itself, averaged over heads.
+- ``mix_attn_n``, ``mix_attnres_n``, ``mix_attnresln_n``: Kobayashi et al.'s norm-based
+  mixing ratios Attn-N (2020), AttnRes-N and AttnResLn-N (2021), as the authors' code
+  computes them: r_i = |c_i| / (|c_i| + |self_i|) with c_i = sum_{j != i} F_i(x_j) the
+  *vector sum* of the other tokens' terms, F_i(x_j) = sum_h alpha^h_ij (x_j W_V^h + b_V^h)
+  W_O^h (b_O belongs to no token). Attn-N's self term is F_i(x_i); AttnRes-N adds the
+  residual x_i to it; AttnResLn-N carries both through the norm that follows (post-LN's
+  LN1: gamma * (v - mean(v)) / s_i with s_i the norm's real divisor; RMSNorm without the
+  centring). Where a norm is applied to the attention output only (Gemma 2/3, OLMo 2), the
+  terms pass through it and the residual does not. Pre-norm blocks have no norm after the
+  sum: AttnResLn-N is NaN there. Parallel blocks (GPT-NeoX, GPT-J, Phi) add the attention
+  output to the block input like sequential ones, so the measures are the same.
 - ``mix_rollout``: 1 - R[i, i] with attention rollout (Abnar and Zuidema 2020):
   R_l = (0.5 * mean_h A_l + 0.5 * I) R_{l-1}, R_0 = I: how much of position i's state no
   longer traces back to its own input token.
@@ -21,7 +21,7 @@ Three measures per layer and position, each a share in [0, 1] (0 = no mixing):
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,18 +41,33 @@ _ROW_TEMPORARIES = 4
 class LayerMixing:
     """One layer's mixing measures for one text (``n`` tokens, no padding).
 
+    Every ratio is Kobayashi et al.'s r_i = |context_i| / (|context_i| + |self_i|) with
+    context_i the *vector sum* of the terms of the other tokens (j != i) and self_i the
+    token's own term (see :func:`norm_mixing`).
+
     Attributes:
-        raw_self: mean over heads of the attention weight on itself ``[n]``.
-        mix_norm_attn: norm-based share from other tokens, attention terms only ``[n]``.
-        mix_norm: the same with the residual (and LayerNorm) accounted for ``[n]``.
-        contributions: |F_i(x_j)| ``[n (target i), n (source j)]``, with the residual added
-            to the diagonal (the per-pair mixing map).
+        raw_self: mean over heads of the attention weight on itself ``[n]`` (Attn-W is
+            1 - raw_self).
+        attn_n: Attn-N: attention terms only ``[n]``.
+        attnres_n: AttnRes-N: the residual x_i added to the self term ``[n]``.
+        attnresln_n: AttnResLn-N: AttnRes-N's terms carried through the norm the attention
+            output passes through; NaN for blocks without one (pre-norm) ``[n]``.
+        contributions: |t_ij| of every term ``[n (target i), n (source j)]``, residual on
+            the diagonal, through the norm where there is one (the per-pair map), or
+            ``None`` when not asked for.
     """
 
     raw_self: Float[Tensor, " n"]
-    mix_norm_attn: Float[Tensor, " n"]
-    mix_norm: Float[Tensor, " n"]
-    contributions: Float[Tensor, "n n"]
+    attn_n: Float[Tensor, " n"]
+    attnres_n: Float[Tensor, " n"]
+    attnresln_n: Float[Tensor, " n"]
+    contributions: Float[Tensor, "n n"] | None
+
+
+def _ratio(context: Tensor, own: Tensor) -> Tensor:
+    """|context| / (|context| + |own|) per row; 0 where both are 0."""
+    c, o = context.norm(dim=-1), own.norm(dim=-1)
+    return c / (c + o).clamp_min(1e-12)
 
 
 def norm_mixing(
@@ -63,61 +78,102 @@ def norm_mixing(
     ln_scale: Float[Tensor, "n 1"] | None = None,
     centres: bool = True,
     residual_normed: bool = True,
+    pairs: bool = True,
 ) -> LayerMixing:
-    """Mixing measures of one layer of one text.
+    """Kobayashi et al.'s mixing ratios of one layer of one text, as in the authors' code.
+
+    The term of source j at target i is a_ij = sum_h alpha^h_ij f_h(x_j), with f_h(x_j) =
+    (x_j W_V^h + b_V^h) W_O^h (b_O belongs to no token). The context vector is
+    c_i = sum_{j != i} a_ij (a vector sum: the attention output minus the self term a_ii).
+
+    - Attn-N (2020): r_i = |c_i| / (|c_i| + |a_ii|).
+    - AttnRes-N (2021): the self term becomes a_ii + x_i (the residual).
+    - AttnResLn-N (2021): both carried through the norm: g(v) = gamma * (v - mean(v)) / s_i
+      for LayerNorm (no centring for RMSNorm), s_i the norm's real divisor at i (its input
+      includes b_O; the norm's bias is attributed to no token). Where the residual bypasses
+      the norm (a norm on the attention output only: Gemma 2/3, OLMo 2), the self term is
+      g(a_ii) + x_i. Undefined (NaN) without such a norm (pre-norm blocks).
 
     Args:
         pattern: attention weights per head, rows = targets i, columns = sources j.
-        head_values: f_h(x_j) = v_h(x_j) W_O^h for every source j and head h.
+        head_values: f_h(x_j) for every source j and head h.
         residual: what the attention output is added to at each target (the block input).
-        ln_gamma, ln_scale: the gain and per-target divisor of the norm the attention output
-            passes through (post-LN's LN1, or the norm on the sublayer output); every term is
-            then centred (``centres``) and scaled by gamma / s_i. ``None`` for pre-norm blocks.
+        ln_gamma, ln_scale: gain and per-target divisor of the norm the attention output
+            passes through; ``None`` for pre-norm blocks.
         centres: LayerNorm (True) or RMSNorm (False).
-        residual_normed: whether the residual passes through that norm too (post-LN: yes;
-            a norm on the sublayer output only: no).
+        residual_normed: whether the residual passes through that norm too (post-LN).
+        pairs: also compute the per-pair map (n x n x d_model work, chunked over targets).
 
     Examples:
         >>> n, h, d = 3, 2, 4
         >>> eye = torch.eye(n).expand(h, n, n)
         >>> mixing = norm_mixing(eye, torch.randn(n, h, d), torch.randn(n, d))
-        >>> float(mixing.mix_norm.abs().max()), float(mixing.mix_norm_attn.abs().max())
+        >>> float(mixing.attn_n.abs().max()), float(mixing.attnres_n.abs().max())
         (0.0, 0.0)
     """
-    n = pattern.shape[-1]
-    post_ln = ln_gamma is not None and ln_scale is not None
+    normed = ln_gamma is not None and ln_scale is not None
 
     def carry(x: Tensor, scale: Tensor) -> Tensor:
-        if not post_ln:
-            return x
         assert ln_gamma is not None
         return ln_gamma * (x - x.mean(-1, keepdim=True) if centres else x) / scale
 
-    norms, self_total = [], []
+    total = torch.einsum("hij,jhm->im", pattern, head_values)  # sum_j a_ij
+    own = torch.einsum("hi,ihm->im", pattern.diagonal(dim1=-2, dim2=-1), head_values)  # a_ii
+    context = total - own
+    attn_n = _ratio(context, own)
+    attnres_n = _ratio(context, own + residual)
+    if normed:
+        assert ln_scale is not None
+        own_res = carry(own + residual, ln_scale) if residual_normed else None
+        if own_res is None:
+            own_res = carry(own, ln_scale) + residual
+        attnresln_n = _ratio(carry(context, ln_scale), own_res)
+    else:
+        attnresln_n = torch.full_like(attn_n, float("nan"))
+    contributions = None
+    if pairs:
+        contributions = _pair_map(
+            pattern, head_values, residual, carry if normed else None, ln_scale, residual_normed
+        )
+    return LayerMixing(
+        raw_self=pattern.diagonal(dim1=-2, dim2=-1).mean(0),
+        attn_n=attn_n,
+        attnres_n=attnres_n,
+        attnresln_n=attnresln_n,
+        contributions=contributions,
+    )
+
+
+def _pair_map(
+    pattern: Tensor,
+    head_values: Tensor,
+    residual: Tensor,
+    carry: Callable[[Tensor, Tensor], Tensor] | None,
+    ln_scale: Tensor | None,
+    residual_normed: bool,
+) -> Tensor:
+    """|t_ij| for every target i and source j (residual on the diagonal), chunked over
+    targets so that the n x n x d_model terms stay within the memory budget."""
+    n = pattern.shape[-1]
+    norms = []
     size = items_per_chunk(n * head_values.shape[-1] * 4, temporaries=_ROW_TEMPORARIES)
     for rows in chunks(n, size):
         terms = torch.einsum("hij,jhm->ijm", pattern[:, rows], head_values)  # [i, j, d]
-        scale = ln_scale[rows][:, None] if post_ln and ln_scale is not None else None
-        terms = carry(terms, scale) if scale is not None else terms
         index = torch.arange(rows.start, rows.stop, device=pattern.device)
-        own = terms[index - rows.start, index]  # F_i(x_i)
+        local = index - rows.start
         res = residual[rows]
-        if post_ln and residual_normed and ln_scale is not None:
-            res = carry(res, ln_scale[rows])
+        if carry is not None and ln_scale is not None:
+            scale = ln_scale[rows]
+            if residual_normed:
+                terms[local, index] += res  # the residual joins the self term, then the norm
+                terms = carry(terms, scale[:, None])
+            else:
+                terms = carry(terms, scale[:, None])
+                terms[local, index] += res
+        else:
+            terms[local, index] += res
         norms.append(terms.norm(dim=-1))
-        self_total.append((own + res).norm(dim=-1))
-    contributions = torch.cat(norms)  # [i, j]
-    self_norm = torch.cat(self_total)
-    diagonal = torch.eye(n, dtype=torch.bool, device=pattern.device)
-    others = contributions.masked_fill(diagonal, 0.0).sum(-1)
-    attention_total = contributions.sum(-1)
-    with_residual = contributions.masked_fill(diagonal, 0.0) + torch.diag(self_norm)
-    return LayerMixing(
-        raw_self=pattern.diagonal(dim1=-2, dim2=-1).mean(0),
-        mix_norm_attn=others / attention_total.clamp_min(1e-12),
-        mix_norm=others / (others + self_norm).clamp_min(1e-12),
-        contributions=with_residual,
-    )
+    return torch.cat(norms)
 
 
 def rollout_step(
@@ -143,8 +199,9 @@ MIXING_COLUMNS = (
     *BLOCK_TOKEN_KEYS,
     "raw_self",
     "mix_raw",
-    "mix_norm_attn",
-    "mix_norm",
+    "mix_attn_n",
+    "mix_attnres_n",
+    "mix_attnresln_n",
     "rollout_self",
     "mix_rollout",
 )
@@ -223,6 +280,7 @@ class MixingStream:
         if norm is not None:
             scale_all = tensors[f"{norm[0]}.hook_scale"].reshape(*self.shape, 1)
         W_O, _ = self.weights[block]
+        wanted = self.pair_blocks is None or block in self.pair_blocks
         for row, item in enumerate(self.batch.texts):
             n = len(item.ids)
             pattern = pattern_all[row, :, :n, :n]
@@ -238,6 +296,7 @@ class MixingStream:
                 ln_scale=None if scale_all is None else scale_all[row, :n],
                 centres=True if affine is None else affine.centres,
                 residual_normed=norm is not None and norm[1],
+                pairs=item.text_id == self.pair_text and wanted,
             )
             self.rollouts[row] = rollout_step(self.rollouts[row], pattern)
             rollout_self = self.rollouts[row].diagonal()
@@ -254,21 +313,22 @@ class MixingStream:
                         "is_special": self.special[row],
                         "raw_self": mixing.raw_self.cpu().numpy(),
                         "mix_raw": (1.0 - mixing.raw_self).cpu().numpy(),
-                        "mix_norm_attn": mixing.mix_norm_attn.cpu().numpy(),
-                        "mix_norm": mixing.mix_norm.cpu().numpy(),
+                        "mix_attn_n": mixing.attn_n.cpu().numpy(),
+                        "mix_attnres_n": mixing.attnres_n.cpu().numpy(),
+                        "mix_attnresln_n": mixing.attnresln_n.cpu().numpy(),
                         "rollout_self": rollout_self.cpu().numpy(),
                         "mix_rollout": (1.0 - rollout_self).cpu().numpy(),
                     }
                 )
             )
-            wanted = self.pair_blocks is None or block in self.pair_blocks
-            if item.text_id == self.pair_text and wanted:
+            if mixing.contributions is not None:
                 self.pairs.append(self._pairs(item.text_id, block, mixing, pattern, tokens))
 
     def _pairs(
         self, text_id: int, block: int, mixing: LayerMixing, pattern: Tensor, tokens: list[str]
     ) -> pd.DataFrame:
         n = len(tokens)
+        assert mixing.contributions is not None
         contribution = mixing.contributions.cpu().numpy()
         share = contribution / np.clip(contribution.sum(-1, keepdims=True), 1e-12, None)
         target, source = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")

@@ -230,8 +230,13 @@ def test_mixing_on_real_models(name, minilm, smollm2, texts):
     model = {"minilm": minilm, "smollm2": smollm2}[name]
     table, pairs = mixing_table(model, texts, pair_text=0)
     content = table[~table["is_special"]]
-    assert content["mix_norm"].mean() < content["mix_raw"].mean() - 0.2
-    assert content[["mix_raw", "mix_norm", "mix_rollout"]].stack().between(0, 1).all()
+    assert content["mix_attnres_n"].mean() < content["mix_raw"].mean() - 0.2
+    columns = ["mix_raw", "mix_attn_n", "mix_attnres_n", "mix_rollout"]
+    assert content[columns].stack().between(0, 1).all()
+    if name == "minilm":  # post-LN: the ratio through LN1 is defined, and smaller again
+        assert content["mix_attnresln_n"].mean() <= content["mix_attnres_n"].mean()
+    else:
+        assert content["mix_attnresln_n"].isna().all()
     assert pairs is not None
     np.testing.assert_allclose(pairs.groupby(["block", "target"])["share"].sum(), 1.0, atol=1e-4)
 

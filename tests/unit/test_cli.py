@@ -412,15 +412,15 @@ def test_decompose_writes_every_output(tiny_dirs, tmp_path):
     } | {f"L{b}b_O" for b in range(n_blocks)}
     mixing = pd.read_csv(out / "mixing.csv")
     assert len(mixing) == len(table)  # one row per text x position x block, like decompose
-    assert (
-        mixing[["mix_raw", "mix_norm", "mix_norm_attn", "mix_rollout"]].stack().between(0, 1).all()
-    )
+    columns = ["mix_raw", "mix_attn_n", "mix_attnres_n", "mix_attnresln_n", "mix_rollout"]
+    assert mixing[columns].stack().between(0, 1).all()
     pairs = pd.read_csv(out / "mixing_pairs.csv")
     assert set(pairs["text_id"]) == {0}
     summary = pd.read_csv(out / "summary.csv")
     assert summary["block"].tolist() == list(range(n_blocks))
-    means = mixing[~mixing["is_special"]].groupby("block")["mix_norm"].mean()
-    np.testing.assert_allclose(summary["mix_norm"], means.to_numpy(), atol=1e-6)
+    for column in columns:
+        means = mixing[~mixing["is_special"]].groupby("block")[column].mean()
+        np.testing.assert_allclose(summary[column], means.to_numpy(), atol=1e-6)
     np.testing.assert_allclose(
         summary["proj_change"],
         summary[["proj_attn", "proj_mlp", "proj_carried_change", "proj_bias"]].sum(axis=1),

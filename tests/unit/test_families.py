@@ -269,9 +269,9 @@ def test_decomposition_parts_match_hugging_face(name, family_model, family_dirs)
 @pytest.mark.parametrize("name", list(MIXING))
 def test_mixing_matches_an_independent_reference(name, family_model, family_dirs):
     """F_i(x_j) = sum_h A_h[i, j] v_h(x_j) W_O[h] from the HF value and output projections
-    (kv heads shared by query-head groups), carried through the norm on the attention output
-    where there is one (gain * F / s_i, with Gemma's gain 1 + w); the residual joins
-    uncarried."""
+    (kv heads shared by query-head groups); Kobayashi's ratios with the context summed as a
+    vector; AttnResLn-N carries the terms through the norm on the attention output where
+    there is one (gain * F / s_i, with Gemma's gain 1 + w) and the residual joins uncarried."""
     family, model = FAMILIES[name], family_model
     hf = _hf(family_dirs[name], family)
     v_name, o_name = MIXING[name]
@@ -298,6 +298,19 @@ def test_mixing_matches_an_independent_reference(name, family_model, family_dirs
                 v = values[:, (h // (n_heads // kv)) * d_head : (h // (n_heads // kv) + 1) * d_head]
                 f = v @ W_O[:, h * d_head : (h + 1) * d_head].T  # [j, d_model]
                 F += A[h][:, :, None] * f[None]
+            eye = torch.eye(n, dtype=torch.bool)
+            x = ref["states"][block]
+
+            def ratio(terms: torch.Tensor, residual: torch.Tensor) -> np.ndarray:
+                # Kobayashi: |sum_{j != i} t_ij| / (|sum_{j != i} t_ij| + |t_ii + residual|)
+                context = terms.masked_fill(eye[:, :, None], 0).sum(1).norm(dim=-1)
+                own = (terms[torch.arange(n), torch.arange(n)] + residual).norm(dim=-1)
+                return (context / (context + own)).numpy()
+
+            rows = mixing[(mixing["text_id"] == text_id) & (mixing["block"] == block)]
+            rows = rows.sort_values("position")
+            np.testing.assert_allclose(rows["mix_attn_n"], ratio(F, 0 * x), atol=1e-4)
+            np.testing.assert_allclose(rows["mix_attnres_n"], ratio(F, x), atol=1e-4)
             if family.attn_after is not None:
                 norm = hf.get_submodule(family.attn_after.format(block=block))
                 weight = norm.weight.detach().double()
@@ -305,15 +318,10 @@ def test_mixing_matches_an_independent_reference(name, family_model, family_dirs
                 eps = float(getattr(norm, "eps", getattr(norm, "variance_epsilon", 1e-6)))
                 raw = _get(ref["recorder"], attn_path, n)
                 s = (raw.pow(2).mean(-1, keepdim=True) + eps).sqrt()
-                F = gain * F / s[:, None]
-            norms = F.norm(dim=-1)
-            eye = torch.eye(n, dtype=torch.bool)
-            others = norms.masked_fill(eye, 0).sum(-1)
-            own = (F[torch.arange(n), torch.arange(n)] + ref["states"][block]).norm(dim=-1)
-            rows = mixing[(mixing["text_id"] == text_id) & (mixing["block"] == block)]
-            rows = rows.sort_values("position")
-            np.testing.assert_allclose(rows["mix_norm_attn"], others / norms.sum(-1), atol=1e-4)
-            np.testing.assert_allclose(rows["mix_norm"], others / (others + own), atol=1e-4)
+                normed = gain * F / s[:, None]  # the residual bypasses this norm
+                np.testing.assert_allclose(rows["mix_attnresln_n"], ratio(normed, x), atol=1e-4)
+            else:
+                assert rows["mix_attnresln_n"].isna().all()  # pre-norm: no norm after the sum
 
 
 def _structure_reference(attention: np.ndarray, special: np.ndarray) -> dict[str, np.ndarray]:

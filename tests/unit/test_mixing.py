@@ -17,7 +17,8 @@ def test_identity_attention_mixes_nothing():
     eye = torch.eye(n).expand(heads, n, n)
     mixing = norm_mixing(eye, torch.randn(n, heads, d), torch.randn(n, d))
     assert torch.equal(mixing.raw_self, torch.ones(n))
-    assert mixing.mix_norm.abs().max() == 0 and mixing.mix_norm_attn.abs().max() == 0
+    assert mixing.attn_n.abs().max() == 0 and mixing.attnres_n.abs().max() == 0
+    assert mixing.attnresln_n.isnan().all()  # no norm after the sum: undefined
     rollout = torch.eye(n)
     for _ in range(4):
         rollout = rollout_step(rollout, eye)
@@ -30,11 +31,23 @@ def test_uniform_attention_with_equal_values_by_hand():
     residual = torch.tensor([[0.0, 2.0, 0.0]]).expand(n, d)
     pattern = torch.full((1, n, n), 1.0 / n)
     mixing = norm_mixing(pattern, f.expand(n, 1, d), residual)
-    others = (n - 1) * 5.0 / n  # three sources, each |f / 4| = 1.25
+    others = (n - 1) * 5.0 / n  # |3 f / 4|: three equal sources, summed as vectors
     own = torch.linalg.norm(torch.tensor([0.75, 2.0, 1.0]))  # |f / 4 + residual|
-    torch.testing.assert_close(mixing.mix_norm, torch.full((n,), others / (others + own)))
-    torch.testing.assert_close(mixing.mix_norm_attn, torch.full((n,), (n - 1) / n))
+    torch.testing.assert_close(mixing.attnres_n, torch.full((n,), others / (others + own)))
+    torch.testing.assert_close(mixing.attn_n, torch.full((n,), (n - 1) / n))
     torch.testing.assert_close(mixing.raw_self, torch.full((n,), 1.0 / n))
+
+
+def test_context_is_the_norm_of_the_summed_vector_not_a_sum_of_norms():
+    """Kobayashi's ratio takes |sum_{j != i} F_i(x_j)|: two other tokens whose terms cancel
+    contribute nothing, however large each is (a sum of norms would say 2/3)."""
+    pattern = torch.full((1, 3, 3), 1.0 / 3)
+    values = torch.tensor([[[4.0, 0.0]], [[-4.0, 0.0]], [[0.0, 1.0]]])  # f(x_0) = -f(x_1)
+    mixing = norm_mixing(pattern, values, torch.zeros(3, 2))
+    assert float(mixing.attn_n[2]) == 0.0  # token 2: the context 4/3 - 4/3 cancels
+    # token 0: context (f(x_1) + f(x_2)) / 3 = [-4, 1] / 3 against its own [4, 0] / 3
+    context, own = float(np.hypot(4.0, 1.0)), 4.0
+    assert float(mixing.attn_n[0]) == pytest.approx(context / (context + own), abs=1e-6)
 
 
 def test_post_ln_terms_are_centred_and_scaled_by_hand():
@@ -46,11 +59,15 @@ def test_post_ln_terms_are_centred_and_scaled_by_hand():
     # 0.5 * [2, 0] = [1, 0], centred [0.5, -0.5], / 2 -> norm sqrt(0.125)
     expected = float(np.sqrt(0.125))
     torch.testing.assert_close(mixing.contributions, torch.full((2, 2), expected))
-    torch.testing.assert_close(mixing.mix_norm, torch.full((2,), 0.5))
+    torch.testing.assert_close(mixing.attnresln_n, torch.full((2,), 0.5))
+    # without the norm the same terms give the same shares (the norm rescales both alike)
+    torch.testing.assert_close(mixing.attnres_n, torch.full((2,), 0.5))
 
 
 def _reference(directory, kind, text):
-    """mix_norm, mix_norm_attn and raw self-attention from Hugging Face modules, NumPy."""
+    """Kobayashi's Attn-N, AttnRes-N, AttnResLn-N and raw self-attention from Hugging Face
+    modules, NumPy, following the authors' BertNormOutput: per-pair vectors a_ij, the
+    context the vector sum over j != i, LN1 applied term by term with the real divisor."""
     from transformers import AutoModel, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(directory)
@@ -90,24 +107,31 @@ def _reference(directory, kind, text):
             ],
             axis=1,
         )  # [j, h, d]
-        terms = np.einsum("hij,jhm->ijm", A, f)
-        residual = x.copy()
+        a = np.einsum("hij,jhm->ijm", A, f)  # a_ij, [i, j, d]
+        eye = np.eye(n, dtype=bool)
+        context = np.where(eye[:, :, None], 0.0, a).sum(1)  # sum_{j != i} a_ij (a vector)
+        own = a[np.arange(n), np.arange(n)]  # a_ii
+
+        def ratio(c, o):
+            c, o = np.linalg.norm(c, axis=-1), np.linalg.norm(o, axis=-1)
+            return c / (c + o)
+
+        expected = {
+            "mix_attn_n": ratio(context, own),
+            "mix_attnres_n": ratio(context, own + x),
+            "raw_self": np.diagonal(A, axis1=1, axis2=2).mean(0),
+        }
         if kind == "bert":
-            attn_out = terms.sum(1) + block.attention.output.dense.bias.detach().double().numpy()
-            u = x + attn_out
-            scale = np.sqrt(u.var(-1, keepdims=True) + eps)
-            terms = gamma * (terms - terms.mean(-1, keepdims=True)) / scale[:, None]
-            residual = gamma * (x - x.mean(-1, keepdims=True)) / scale
-        norms = np.linalg.norm(terms, axis=-1)
-        own = np.linalg.norm(terms[np.arange(n), np.arange(n)] + residual, axis=-1)
-        others = norms.sum(1) - np.diag(norms)
-        results.append(
-            {
-                "mix_norm": others / (others + own),
-                "mix_norm_attn": others / norms.sum(1),
-                "raw_self": np.diagonal(A, axis1=1, axis2=2).mean(0),
-            }
-        )
+            attn_out = a.sum(1) + block.attention.output.dense.bias.detach().double().numpy()
+            s_i = np.sqrt((x + attn_out).var(-1, keepdims=True) + eps)  # the real LN1 input
+
+            def ln(v):
+                return gamma * (v - v.mean(-1, keepdims=True)) / s_i
+
+            expected["mix_attnresln_n"] = ratio(ln(context), ln(own + x))
+        else:
+            expected["mix_attnresln_n"] = np.full(n, np.nan)  # no norm after the sum
+        results.append(expected)
     return results
 
 
@@ -120,7 +144,7 @@ def test_mixing_matches_independent_reference(kind, tiny_models, tiny_dirs):
         for block, expected in enumerate(reference):
             got = table[(table["text_id"] == text_id) & (table["block"] == block)]
             got = got.sort_values("position")
-            assert len(got) == len(expected["mix_norm"])
+            assert len(got) == len(expected["mix_attn_n"])
             for column, values in expected.items():
                 np.testing.assert_allclose(got[column], values, atol=1e-4, err_msg=column)
 
@@ -128,10 +152,13 @@ def test_mixing_matches_independent_reference(kind, tiny_models, tiny_dirs):
 def test_grouped_query_model_and_pairs(tiny_models):
     model = tiny_models["llama"]  # 4 query heads share 2 kv heads
     table, pairs = mixing_table(model, TEXTS, pair_text=1)
-    assert table["mix_norm"].between(0, 1).all() and table["mix_rollout"].between(0, 1).all()
+    for column in ("mix_attn_n", "mix_attnres_n", "mix_rollout"):
+        assert table[column].between(0, 1).all(), column
+    assert table["mix_attnresln_n"].isna().all()  # pre-norm: no norm after the sum
     # causal: the first position can only attend to itself, so nothing mixes into it
     first = table[table["position"] == 0]
-    np.testing.assert_allclose(first[["mix_raw", "mix_norm", "mix_rollout"]], 0.0, atol=1e-6)
+    columns = ["mix_raw", "mix_attn_n", "mix_attnres_n", "mix_rollout"]
+    np.testing.assert_allclose(first[columns], 0.0, atol=1e-6)
     assert pairs is not None and set(pairs["text_id"]) == {1}
     assert sorted(pairs["block"].unique()) == list(range(model.n_layers))
     shares = pairs.groupby(["block", "target"])["share"].sum()
@@ -144,7 +171,7 @@ def test_mixing_does_not_depend_on_batch_size(tiny_models):
     texts = [*TEXTS, "Yes."]
     one, _ = mixing_table(model, texts, batch_size=1)
     three, _ = mixing_table(model, texts, batch_size=3)
-    columns = ["raw_self", "mix_norm_attn", "mix_norm", "rollout_self"]
+    columns = ["raw_self", "mix_attn_n", "mix_attnres_n", "mix_attnresln_n", "rollout_self"]
     np.testing.assert_allclose(one[columns], three[columns], atol=1e-5)
 
 
@@ -178,11 +205,11 @@ def test_model_with_attention_forced_to_identity_does_not_mix(kind, tiny_models)
             point.remove_hooks(including_permanent=True)
     z, v = store["blocks.0.attn.hook_z"], store["blocks.0.attn.hook_v"]
     torch.testing.assert_close(z, v.repeat_interleave(z.shape[2] // v.shape[2], dim=2))
-    for column in ("mix_raw", "mix_norm_attn", "mix_norm", "mix_rollout"):
+    for column in ("mix_raw", "mix_attn_n", "mix_attnres_n", "mix_rollout"):
         np.testing.assert_allclose(table[column], 0.0, atol=1e-6, err_msg=column)
     # and with the hook gone the model mixes again
     again, _ = mixing_table(model, TEXTS)
-    assert again["mix_norm"].max() > 0.01
+    assert again["mix_attnres_n"].max() > 0.01
 
 
 @pytest.mark.parametrize("kind", ["bert", "llama"])

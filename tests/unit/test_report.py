@@ -28,7 +28,8 @@ FROM_SUMMARY = {
     ),
     "decompose": (
         "proj_attn", "proj_attn_lo", "proj_attn_hi", "proj_mlp", "proj_mlp_lo", "proj_mlp_hi",
-        "mix_raw", "mix_norm_attn", "mix_norm", "mix_norm_lo", "mix_norm_hi", "mix_rollout",
+        "mix_raw", "mix_attn_n", "mix_attnres_n", "mix_attnres_n_lo", "mix_attnres_n_hi",
+        "mix_attnresln_n", "mix_rollout",
     ),
     "perturb": (
         "follow_index", "follow_index_lo", "follow_index_hi",
@@ -100,7 +101,7 @@ def test_report_has_every_section_on_a_relative_depth_axis(finished, tiny_dirs):
         assert rows["layer"].tolist() == [0, 1, 2]
         assert rows["block"].isna().tolist() == [True, False, False]
         assert (rows["block"].dropna() == rows["layer"][1:] - 1).all()
-        for column in ("cos_input", "baseline", "identifiable", "proj_attn", "mix_norm"):
+        for column in ("cos_input", "baseline", "identifiable", "proj_attn", "mix_attnres_n"):
             assert rows[column].notna().any(), column
         # random tiny models attend almost uniformly: the index may have no evidence, but
         # every head is counted under a verdict
