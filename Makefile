@@ -48,7 +48,7 @@ bench-engine: $(STAMP)
 
 bench-length: $(STAMP)
 	$(BIN)/python benchmarks/bench_length.py
-	$(BIN)/python benchmarks/bench_length.py --model smollm2 --lengths 256 1024 --texts 4 --batch-size 4
+	$(BIN)/python benchmarks/bench_length.py --model smollm2 --lengths 256 1024 2048 --texts 2 --batch-size 1
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

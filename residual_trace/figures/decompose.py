@@ -101,6 +101,8 @@ _MEASURES = (
     ("mix_attn_n", "Attn-N (Kobayashi 2020)", "C0", ":"),
     ("mix_attnres_n", "AttnRes-N (Kobayashi 2021)", "C1", "-"),
     ("mix_attnresln_n", "AttnResLn-N (Kobayashi 2021)", "C3", "-"),
+    ("mix_globenc", "GlobEnc, rolled out (Modarressi 2022)", "C4", "-."),
+    ("mix_alti", "ALTI, rolled out (Ferrando 2022)", "C5", "--"),
 )
 
 

@@ -24,6 +24,8 @@ MIXING_MEASURES = (
     "mix_attnres_n",
     "mix_attnresln_n",
     "mix_rollout",
+    "mix_globenc",
+    "mix_alti",
 )
 
 

@@ -176,6 +176,103 @@ def _pair_map(
     return torch.cat(norms)
 
 
+@dataclass(frozen=True)
+class TermNorm:
+    """A norm that a block's terms pass through, as the affine map of its fixed divisor:
+    ``gain * c(v) / scale + bias`` (``c`` centring for LayerNorm)."""
+
+    gain: Float[Tensor, " d_model"]
+    bias: Float[Tensor, " d_model"]
+    centres: bool
+    scale: Float[Tensor, "n 1"]
+
+    def carry(self, terms: Tensor, rows: slice) -> Tensor:
+        """The linear part applied to ``terms`` ``[rows, ..., d_model]`` of targets ``rows``."""
+        centred = terms - terms.mean(-1, keepdim=True) if self.centres else terms
+        scale = self.scale[rows].reshape(-1, *([1] * (terms.dim() - 1)))
+        return self.gain * centred / scale
+
+
+@dataclass(frozen=True)
+class Attributions:
+    """One layer's token-to-token attribution matrices ``[n (target i), n (source j)]``.
+
+    Attributes:
+        alti: ALTI (Ferrando et al. 2022): c_ij = max(0, |y_i|_1 - |y_i - T_i(x_j)|_1),
+            each row divided by its sum.
+        globenc: GlobEnc's per-layer N-Enc (Modarressi et al. 2022): |e_ij|_2, the term of
+            source j carried through both norms of the layer (raw, rows not normalised).
+    """
+
+    alti: Float[Tensor, "n n"]
+    globenc: Float[Tensor, "n n"]
+
+
+def attributions(
+    pattern: Float[Tensor, "head_index n n"],
+    head_values: Float[Tensor, "n head_index d_model"],
+    residual: Float[Tensor, "n d_model"],
+    b_O: Float[Tensor, " d_model"] | None,
+    attention_norm: TermNorm | None,
+    residual_normed: bool,
+    second_norm: TermNorm | None,
+) -> Attributions:
+    """ALTI and GlobEnc matrices of one layer of one text, as the authors' code defines them.
+
+    The term of source j at target i is v_ij = a_ij + [i = j] x_i (the residual joins the
+    token's own term), a_ij = sum_h alpha^h_ij f_h(x_j) as in :func:`norm_mixing`.
+
+    - T_i(x_j): v_ij carried through the norm after the attention sum (post-LN's LN1,
+      centred and scaled by gamma / s_i) when ``residual_normed``; through the norm on the
+      attention output only (the residual added after) otherwise; v_ij itself for pre-norm
+      blocks (the authors' pre-LN branch). y_i = sum_j T_i(x_j) + the biases (b_O carried
+      likewise, the norm's bias): the attention sublayer's real output in the residual stream.
+    - ALTI: c_ij = max(0, |y_i|_1 - |y_i - T_i(x_j)|_1), rows normalised to sum 1.
+    - GlobEnc: e_ij = T_i(x_j) carried through the layer's second norm (post-LN's LN2 with its
+      real divisor, which the FFN output enters; the FFN itself is not decomposed), N_ij =
+      |e_ij|_2; without a second norm after the residual sum (pre-norm and output-norm
+      blocks), N_ij = |T_i(x_j)|_2.
+
+    Work is chunked over targets (n x n x d_model terms at most ``items_per_chunk`` rows).
+    """
+    n, d = pattern.shape[-1], head_values.shape[-1]
+    bias = torch.zeros(d, device=pattern.device) if b_O is None else b_O
+    alti, globenc = [], []
+    size = items_per_chunk(n * d * 4, temporaries=_ROW_TEMPORARIES + 2)
+    for rows in chunks(n, size):
+        terms = torch.einsum("hij,jhm->ijm", pattern[:, rows], head_values)  # a_ij [i, j, d]
+        index = torch.arange(rows.start, rows.stop, device=pattern.device)
+        local = index - rows.start
+        res = residual[rows]
+        rest = bias.expand(len(local), d)  # what belongs to no token, in y_i
+        if attention_norm is not None:
+            if residual_normed:
+                terms[local, index] += res
+                terms = attention_norm.carry(terms, rows)
+            else:
+                terms = attention_norm.carry(terms, rows)
+                terms[local, index] += res
+            rest = attention_norm.carry(rest, rows) + attention_norm.bias
+        else:
+            terms[local, index] += res
+        y = terms.sum(1) + rest  # [i, d]
+        distance = (y[:, None, :] - terms).abs().sum(-1)  # |y_i - T_i(x_j)|_1
+        c = (y.abs().sum(-1, keepdim=True) - distance).clamp_min(0.0)
+        alti.append(c / c.sum(-1, keepdim=True).clamp_min(1e-12))
+        if second_norm is not None:
+            terms = second_norm.carry(terms, rows)
+        globenc.append(terms.norm(dim=-1))
+    return Attributions(alti=torch.cat(alti), globenc=torch.cat(globenc))
+
+
+def rollout_product(previous: Tensor, layer: Tensor) -> Tensor:
+    """``layer @ previous`` in float64, divided by its largest entry: a raw product of
+    matrices (GlobEnc's norms) would overflow over many layers, and a global factor leaves
+    every row's shares unchanged."""
+    product = layer.double() @ previous.double()
+    return product / product.abs().max().clamp_min(1e-300)
+
+
 def rollout_step(
     previous: Float[Tensor, "n n"], pattern: Float[Tensor, "head_index n n"]
 ) -> Float[Tensor, "n n"]:
@@ -204,7 +301,15 @@ MIXING_COLUMNS = (
     "mix_attnresln_n",
     "rollout_self",
     "mix_rollout",
+    "mix_globenc",
+    "mix_alti",
 )
+
+
+def _mixed(rollout: Tensor) -> np.ndarray:
+    """1 - R_ii / sum_j R_ij: the share of each row's attribution from other tokens."""
+    total = rollout.sum(-1).clamp_min(1e-300)
+    return (1.0 - rollout.diagonal() / total).float().cpu().numpy()
 
 
 def block_mixing_hooks(model: TracedModel, block: int) -> list[str]:
@@ -215,7 +320,9 @@ def block_mixing_hooks(model: TracedModel, block: int) -> list[str]:
         model.spec.attn_values.format(layer=block),
     ]
     norm = _attention_norm(model, block)
-    return names + ([f"{norm[0]}.hook_scale"] if norm is not None else [])
+    names += [f"{norm[0]}.hook_scale"] if norm is not None else []
+    second = _second_norm(model, block)
+    return names + ([f"{second}.hook_scale"] if second is not None else [])
 
 
 def mixing_hooks(model: TracedModel) -> list[str]:
@@ -231,6 +338,13 @@ def _attention_norm(model: TracedModel, block: int) -> tuple[str, bool] | None:
         return paths[0], True
     outputs = model.spec.output_norm_modules(block)
     return None if outputs is None else (outputs[0], False)
+
+
+def _second_norm(model: TracedModel, block: int) -> str | None:
+    """The norm after the MLP's residual sum (post-LN's LN2), which GlobEnc carries every
+    term through; ``None`` where the stream is not normalised after the MLP."""
+    paths = model.spec.post_norm_modules(block)
+    return None if paths is None else paths[1]
 
 
 class MixingStream:
@@ -252,8 +366,14 @@ class MixingStream:
         self.weights = [model.output_weights(block) for block in range(model.n_layers)]
         self.norms = [_attention_norm(model, block) for block in range(model.n_layers)]
         self.affines = [None if n is None else model.norm_affine(n[0]) for n in self.norms]
+        self.seconds = [_second_norm(model, block) for block in range(model.n_layers)]
+        self.second_affines = [None if p is None else model.norm_affine(p) for p in self.seconds]
         device = model.device
         self.rollouts = [torch.eye(len(item.ids), device=device) for item in batch.texts]
+        eye64 = [
+            torch.eye(len(item.ids), device=device, dtype=torch.float64) for item in batch.texts
+        ]
+        self.alti_rollouts, self.globenc_rollouts = list(eye64), list(eye64)
         self.special = [
             torch.isin(
                 torch.tensor(item.ids, device=device),
@@ -279,8 +399,12 @@ class MixingStream:
         scale_all = None
         if norm is not None:
             scale_all = tensors[f"{norm[0]}.hook_scale"].reshape(*self.shape, 1)
-        W_O, _ = self.weights[block]
+        W_O, b_O = self.weights[block]
         wanted = self.pair_blocks is None or block in self.pair_blocks
+        second, second_affine = self.seconds[block], self.second_affines[block]
+        second_scale = None
+        if second is not None:
+            second_scale = tensors[f"{second}.hook_scale"].reshape(*self.shape, 1)
         for row, item in enumerate(self.batch.texts):
             n = len(item.ids)
             pattern = pattern_all[row, :, :n, :n]
@@ -300,6 +424,29 @@ class MixingStream:
             )
             self.rollouts[row] = rollout_step(self.rollouts[row], pattern)
             rollout_self = self.rollouts[row].diagonal()
+            attention_norm = second_norm = None
+            if affine is not None and scale_all is not None:
+                attention_norm = TermNorm(
+                    affine.gain, affine.bias, affine.centres, scale_all[row, :n]
+                )
+            if second_affine is not None and second_scale is not None:
+                second_norm = TermNorm(
+                    second_affine.gain,
+                    second_affine.bias,
+                    second_affine.centres,
+                    second_scale[row, :n],
+                )
+            found = attributions(
+                pattern,
+                head_values,
+                resid_all[row, :n],
+                b_O,
+                attention_norm,
+                norm is not None and norm[1],
+                second_norm,
+            )
+            self.alti_rollouts[row] = rollout_product(self.alti_rollouts[row], found.alti)
+            self.globenc_rollouts[row] = rollout_product(self.globenc_rollouts[row], found.globenc)
             tokens = self.tokens[row]
             self.rows.append(
                 pd.DataFrame(
@@ -318,6 +465,8 @@ class MixingStream:
                         "mix_attnresln_n": mixing.attnresln_n.cpu().numpy(),
                         "rollout_self": rollout_self.cpu().numpy(),
                         "mix_rollout": (1.0 - rollout_self).cpu().numpy(),
+                        "mix_globenc": _mixed(self.globenc_rollouts[row]),
+                        "mix_alti": _mixed(self.alti_rollouts[row]),
                     }
                 )
             )

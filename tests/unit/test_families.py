@@ -301,7 +301,9 @@ def test_mixing_matches_an_independent_reference(name, family_model, family_dirs
             eye = torch.eye(n, dtype=torch.bool)
             x = ref["states"][block]
 
-            def ratio(terms: torch.Tensor, residual: torch.Tensor) -> np.ndarray:
+            def ratio(
+                terms: torch.Tensor, residual: torch.Tensor, eye: torch.Tensor = eye, n: int = n
+            ) -> np.ndarray:
                 # Kobayashi: |sum_{j != i} t_ij| / (|sum_{j != i} t_ij| + |t_ii + residual|)
                 context = terms.masked_fill(eye[:, :, None], 0).sum(1).norm(dim=-1)
                 own = (terms[torch.arange(n), torch.arange(n)] + residual).norm(dim=-1)

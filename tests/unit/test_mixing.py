@@ -79,6 +79,7 @@ def _reference(directory, kind, text):
         out = model(torch.tensor([ids]), output_hidden_states=True, output_attentions=True)
     results = []
     blocks = model.encoder.layer if kind == "bert" else model.h
+    alti_rollout = globenc_rollout = None
     for index, block in enumerate(blocks):
         x = out.hidden_states[index][0].double().numpy()
         A = out.attentions[index][0].double().numpy()  # [head, i, j]
@@ -125,12 +126,41 @@ def _reference(directory, kind, text):
             attn_out = a.sum(1) + block.attention.output.dense.bias.detach().double().numpy()
             s_i = np.sqrt((x + attn_out).var(-1, keepdims=True) + eps)  # the real LN1 input
 
-            def ln(v):
+            def ln(v, gamma=gamma, s_i=s_i):
                 return gamma * (v - v.mean(-1, keepdims=True)) / s_i
 
             expected["mix_attnresln_n"] = ratio(ln(context), ln(own + x))
         else:
             expected["mix_attnresln_n"] = np.full(n, np.nan)  # no norm after the sum
+        # ALTI (Ferrando et al. 2022) and GlobEnc (Modarressi et al. 2022): the per-pair
+        # vectors v_ij = a_ij + [i = j] x_i, through LN1 for BERT (T), against the
+        # attention sublayer's real output y_i from the Hugging Face modules
+        v = a.copy()
+        v[np.arange(n), np.arange(n)] += x
+        with torch.no_grad():
+            if kind == "bert":
+                T = ln(v.transpose(1, 0, 2)).transpose(1, 0, 2)  # s_i belongs to target i
+                mid = torch.tensor(x + attn_out, dtype=torch.float32)
+                y_t = block.attention.output.LayerNorm(mid)
+                u2 = block.output.dense(block.intermediate(y_t)) + y_t  # LN2's real input
+                y = y_t.double().numpy()
+                u2 = u2.double().numpy()
+                ln2 = block.output.LayerNorm
+                g2 = ln2.weight.detach().double().numpy()
+                s2 = np.sqrt(u2.var(-1, keepdims=True) + ln2.eps)
+                e = g2 * (T - T.mean(-1, keepdims=True)) / s2[:, None]
+            else:
+                T = v
+                # the attention sublayer's output from HF's (causally masked) attentions
+                y = x + a.sum(1) + block.attn.c_proj.bias.detach().double().numpy()
+                e = T  # pre-LN: no norm after the residual sum
+        c = np.maximum(0.0, np.abs(y).sum(-1)[:, None] - np.abs(y[:, None, :] - T).sum(-1))
+        C = c / c.sum(-1, keepdims=True)
+        N = np.linalg.norm(e, axis=-1)
+        alti_rollout = C if alti_rollout is None else C @ alti_rollout
+        globenc_rollout = N if globenc_rollout is None else N @ globenc_rollout
+        for column, R in (("mix_alti", alti_rollout), ("mix_globenc", globenc_rollout)):
+            expected[column] = 1.0 - np.diagonal(R) / R.sum(-1)
         results.append(expected)
     return results
 
@@ -205,8 +235,9 @@ def test_model_with_attention_forced_to_identity_does_not_mix(kind, tiny_models)
             point.remove_hooks(including_permanent=True)
     z, v = store["blocks.0.attn.hook_z"], store["blocks.0.attn.hook_v"]
     torch.testing.assert_close(z, v.repeat_interleave(z.shape[2] // v.shape[2], dim=2))
-    for column in ("mix_raw", "mix_attn_n", "mix_attnres_n", "mix_rollout"):
+    for column in ("mix_raw", "mix_attn_n", "mix_attnres_n", "mix_rollout", "mix_globenc"):
         np.testing.assert_allclose(table[column], 0.0, atol=1e-6, err_msg=column)
+    np.testing.assert_allclose(table["mix_alti"], 0.0, atol=1e-6)
     # and with the hook gone the model mixes again
     again, _ = mixing_table(model, TEXTS)
     assert again["mix_attnres_n"].max() > 0.01
