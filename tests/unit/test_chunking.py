@@ -23,6 +23,9 @@ LONG = " ".join(
 )
 TEXTS = [LONG, "Rain fell.", "The cat sat on the mat."]
 
+#: Columns whose definition amplifies float32 rounding (see the test).
+LOOSE_COLUMNS = ("mix_alti", "mix_alti_lo", "mix_alti_hi")
+
 #: Small enough that every chunked step splits: a few heads, query rows or tokens at a time.
 TINY_BUDGET = 64 << 10
 
@@ -52,7 +55,12 @@ def test_chunked_results_equal_unchunked(kind, verb, tiny_models):
         assert list(a.columns) == list(b.columns) and len(a) == len(b), key
         floats = a.select_dtypes("floating").columns
         pd.testing.assert_frame_equal(a.drop(columns=floats), b.drop(columns=floats), obj=key)
-        np.testing.assert_allclose(a[floats], b[floats], rtol=0, atol=1e-6, err_msg=key)
+        # ALTI's max(0, |y|_1 - |y - T|_1) subtracts two sums of d_model absolute values, so
+        # the last-bit rounding of T (1e-7) reaches about 1e-5 there; 1e-6 everywhere else
+        loose = [c for c in floats if c in LOOSE_COLUMNS]
+        tight = [c for c in floats if c not in LOOSE_COLUMNS]
+        np.testing.assert_allclose(a[tight], b[tight], rtol=0, atol=1e-6, err_msg=key)
+        np.testing.assert_allclose(a[loose], b[loose], rtol=0, atol=2e-5, err_msg=key)
 
 
 def test_the_tiny_budget_really_splits():
