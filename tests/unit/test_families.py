@@ -281,6 +281,7 @@ def test_mixing_matches_an_independent_reference(name, family_model, family_dirs
         ids = model.encode(text)
         n = len(ids)
         ref = hf_reference(hf, family, ids)
+        alti_rollout = globenc_rollout = torch.eye(n, dtype=torch.float64)
         for block in range(ref["n_blocks"]):
             attn_path = family.attn_raw.format(block=block)
             recorder = Recorder(hf)
@@ -322,8 +323,21 @@ def test_mixing_matches_an_independent_reference(name, family_model, family_dirs
                 s = (raw.pow(2).mean(-1, keepdim=True) + eps).sqrt()
                 normed = gain * F / s[:, None]  # the residual bypasses this norm
                 np.testing.assert_allclose(rows["mix_attnresln_n"], ratio(normed, x), atol=1e-4)
+                T = normed.clone()
+                y = x + gain * raw / s  # the stream after the normed attention output
             else:
                 assert rows["mix_attnresln_n"].isna().all()  # pre-norm: no norm after the sum
+                T = F.clone()
+                y = x + _get(ref["recorder"], attn_path, n)  # the attention module's output
+            # ALTI and GlobEnc: the residual joins the token's own term; no family here has
+            # a norm after a residual sum, so GlobEnc's N_ij is |T_i(x_j)|
+            T[torch.arange(n), torch.arange(n)] += x
+            c = (y.abs().sum(-1)[:, None] - (y[:, None, :] - T).abs().sum(-1)).clamp_min(0)
+            alti_rollout = (c / c.sum(-1, keepdim=True)) @ alti_rollout
+            globenc_rollout = T.norm(dim=-1) @ globenc_rollout
+            for column, R in (("mix_alti", alti_rollout), ("mix_globenc", globenc_rollout)):
+                expected = 1.0 - R.diagonal() / R.sum(-1)
+                np.testing.assert_allclose(rows[column], expected, atol=1e-4, err_msg=column)
 
 
 def _structure_reference(attention: np.ndarray, special: np.ndarray) -> dict[str, np.ndarray]:

@@ -56,6 +56,8 @@ _FROM = {
         "mix_attnres_n_hi",
         "mix_attnresln_n",
         "mix_rollout",
+        "mix_globenc",
+        "mix_alti",
     ],
     "perturb": [
         "follow_index",
@@ -318,7 +320,7 @@ def report_figures(
                 sublayer_figure(depth),
             )
         )
-        figures.append(("mixing", "Context mixing: three measures", mixing_figure(depth)))
+        figures.append(("mixing", "Context mixing: five measures", mixing_figure(depth)))
     if "follow_index" in depth:
         figures.append(
             (
