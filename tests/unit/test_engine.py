@@ -65,28 +65,32 @@ def test_layers_on_ray_equals_one_process(local_ray, tiny_dirs, tiny_models):
         assert (sharded.attention[text_id][1] == pattern).all()
 
 
+def _one_thread(run):
+    """``run()`` with torch on one thread, like each of two workers on 2 CPUs: some matrix
+    products round their last bit differently with another thread count."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return run()
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_decompose_on_ray_equals_one_process(local_ray, tiny_models):
     model = tiny_models["gpt2"]
     options = {"batch_size": 2, "per_head": True, "mixing_text": 4}
-    local = rt.decompose(model, TEXTS, **options)
+    local = _one_thread(lambda: rt.decompose(model, TEXTS, **options))
     sharded = rt.decompose(model, TEXTS, **options, engine="ray", workers=2)
     _assert_same_tables(local, sharded)
     assert set(sharded.tables["mixing_pairs"]["text_id"]) == {4}
 
 
 def test_perturb_on_ray_equals_one_process(local_ray, tiny_models):
-    import torch
-
     model = tiny_models["llama"]
     options = {"batch_size": 2, "mode": "shuffle", "samples": 2, "show_text": 5}
-    # two workers on 2 CPUs run one torch thread each; some of perturb's reductions round
-    # differently with another thread count (1e-8), so the reference runs on one thread too
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        local = rt.perturb(model, TEXTS, **options)
-    finally:
-        torch.set_num_threads(threads)
+    local = _one_thread(lambda: rt.perturb(model, TEXTS, **options))
     sharded = rt.perturb(model, TEXTS, **options, engine="ray", workers=2)
     _assert_same_tables(local, sharded)
     assert sharded.skipped == local.skipped == [3]  # "a" has one content token
@@ -119,7 +123,7 @@ def test_cli_engine_ray_writes_what_the_local_run_writes(local_ray, tiny_dirs, t
         extra = ["--engine", "ray", "--workers", "2"] if engine == "ray" else []
         texts = [arg for text in TEXTS for arg in ("-t", text)]
         args = ["decompose", "-m", str(tiny_dirs["bert"]), *texts, "--batch-size", "2", "-q"]
-        result = runner.invoke(trace, [*args, "--out", str(out), *extra])
+        result = _one_thread(lambda: runner.invoke(trace, [*args, "--out", str(out), *extra]))
         assert result.exit_code == 0, result.output
         outs[engine] = out
     record = json.loads((outs["ray"] / "run.json").read_text())
