@@ -123,7 +123,8 @@ def test_cli_engine_ray_writes_what_the_local_run_writes(local_ray, tiny_dirs, t
         extra = ["--engine", "ray", "--workers", "2"] if engine == "ray" else []
         texts = [arg for text in TEXTS for arg in ("-t", text)]
         args = ["decompose", "-m", str(tiny_dirs["bert"]), *texts, "--batch-size", "2", "-q"]
-        result = _one_thread(lambda: runner.invoke(trace, [*args, "--out", str(out), *extra]))
+        command = [*args, "--out", str(out), *extra]
+        result = _one_thread(lambda command=command: runner.invoke(trace, command))
         assert result.exit_code == 0, result.output
         outs[engine] = out
     record = json.loads((outs["ray"] / "run.json").read_text())
