@@ -82,7 +82,8 @@ class DecomposeResult(Result):
             f"{summary['max_recon_error'].max():.1e})",
             f"{'block':>5}  {'|attn|/|x|':>10}  {'|mlp|/|x|':>10}  {'attn → token':>19}  "
             f"{'mlp → token':>19}  {'carried':>8}  {'net change':>10}  "
-            f"{'Attn-W':>6}  {'rollout':>7}  {'Attn-N':>6}  {'AttnRes-N':>9}  {'AttnResLn-N':>11}",
+            f"{'Attn-W':>6}  {'rollout':>7}  {'Attn-N':>6}  {'AttnRes-N':>9}  {'AttnResLn-N':>11}"
+            f"  {'GlobEnc':>7}  {'ALTI':>5}",
         ]
         for row in summary.itertuples(index=False):
             lines.append(
@@ -91,7 +92,8 @@ class DecomposeResult(Result):
                 f"{row.proj_mlp:>+7.3f} [{row.proj_mlp_lo:+.2f},{row.proj_mlp_hi:+.2f}]  "
                 f"{row.proj_carried_change:>+8.3f}  {row.proj_change:>+10.3f}  "
                 f"{row.mix_raw:>6.3f}  {row.mix_rollout:>7.3f}  {row.mix_attn_n:>6.3f}  "
-                f"{row.mix_attnres_n:>9.3f}  {_ratio(row.mix_attnresln_n):>11}"
+                f"{row.mix_attnres_n:>9.3f}  {_ratio(row.mix_attnresln_n):>11}  "
+                f"{row.mix_globenc:>7.3f}  {row.mix_alti:>5.3f}"
             )
         lines += [
             "block b's output is layer b+1. x → token: signed change of the state's projection "
@@ -101,7 +103,7 @@ class DecomposeResult(Result):
             "mixing: share of each token's attention-block output from other tokens: raw "
             "attention weight (Attn-W), attention rollout, and Kobayashi et al.'s norm-based "
             "ratios (attention only, + residual, + residual and the norm after it; n/a "
-            "without such a norm).",
+            "without such a norm); rollout, GlobEnc and ALTI compound over the blocks so far.",
         ]
         return "\n".join(lines)
 

@@ -109,7 +109,7 @@ _MEASURES = (
 def mixing_figure(summary: pd.DataFrame) -> Figure:
     """Share of each position's attention-block output that comes from *other* tokens, per
     block, by the measures side by side (means with the summary's 95% bootstrap bands)."""
-    fig = Figure(figsize=(6.6, 4.2), layout="constrained")
+    fig = Figure(figsize=(9.6, 4.2), layout="constrained")
     ax = fig.subplots()
     blocks = summary["block"].to_numpy()
     for column, label, colour, style in _MEASURES:
@@ -125,7 +125,7 @@ def mixing_figure(summary: pd.DataFrame) -> Figure:
     ax.set_title(
         f"{_name(summary)}: how much of each token's update comes from other tokens?", fontsize=9
     )
-    ax.legend(fontsize=7.5, frameon=False)
+    ax.legend(fontsize=7.5, frameon=False, loc="center left", bbox_to_anchor=(1.01, 0.5))
     return fig
 
 
