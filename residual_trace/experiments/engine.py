@@ -204,9 +204,6 @@ class ShardWorker:
             raise self.failure
         return _experiment(command).shard_rows(self.model, encoded, options)
 
-    def pid(self) -> int:
-        return os.getpid()
-
 
 def _kill_request() -> tuple[int, str] | None:
     value = os.environ.get(KILL_SHARD_ENV)
