@@ -471,15 +471,23 @@ class MixingStream:
                 )
             )
             if mixing.contributions is not None:
-                self.pairs.append(self._pairs(item.text_id, block, mixing, pattern, tokens))
+                self.pairs.append(self._pairs(item.text_id, block, mixing, found, pattern, tokens))
 
     def _pairs(
-        self, text_id: int, block: int, mixing: LayerMixing, pattern: Tensor, tokens: list[str]
+        self,
+        text_id: int,
+        block: int,
+        mixing: LayerMixing,
+        found: Attributions,
+        pattern: Tensor,
+        tokens: list[str],
     ) -> pd.DataFrame:
         n = len(tokens)
         assert mixing.contributions is not None
         contribution = mixing.contributions.cpu().numpy()
         share = contribution / np.clip(contribution.sum(-1, keepdims=True), 1e-12, None)
+        globenc = found.globenc.double().cpu().numpy()
+        globenc = globenc / np.clip(globenc.sum(-1, keepdims=True), 1e-300, None)
         target, source = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
         return pd.DataFrame(
             {
@@ -493,6 +501,8 @@ class MixingStream:
                 "contribution": contribution.ravel(),
                 "share": share.ravel(),
                 "attention": pattern.mean(0).cpu().numpy().ravel(),
+                "globenc": globenc.ravel(),
+                "alti": found.alti.cpu().numpy().ravel(),
             }
         )
 
@@ -516,7 +526,9 @@ def mixing_batch(
 
     The pair table has one row per block x target x source: ``contribution`` (the norm of
     F_i(x_j), the residual added on the diagonal), ``share`` (its share of the target's
-    row sum) and ``attention`` (mean raw attention weight over heads).
+    row sum), ``attention`` (mean raw attention weight over heads), and this block's own
+    ``globenc`` (N-Enc, as a share of the target's row) and ``alti`` (c_ij, rows sum to 1)
+    before any rollout.
     """
     stream = MixingStream(model, batch, pair_text)
     for block in range(model.n_layers):

@@ -257,3 +257,24 @@ def test_streamed_mixing_equals_mixing_from_a_full_store(kind, tiny_models, sent
     pd.testing.assert_frame_equal(full, streamed.tables["mixing"], check_exact=True)
     assert full_pairs is not None
     pd.testing.assert_frame_equal(full_pairs, streamed.tables["mixing_pairs"], check_exact=True)
+
+
+@pytest.mark.parametrize("kind", ["bert", "llama"])
+def test_pair_maps_hold_each_blocks_globenc_and_alti(kind, tiny_models):
+    """The per-pair map holds each block's own GlobEnc (as row shares) and ALTI matrices; at
+    block 0 the rollout is that matrix itself, so 1 - its diagonal is the token's column."""
+    model = tiny_models[kind]
+    table, pairs = mixing_table(model, TEXTS, pair_text=1)
+    assert pairs is not None
+    for column in ("globenc", "alti"):
+        sums = pairs.groupby(["block", "target"])[column].sum()
+        np.testing.assert_allclose(sums, 1.0, atol=1e-5, err_msg=column)
+        assert (pairs[column] >= 0).all()
+        if kind == "llama":  # causal: nothing from later tokens
+            assert (pairs.loc[pairs["source"] > pairs["target"], column] == 0).all()
+    first = pairs[(pairs["block"] == 0) & (pairs["source"] == pairs["target"])]
+    first = first.sort_values("target")
+    tokens = table[(table["text_id"] == 1) & (table["block"] == 0)].sort_values("position")
+    for column in ("globenc", "alti"):
+        expected = 1.0 - first[column].to_numpy()
+        np.testing.assert_allclose(tokens[f"mix_{column}"], expected, atol=1e-5, err_msg=column)
