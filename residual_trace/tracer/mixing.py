@@ -21,7 +21,7 @@ Measures per layer and position, each a share in [0, 1] (0 = no mixing):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -132,9 +132,11 @@ def norm_mixing(
         attnresln_n = torch.full_like(attn_n, float("nan"))
     contributions = None
     if pairs:
-        contributions = _pair_map(
-            pattern, head_values, residual, carry if normed else None, ln_scale, residual_normed
-        )
+        term_norm = None
+        if normed:
+            assert ln_gamma is not None and ln_scale is not None
+            term_norm = TermNorm(ln_gamma, torch.zeros_like(ln_gamma), centres, ln_scale)
+        contributions = _pair_map(pattern, head_values, residual, term_norm, residual_normed)
     return LayerMixing(
         raw_self=pattern.diagonal(dim1=-2, dim2=-1).mean(0),
         attn_n=attn_n,
@@ -148,32 +150,49 @@ def _pair_map(
     pattern: Tensor,
     head_values: Tensor,
     residual: Tensor,
-    carry: Callable[[Tensor, Tensor], Tensor] | None,
-    ln_scale: Tensor | None,
+    attention_norm: TermNorm | None,
     residual_normed: bool,
 ) -> Tensor:
-    """|t_ij| for every target i and source j (residual on the diagonal), chunked over
-    targets so that the n x n x d_model terms stay within the memory budget."""
+    """|t_ij| for every target i and source j (residual on the diagonal, through the norm
+    after the attention sum where there is one)."""
+    return torch.cat(
+        [
+            terms.norm(dim=-1)
+            for _, terms in _carried_terms(
+                pattern, head_values, residual, attention_norm, residual_normed
+            )
+        ]
+    )
+
+
+def _carried_terms(
+    pattern: Tensor,
+    head_values: Tensor,
+    residual: Tensor,
+    attention_norm: TermNorm | None,
+    residual_normed: bool,
+    temporaries: int = _ROW_TEMPORARIES,
+) -> Iterator[tuple[slice, Tensor]]:
+    """``(rows, terms)`` chunk by chunk of targets: terms ``[rows, n, d_model]`` are
+    v_ij = a_ij + [i = j] x_i carried through the norm after the attention sum (the residual
+    joins before it when ``residual_normed``, after it otherwise), or v_ij itself without
+    such a norm. Chunked so that the n x n x d_model terms stay within the memory budget."""
     n = pattern.shape[-1]
-    norms = []
-    size = items_per_chunk(n * head_values.shape[-1] * 4, temporaries=_ROW_TEMPORARIES)
+    size = items_per_chunk(n * head_values.shape[-1] * 4, temporaries=temporaries)
     for rows in chunks(n, size):
-        terms = torch.einsum("hij,jhm->ijm", pattern[:, rows], head_values)  # [i, j, d]
+        terms = torch.einsum("hij,jhm->ijm", pattern[:, rows], head_values)  # a_ij [i, j, d]
         index = torch.arange(rows.start, rows.stop, device=pattern.device)
         local = index - rows.start
         res = residual[rows]
-        if carry is not None and ln_scale is not None:
-            scale = ln_scale[rows]
-            if residual_normed:
-                terms[local, index] += res  # the residual joins the self term, then the norm
-                terms = carry(terms, scale[:, None])
-            else:
-                terms = carry(terms, scale[:, None])
-                terms[local, index] += res
+        if attention_norm is not None and residual_normed:
+            terms[local, index] += res  # the residual joins the self term, then the norm
+            terms = attention_norm.carry(terms, rows)
+        elif attention_norm is not None:
+            terms = attention_norm.carry(terms, rows)
+            terms[local, index] += res
         else:
             terms[local, index] += res
-        norms.append(terms.norm(dim=-1))
-    return torch.cat(norms)
+        yield rows, terms
 
 
 @dataclass(frozen=True)
@@ -202,10 +221,12 @@ class Attributions:
             each row divided by its sum.
         globenc: GlobEnc's per-layer N-Enc (Modarressi et al. 2022): |e_ij|_2, the term of
             source j carried through both norms of the layer (raw, rows not normalised).
+        term_norms: |T_i(x_j)|_2 (the per-pair map of :class:`LayerMixing`).
     """
 
     alti: Float[Tensor, "n n"]
     globenc: Float[Tensor, "n n"]
+    term_norms: Float[Tensor, "n n"]
 
 
 def attributions(
@@ -235,34 +256,26 @@ def attributions(
 
     Work is chunked over targets (n x n x d_model terms at most ``items_per_chunk`` rows).
     """
-    n, d = pattern.shape[-1], head_values.shape[-1]
+    d = head_values.shape[-1]
     bias = torch.zeros(d, device=pattern.device) if b_O is None else b_O
-    alti, globenc = [], []
-    size = items_per_chunk(n * d * 4, temporaries=_ROW_TEMPORARIES + 2)
-    for rows in chunks(n, size):
-        terms = torch.einsum("hij,jhm->ijm", pattern[:, rows], head_values)  # a_ij [i, j, d]
-        index = torch.arange(rows.start, rows.stop, device=pattern.device)
-        local = index - rows.start
-        res = residual[rows]
-        rest = bias.expand(len(local), d)  # what belongs to no token, in y_i
+    alti, globenc, norms = [], [], []
+    for rows, terms in _carried_terms(
+        pattern, head_values, residual, attention_norm, residual_normed, _ROW_TEMPORARIES + 2
+    ):
+        rest = bias.expand(terms.shape[0], d)  # what belongs to no token, in y_i
         if attention_norm is not None:
-            if residual_normed:
-                terms[local, index] += res
-                terms = attention_norm.carry(terms, rows)
-            else:
-                terms = attention_norm.carry(terms, rows)
-                terms[local, index] += res
             rest = attention_norm.carry(rest, rows) + attention_norm.bias
-        else:
-            terms[local, index] += res
         y = terms.sum(1) + rest  # [i, d]
         distance = (y[:, None, :] - terms).abs().sum(-1)  # |y_i - T_i(x_j)|_1
         c = (y.abs().sum(-1, keepdim=True) - distance).clamp_min(0.0)
         alti.append(c / c.sum(-1, keepdim=True).clamp_min(1e-12))
+        norms.append(terms.norm(dim=-1))
         if second_norm is not None:
             terms = second_norm.carry(terms, rows)
         globenc.append(terms.norm(dim=-1))
-    return Attributions(alti=torch.cat(alti), globenc=torch.cat(globenc))
+    return Attributions(
+        alti=torch.cat(alti), globenc=torch.cat(globenc), term_norms=torch.cat(norms)
+    )
 
 
 def rollout_product(previous: Tensor, layer: Tensor) -> Tensor:
@@ -420,7 +433,7 @@ class MixingStream:
                 ln_scale=None if scale_all is None else scale_all[row, :n],
                 centres=True if affine is None else affine.centres,
                 residual_normed=norm is not None and norm[1],
-                pairs=item.text_id == self.pair_text and wanted,
+                pairs=False,  # the pair map comes from attributions() below
             )
             self.rollouts[row] = rollout_step(self.rollouts[row], pattern)
             rollout_self = self.rollouts[row].diagonal()
@@ -470,21 +483,19 @@ class MixingStream:
                     }
                 )
             )
-            if mixing.contributions is not None:
-                self.pairs.append(self._pairs(item.text_id, block, mixing, found, pattern, tokens))
+            if item.text_id == self.pair_text and wanted:
+                self.pairs.append(self._pairs(item.text_id, block, found, pattern, tokens))
 
     def _pairs(
         self,
         text_id: int,
         block: int,
-        mixing: LayerMixing,
         found: Attributions,
         pattern: Tensor,
         tokens: list[str],
     ) -> pd.DataFrame:
         n = len(tokens)
-        assert mixing.contributions is not None
-        contribution = mixing.contributions.cpu().numpy()
+        contribution = found.term_norms.cpu().numpy()
         share = contribution / np.clip(contribution.sum(-1, keepdims=True), 1e-12, None)
         globenc = found.globenc.double().cpu().numpy()
         globenc = globenc / np.clip(globenc.sum(-1, keepdims=True), 1e-300, None)
