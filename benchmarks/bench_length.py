@@ -8,7 +8,8 @@ variant runs in a fresh process so that its peak RSS is its own:
   ``output_attentions`` on the same batches, followed by the same drift-table code (what
   any tool producing this table must at least do);
 - ``trace layers``, ``trace decompose`` and ``trace perturb --mode shuffle --samples 2``,
-  the commands as users run them (figures and files included).
+  the commands as users run them (figures and files included); ``decompose-novz``
+  (``--variants``) is ``trace decompose --vz-max-tokens 0``, the same without Value Zeroing.
 
 Usage: ``python benchmarks/bench_length.py [--model minilm] [--lengths 64 128 256 512]
 [--texts 8] [--batch-size 16] [--json out.json]``.
@@ -117,6 +118,8 @@ def main() -> None:
                 "floor": (FLOOR, [args.model, str(path), str(length), str(args.batch_size)]),
                 "layers": (VERB, ["layers", *common]),
                 "decompose": (VERB, ["decompose", *common]),
+                # decompose without Value Zeroing: what the n^2 re-runs of each block cost
+                "decompose-novz": (VERB, ["decompose", *common, "--vz-max-tokens", "0"]),
                 "perturb": (VERB, ["perturb", *common, "--mode", "shuffle", "--samples", "2"]),
             }
             floor: tuple[float, float] | None = None

@@ -83,7 +83,7 @@ class DecomposeResult(Result):
             f"{'block':>5}  {'|attn|/|x|':>10}  {'|mlp|/|x|':>10}  {'attn → token':>19}  "
             f"{'mlp → token':>19}  {'carried':>8}  {'net change':>10}  "
             f"{'Attn-W':>6}  {'rollout':>7}  {'Attn-N':>6}  {'AttnRes-N':>9}  {'AttnResLn-N':>11}"
-            f"  {'GlobEnc':>7}  {'ALTI':>5}",
+            f"  {'GlobEnc':>7}  {'ALTI':>5}  {'VZ':>5}  {'VZ roll':>7}",
         ]
         for row in summary.itertuples(index=False):
             lines.append(
@@ -93,7 +93,8 @@ class DecomposeResult(Result):
                 f"{row.proj_carried_change:>+8.3f}  {row.proj_change:>+10.3f}  "
                 f"{row.mix_raw:>6.3f}  {row.mix_rollout:>7.3f}  {row.mix_attn_n:>6.3f}  "
                 f"{row.mix_attnres_n:>9.3f}  {_ratio(row.mix_attnresln_n):>11}  "
-                f"{row.mix_globenc:>7.3f}  {row.mix_alti:>5.3f}"
+                f"{row.mix_globenc:>7.3f}  {row.mix_alti:>5.3f}  {_ratio(row.mix_vz):>5}  "
+                f"{_ratio(row.mix_vz_rollout):>7}"
             )
         lines += [
             "block b's output is layer b+1. x → token: signed change of the state's projection "
@@ -103,7 +104,9 @@ class DecomposeResult(Result):
             "mixing: share of each token's attention-block output from other tokens: raw "
             "attention weight (Attn-W), attention rollout, and Kobayashi et al.'s norm-based "
             "ratios (attention only, + residual, + residual and the norm after it; n/a "
-            "without such a norm); rollout, GlobEnc and ALTI compound over the blocks so far.",
+            "without such a norm), GlobEnc, ALTI and Value Zeroing (VZ: cosine distance of the "
+            "block output when a token's values are zeroed); rollout, GlobEnc, ALTI and VZ "
+            "roll compound over the blocks so far.",
         ]
         return "\n".join(lines)
 
@@ -149,7 +152,7 @@ def shard_rows(
         ):
             # mixing is reduced block by block inside the forward pass: one block's
             # attention patterns are all that is ever held
-            stream = MixingStream(traced, batch, options.mixing_text, blocks)
+            stream = MixingStream(traced, batch, options.mixing_text, blocks, options.vz_max_tokens)
             store = traced.run_hooks(batch.ids, batch.mask, names, stream=stream)
             split = decompose_batch(traced, batch, store, per_head=options.per_head)
             local.append(split.local)
@@ -225,6 +228,12 @@ def run_decompose(
             f"warning: mixing_pairs: text {options.mixing_text} has {n_pair} tokens, so its map "
             f"at every block would take {n_pair * n_pair * traced.n_layers:,} rows; kept at "
             f"block {kept[0]} only (--mixing-block)"
+        )
+    too_long = sum(len(item.ids) > options.vz_max_tokens for item in encoded)
+    if too_long and options.vz_max_tokens > 0:
+        note(
+            f"warning: value zeroing: {too_long} of {len(encoded)} texts have more than "
+            f"{options.vz_max_tokens} tokens (--vz-max-tokens); their mix_vz columns are NaN"
         )
     rows = run_shards("decompose", traced, encoded, options)
     table, mixing_table = rows.tables["decompose"], rows.tables["mixing"]

@@ -172,6 +172,12 @@ class DecomposeOptions(CorpusOptions):
     mixing_block: int | None = option(
         None, "Block drawn in mixing_heatmap (from 0; default: the middle block)."
     )
+    vz_max_tokens: int = option(
+        256,  # tracer.mixing.VZ_MAX_TOKENS (a test keeps them equal)
+        "Value Zeroing re-runs each block's MLP once per (token, source) pair: texts longer "
+        "than this get NaN in mix_vz, mix_vz_rollout and vz, with a warning (0: never).",
+        metavar="N",
+    )
 
     def validate(self) -> None:
         super().validate()
@@ -179,6 +185,8 @@ class DecomposeOptions(CorpusOptions):
             raise self.fail("mixing_text", f"must be a text id >= 0, got {self.mixing_text}")
         if self.mixing_block is not None and self.mixing_block < 0:
             raise self.fail("mixing_block", f"blocks count from 0, got {self.mixing_block}")
+        if self.vz_max_tokens < 0:
+            raise self.fail("vz_max_tokens", f"must be 0 or more, got {self.vz_max_tokens}")
 
     def check_texts(self, texts: list[str]) -> None:
         check_text_id("mixing_text", self.mixing_text, texts)

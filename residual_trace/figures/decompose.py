@@ -103,6 +103,8 @@ _MEASURES = (
     ("mix_attnresln_n", "AttnResLn-N (Kobayashi 2021)", "C3", "-"),
     ("mix_globenc", "GlobEnc, rolled out (Modarressi 2022)", "C4", "-."),
     ("mix_alti", "ALTI, rolled out (Ferrando 2022)", "C5", "--"),
+    ("mix_vz", "Value Zeroing (Mohebbi 2023)", "C6", "-"),
+    ("mix_vz_rollout", "Value Zeroing, rolled out", "C6", ":"),
 )
 
 
@@ -114,7 +116,7 @@ def mixing_figure(summary: pd.DataFrame) -> Figure:
     blocks = summary["block"].to_numpy()
     for column, label, colour, style in _MEASURES:
         if not np.isfinite(summary[column]).any():
-            continue  # AttnResLn-N: no norm after the attention sum (pre-norm blocks)
+            continue  # AttnResLn-N without a norm after the sum; Value Zeroing when skipped
         ax.fill_between(
             blocks, summary[f"{column}_lo"], summary[f"{column}_hi"], color=colour, alpha=0.2, lw=0
         )

@@ -94,15 +94,16 @@ def sublayer_figure(depth: pd.DataFrame) -> Figure:
 
 def mixing_figure(depth: pd.DataFrame) -> Figure:
     """Raw-attention, norm-based (AttnRes-N: residual included, defined for every family),
-    attention rollout, GlobEnc and ALTI mixing per model."""
-    fig = Figure(figsize=(15, 3.8), layout="constrained")
-    axes = fig.subplots(1, 5, sharey=True)
+    attention rollout, GlobEnc, ALTI and Value Zeroing mixing per model."""
+    fig = Figure(figsize=(18, 3.8), layout="constrained")
+    axes = fig.subplots(1, 6, sharey=True)
     titles = {
         "mix_raw": "raw attention",
         "mix_attnres_n": "AttnRes-N (norms, residual)",
         "mix_rollout": "attention rollout",
         "mix_globenc": "GlobEnc (rolled out)",
         "mix_alti": "ALTI (rolled out)",
+        "mix_vz": "Value Zeroing (per layer)",
     }
     for ax, (column, title) in zip(axes, titles.items(), strict=True):
         for k, (model, rows, style) in enumerate(_models(depth)):

@@ -10,7 +10,7 @@ encoder itself).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol, runtime_checkable
 
@@ -27,6 +27,7 @@ from residual_trace._typing import (
 )
 from residual_trace.errors import UserError
 from residual_trace.models.architectures import ArchSpec, derive_spec
+from residual_trace.models.block_rest import BlockRest
 from residual_trace.models.resolve import ResolvedModel, _quiet_transformers, resolve
 
 
@@ -152,6 +153,7 @@ class TracedModel:
             else (self.tokenizer.eos_token_id or 0)
         )
         self._affines: dict[str, NormAffine] = {}
+        self._hooks_paused = False
         self.spec: ArchSpec = derive_spec(bridge, self._probe, dtype)
         weight = bridge.original_model.get_input_embeddings().weight
         #: the input token embeddings as the first block sees them (Gemma's sqrt(d_model)
@@ -287,6 +289,8 @@ class TracedModel:
             # Bridge hook points report canonical names (blocks.0.hook_in), not the alias
             # requested (blocks.0.hook_resid_pre): key the store by the requested name.
             def keep(tensor: Tensor, hook: Any) -> None:
+                if self._hooks_paused:
+                    return
                 if name in wanted_set:
                     store[name] = tensor
                 for block in members.get(name, ()):
@@ -311,6 +315,20 @@ class TracedModel:
             lost = missing or [f"block {b}" for b in pending]
             raise RuntimeError(f"hooks did not fire for {self.model_type}: {lost[:3]}")
         return {name: as_float(store[name]) for name in names}
+
+    @contextlib.contextmanager
+    def hooks_paused(self) -> Iterator[None]:
+        """Ignore :meth:`run_hooks`'s hooks while a stream re-runs the model's own modules
+        (see :class:`~residual_trace.models.block_rest.BlockRest`) inside a forward pass."""
+        before, self._hooks_paused = self._hooks_paused, True
+        try:
+            yield
+        finally:
+            self._hooks_paused = before
+
+    def block_rest(self, block: int) -> BlockRest:
+        """Block ``block`` after its attention sum, re-runnable position by position."""
+        return BlockRest(self, block)
 
     @property
     def input_device(self) -> torch.device:

@@ -26,6 +26,8 @@ MIXING_MEASURES = (
     "mix_rollout",
     "mix_globenc",
     "mix_alti",
+    "mix_vz",
+    "mix_vz_rollout",
 )
 
 
@@ -52,7 +54,8 @@ def decompose_summary(
     rescaling); each with ``_lo``/``_hi``, its 95% bootstrap interval; ``proj_bias``,
     ``proj_change`` (``proj_post - proj_pre``), ``max_recon_error``; with ``mixing``, also
     the mean ``mix_raw``, ``mix_attn_n``, ``mix_attnres_n``, ``mix_attnresln_n``,
-    ``mix_rollout`` with intervals
+    ``mix_rollout``, ``mix_globenc``, ``mix_alti``, ``mix_vz``, ``mix_vz_rollout`` with
+    intervals (NaNs, such as Value Zeroing beyond its length limit, dropped)
     (see :mod:`residual_trace.tracer.mixing`).
     """
     rows = _tokens(table, include_special)

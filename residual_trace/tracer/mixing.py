@@ -21,7 +21,7 @@ Measures per layer and position, each a share in [0, 1] (0 = no mixing):
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,6 +32,7 @@ from residual_trace._typing import Float, Tensor
 from residual_trace.models import TracedModel
 from residual_trace.tracer.batching import BLOCK_TOKEN_KEYS, Batch, iter_batches, prepare_texts
 from residual_trace.tracer.chunking import chunks, items_per_chunk
+from residual_trace.tracer.decompose import ReconstructionError, reconstruction_tolerance
 
 #: Live (key x d_model) temporaries per query row of the contribution tensor.
 _ROW_TEMPORARIES = 4
@@ -278,6 +279,57 @@ def attributions(
     )
 
 
+#: Live [pairs, width] temporaries per (target, source) pair in :func:`value_zeroing`
+#: (the zeroed attention output, the block's intermediates, its output).
+_VZ_TEMPORARIES = 6
+
+
+def value_zeroing(
+    pattern: Float[Tensor, "head_index n n"],
+    values: Float[Tensor, "n head_index d_head"],
+    W_O: Float[Tensor, "head_index d_head d_model"],
+    resid_pre: Float[Tensor, "n d_model"],
+    attn_out: Float[Tensor, "n d_model"],
+    rest: Callable[[Tensor, Tensor, Tensor | None], Tensor],
+    mlp_out: Float[Tensor, "n d_model"] | None,
+    width: int,
+) -> tuple[Float[Tensor, "n n"], Float[Tensor, "n d_model"]]:
+    """Value Zeroing (Mohebbi et al. 2023) of one layer of one text: S[i, t] is the cosine
+    distance between the block's output at i and its output when token t's value vectors
+    (every head's, b_V included) are zeroed, each row divided by its sum (the diagonal,
+    zeroing a token's own value, is kept). Returns ``(S, the recomputed block output)``.
+
+    Zeroing v_t leaves the attention weights alone, so the attention output at i loses
+    exactly sum_h alpha^h_it v^h_t W^h_O; ``rest`` (a :class:`BlockRest`) re-runs the rest
+    of the block on (x_i, o'_i) for every pair with a non-zero weight. Pairs no head
+    attends (the causal mask's upper triangle) change nothing and are 0 without being run.
+    Work is chunked over pairs (``width``: the widest per-row activation, d_mlp).
+    """
+    n = pattern.shape[-1]
+    heads, d_head = values.shape[1], values.shape[2]
+    reference = rest(resid_pre, attn_out, mlp_out)
+    distance = torch.zeros(n, n, dtype=torch.float64, device=pattern.device)
+    targets, sources = (pattern.sum(0) > 0).nonzero(as_tuple=True)
+    flat_W_O = W_O.reshape(heads * d_head, -1)
+    per_chunk = items_per_chunk(4 * max(width, heads * d_head), _VZ_TEMPORARIES)
+    for part in chunks(len(targets), per_chunk):
+        i, t = targets[part], sources[part]
+        weights = pattern[:, i, t].T  # [pairs, head]
+        lost = (weights[:, :, None] * values[t]).reshape(len(i), heads * d_head) @ flat_W_O
+        zeroed = rest(resid_pre[i], attn_out[i] - lost, None if mlp_out is None else mlp_out[i])
+        distance[i, t] = _cosine_distance(zeroed, reference[i])
+    total = distance.sum(-1, keepdim=True)
+    scores = torch.where(total > 0, distance / total.clamp_min(1e-300), torch.nan)
+    return scores, reference
+
+
+def _cosine_distance(a: Tensor, b: Tensor) -> Tensor:
+    """1 - cos(a_p, b_p) per row, in float64, clipped to [0, 2] (as sklearn's)."""
+    a, b = a.double(), b.double()
+    cos = (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1)).clamp_min(1e-300)
+    return (1.0 - cos).clamp(0.0, 2.0)
+
+
 def rollout_product(previous: Tensor, layer: Tensor) -> Tensor:
     """``layer @ previous`` in float64, divided by its largest entry: a raw product of
     matrices (GlobEnc's norms) would overflow over many layers, and a global factor leaves
@@ -316,7 +368,13 @@ MIXING_COLUMNS = (
     "mix_rollout",
     "mix_globenc",
     "mix_alti",
+    "mix_vz",
+    "mix_vz_rollout",
 )
+
+#: Value Zeroing re-runs the rest of each block once per (target, source) pair, n^2 rows
+#: per block: texts longer than this many tokens get NaN (``vz_max_tokens`` to change it).
+VZ_MAX_TOKENS = 256
 
 
 def _mixed(rollout: Tensor) -> np.ndarray:
@@ -335,7 +393,11 @@ def block_mixing_hooks(model: TracedModel, block: int) -> list[str]:
     norm = _attention_norm(model, block)
     names += [f"{norm[0]}.hook_scale"] if norm is not None else []
     second = _second_norm(model, block)
-    return names + ([f"{second}.hook_scale"] if second is not None else [])
+    names += [f"{second}.hook_scale"] if second is not None else []
+    # Value Zeroing: the raw attention output, the block output it is checked against, and
+    # what else the rest of the block reads (a parallel block's MLP output)
+    names += [model.spec.raw_attn_hook(block), model.spec.resid_hook(block + 1)]
+    return list(dict.fromkeys(names + model.block_rest(block).hooks))
 
 
 def mixing_hooks(model: TracedModel) -> list[str]:
@@ -371,11 +433,17 @@ class MixingStream:
         batch: Batch,
         pair_text: int | None = None,
         pair_blocks: Collection[int] | None = None,
+        vz_max_tokens: int = VZ_MAX_TOKENS,
     ) -> None:
         """``pair_text``: the text whose per-pair map is kept, at the blocks in
-        ``pair_blocks`` (every block when ``None``)."""
+        ``pair_blocks`` (every block when ``None``); Value Zeroing runs on texts of at most
+        ``vz_max_tokens`` tokens (NaN beyond)."""
         self.model, self.batch, self.pair_text = model, batch, pair_text
         self.pair_blocks = pair_blocks
+        self.vz_max_tokens = vz_max_tokens
+        self.rests = [model.block_rest(block) for block in range(model.n_layers)]
+        self.width = max(model.d_model, int(getattr(model.bridge.cfg, "d_mlp", 0) or 0))
+        self.tolerance = reconstruction_tolerance(model.dtype)
         self.weights = [model.output_weights(block) for block in range(model.n_layers)]
         self.norms = [_attention_norm(model, block) for block in range(model.n_layers)]
         self.affines = [None if n is None else model.norm_affine(n[0]) for n in self.norms]
@@ -387,6 +455,7 @@ class MixingStream:
             torch.eye(len(item.ids), device=device, dtype=torch.float64) for item in batch.texts
         ]
         self.alti_rollouts, self.globenc_rollouts = list(eye64), list(eye64)
+        self.vz_rollouts = list(eye64)
         self.special = [
             torch.isin(
                 torch.tensor(item.ids, device=device),
@@ -460,6 +529,13 @@ class MixingStream:
             )
             self.alti_rollouts[row] = rollout_product(self.alti_rollouts[row], found.alti)
             self.globenc_rollouts[row] = rollout_product(self.globenc_rollouts[row], found.globenc)
+            vz = self._value_zeroing(block, row, n, tensors, pattern, values)
+            nan = np.full(n, np.nan)
+            vz_layer, vz_rolled = nan, nan
+            if vz is not None:
+                self.vz_rollouts[row] = rollout_product(self.vz_rollouts[row], vz)
+                vz_layer = (1.0 - vz.diagonal()).cpu().numpy()
+                vz_rolled = _mixed(self.vz_rollouts[row])
             tokens = self.tokens[row]
             self.rows.append(
                 pd.DataFrame(
@@ -480,17 +556,54 @@ class MixingStream:
                         "mix_rollout": (1.0 - rollout_self).cpu().numpy(),
                         "mix_globenc": _mixed(self.globenc_rollouts[row]),
                         "mix_alti": _mixed(self.alti_rollouts[row]),
+                        "mix_vz": vz_layer,
+                        "mix_vz_rollout": vz_rolled,
                     }
                 )
             )
             if item.text_id == self.pair_text and wanted:
-                self.pairs.append(self._pairs(item.text_id, block, found, pattern, tokens))
+                self.pairs.append(self._pairs(item.text_id, block, found, vz, pattern, tokens))
+
+    def _value_zeroing(
+        self,
+        block: int,
+        row: int,
+        n: int,
+        tensors: dict[str, Tensor],
+        pattern: Tensor,
+        values: Tensor,
+    ) -> Tensor | None:
+        """Value Zeroing of text ``row`` at ``block`` (``None`` beyond ``vz_max_tokens``),
+        after checking that the recomputed block output is the model's own."""
+        if n > self.vz_max_tokens:
+            return None
+        spec, rest = self.model.spec, self.rests[block]
+        extra = [tensors[name][row, :n] for name in rest.hooks]
+        scores, recomputed = value_zeroing(
+            pattern,
+            values,
+            self.weights[block][0],
+            tensors[spec.resid_hook(block)][row, :n],
+            tensors[spec.raw_attn_hook(block)][row, :n],
+            rest,
+            extra[0] if extra else None,
+            self.width,
+        )
+        error = rest.check(recomputed, tensors[spec.resid_hook(block + 1)][row, :n], self.tolerance)
+        if error is not None:
+            raise ReconstructionError(
+                f"value zeroing: block {block} of {self.model.model_type} recomputed from its "
+                f"attention output differs from the model's own output (relative error "
+                f"{error:.2g})"
+            )
+        return scores
 
     def _pairs(
         self,
         text_id: int,
         block: int,
         found: Attributions,
+        vz: Tensor | None,
         pattern: Tensor,
         tokens: list[str],
     ) -> pd.DataFrame:
@@ -514,6 +627,7 @@ class MixingStream:
                 "attention": pattern.mean(0).cpu().numpy().ravel(),
                 "globenc": globenc.ravel(),
                 "alti": found.alti.cpu().numpy().ravel(),
+                "vz": np.full(n * n, np.nan) if vz is None else vz.cpu().numpy().ravel(),
             }
         )
 
@@ -530,6 +644,7 @@ def mixing_batch(
     batch: Batch,
     store: dict[str, Tensor],
     pair_text: int | None = None,
+    vz_max_tokens: int = VZ_MAX_TOKENS,
 ) -> tuple[pd.DataFrame, pd.DataFrame | None]:
     """Per-token mixing rows for one batch, and the per-pair map of text ``pair_text``, from
     a store holding :func:`mixing_hooks` (the same numbers as :class:`MixingStream` inside
@@ -541,14 +656,18 @@ def mixing_batch(
     ``globenc`` (N-Enc, as a share of the target's row) and ``alti`` (c_ij, rows sum to 1)
     before any rollout.
     """
-    stream = MixingStream(model, batch, pair_text)
+    stream = MixingStream(model, batch, pair_text, vz_max_tokens=vz_max_tokens)
     for block in range(model.n_layers):
         stream.reduce(block, {name: store[name] for name in stream.names(block)})
     return stream.frames()
 
 
 def mixing_table(
-    model: TracedModel, texts: list[str], batch_size: int = 16, pair_text: int | None = None
+    model: TracedModel,
+    texts: list[str],
+    batch_size: int = 16,
+    pair_text: int | None = None,
+    vz_max_tokens: int = VZ_MAX_TOKENS,
 ) -> tuple[pd.DataFrame, pd.DataFrame | None]:
     """Mixing rows for ``texts`` (and the pair map of ``pair_text``)."""
     encoded = prepare_texts(model, texts)
@@ -556,7 +675,7 @@ def mixing_table(
     with torch.inference_mode():
         for batch in iter_batches(encoded, batch_size, model.pad_id):
             store = model.run_hooks(batch.ids, batch.mask, mixing_hooks(model))
-            frame, pairs = mixing_batch(model, batch, store, pair_text)
+            frame, pairs = mixing_batch(model, batch, store, pair_text, vz_max_tokens)
             frames.append(frame)
             if pairs is not None:
                 pair_frames.append(pairs)

@@ -413,6 +413,8 @@ def test_decompose_writes_every_output(tiny_dirs, tmp_path):
     mixing = pd.read_csv(out / "mixing.csv")
     assert len(mixing) == len(table)  # one row per text x position x block, like decompose
     columns = ["mix_raw", "mix_attn_n", "mix_attnres_n", "mix_attnresln_n", "mix_rollout"]
+    columns += ["mix_globenc", "mix_alti", "mix_vz", "mix_vz_rollout"]
+    assert mixing[columns].notna().all().all()
     assert mixing[columns].stack().between(0, 1).all()
     pairs = pd.read_csv(out / "mixing_pairs.csv")
     assert set(pairs["text_id"]) == {0}
@@ -438,6 +440,7 @@ def test_decompose_writes_every_output(tiny_dirs, tmp_path):
         (["-t", "One text.", "--mixing-block", "9"], "(--mixing-block): 9"),
         (["-t", "One text.", "--mixing-block", "2"], "has blocks 0..1"),  # 2 blocks: 0 and 1
         (["-t", "One text.", "--mixing-block", "-1"], "(--mixing-block): blocks count from 0"),
+        (["-t", "One text.", "--vz-max-tokens", "-1"], "(--vz-max-tokens): must be 0 or more"),
     ],
 )
 def test_decompose_errors(tiny_dirs, tmp_path, args, fragment):
@@ -468,6 +471,27 @@ def test_decompose_mixing_block_counts_from_zero(tiny_dirs, tmp_path, block):
     assert (out / "mixing_heatmap.png").is_file()
     record = json.loads((out / "run.json").read_text())
     assert record["options"]["mixing_block"] == int(block)
+
+
+def test_decompose_value_zeroing_length_limit(tiny_dirs, tmp_path):
+    """Texts beyond --vz-max-tokens get NaN Value Zeroing and one counted warning; the
+    default limit is the library's."""
+    from residual_trace.experiments.options import DecomposeOptions
+    from residual_trace.tracer.mixing import VZ_MAX_TOKENS
+
+    assert DecomposeOptions().vz_max_tokens == VZ_MAX_TOKENS
+    out = tmp_path / "dec"
+    texts = ["Rain fell.", "The old dog chased the grey cat across the wide field."]
+    args = ["decompose", "-m", str(tiny_dirs["bert"]), "-o", str(out), "--vz-max-tokens", "6"]
+    result = _run([*args, "-t", texts[0], "-t", texts[1]])
+    assert result.exit_code == 0, result.output
+    assert "value zeroing: 1 of 2 texts have more than 6 tokens" in result.output
+    mixing = pd.read_csv(out / "mixing.csv")
+    assert mixing.loc[mixing["text_id"] == 0, "mix_vz"].notna().all()
+    assert mixing.loc[mixing["text_id"] == 1, "mix_vz"].isna().all()
+    summary = pd.read_csv(out / "summary.csv")  # the mean over the texts that have it
+    kept = mixing[(mixing["text_id"] == 0) & ~mixing["is_special"]]
+    np.testing.assert_allclose(summary["mix_vz"], kept.groupby("block")["mix_vz"].mean())
 
 
 def test_readme_documents_every_perturb_column(tiny_models):

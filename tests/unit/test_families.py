@@ -512,3 +512,56 @@ def test_an_encoder_decoder_is_refused_in_one_line(tmp_path):
     message = result.output.strip()
     assert message.count("\n") == 0 and "Traceback" not in message
     assert "architecture 't5' is not supported: encoder-decoder" in message
+
+
+@pytest.mark.parametrize("name", list(MIXING))
+def test_value_zeroing_matches_brute_force(name, family_model, family_dirs):
+    """Value Zeroing against the authors' procedure run on the Hugging Face model: for each
+    block and token t, a forward in which that block's value projection outputs zero at t
+    (every kv head, bias included), the block module's output against the unmodified one,
+    cosine distance, rows normalised; then the rollout S_L ... S_1. Covers norms on the
+    sublayer outputs (gemma2/3, olmo2), parallel blocks (phi, gptj) and RMSNorm with
+    grouped-query attention (the rest)."""
+    family, model = FAMILIES[name], family_model
+    hf = _hf(family_dirs[name], family)
+    v_name, _ = MIXING[name]
+    result = rt.decompose(model, TEXTS, quiet=True)
+    mixing, pairs = result.tables["mixing"], result.tables["mixing_pairs"]
+    ids = model.encode(TEXTS[0])  # the default mixing_text
+    n = len(ids)
+    rollout = torch.eye(n, dtype=torch.float64)
+    n_blocks = len(hf.get_submodule(family.block.split(".{block}")[0]))
+    for block in range(n_blocks):
+        block_path = family.block.format(block=block)
+        value_path = f"{family.attn_raw.format(block=block)}.{v_name}"
+        outputs: dict[str, torch.Tensor] = {}
+
+        def keep(module: Any, args: Any, output: Any, outputs: dict = outputs) -> None:
+            outputs["zeroed" if "original" in outputs else "original"] = _first(output).double()
+
+        def zero(module: Any, args: Any, output: torch.Tensor, n: int = n) -> torch.Tensor:
+            output = output.clone()
+            for t in range(n):
+                output[t, t] = 0.0
+            return output
+
+        handle = hf.get_submodule(block_path).register_forward_hook(keep)
+        with torch.no_grad():
+            hf(torch.tensor([ids]))
+            zero_handle = hf.get_submodule(value_path).register_forward_hook(zero)
+            hf(torch.tensor([ids] * n))
+        handle.remove()
+        zero_handle.remove()
+        cos = torch.nn.functional.cosine_similarity(
+            outputs["zeroed"], outputs["original"][0][None], dim=-1
+        )
+        distance = (1.0 - cos).clamp(0.0, 2.0).T  # [i, t]
+        expected = distance / distance.sum(-1, keepdim=True)
+        got = pairs[pairs["block"] == block].pivot(index="target", columns="source", values="vz")
+        np.testing.assert_allclose(got.to_numpy(), expected.numpy(), atol=1e-4)
+        rows = mixing[(mixing["text_id"] == 0) & (mixing["block"] == block)]
+        rows = rows.sort_values("position")
+        np.testing.assert_allclose(rows["mix_vz"], 1.0 - expected.diagonal(), atol=1e-4)
+        rollout = expected @ rollout
+        mixed = 1.0 - rollout.diagonal() / rollout.sum(-1)
+        np.testing.assert_allclose(rows["mix_vz_rollout"], mixed, atol=1e-4)

@@ -238,6 +238,8 @@ def test_model_with_attention_forced_to_identity_does_not_mix(kind, tiny_models)
     for column in ("mix_raw", "mix_attn_n", "mix_attnres_n", "mix_rollout", "mix_globenc"):
         np.testing.assert_allclose(table[column], 0.0, atol=1e-6, err_msg=column)
     np.testing.assert_allclose(table["mix_alti"], 0.0, atol=1e-6)
+    # Value Zeroing: only zeroing a token's own value changes its output
+    np.testing.assert_allclose(table[["mix_vz", "mix_vz_rollout"]], 0.0, atol=1e-6)
     # and with the hook gone the model mixes again
     again, _ = mixing_table(model, TEXTS)
     assert again["mix_attnres_n"].max() > 0.01
@@ -266,7 +268,7 @@ def test_pair_maps_hold_each_blocks_globenc_and_alti(kind, tiny_models):
     model = tiny_models[kind]
     table, pairs = mixing_table(model, TEXTS, pair_text=1)
     assert pairs is not None
-    for column in ("globenc", "alti"):
+    for column in ("globenc", "alti", "vz"):
         sums = pairs.groupby(["block", "target"])[column].sum()
         np.testing.assert_allclose(sums, 1.0, atol=1e-5, err_msg=column)
         assert (pairs[column] >= 0).all()
@@ -275,6 +277,150 @@ def test_pair_maps_hold_each_blocks_globenc_and_alti(kind, tiny_models):
     first = pairs[(pairs["block"] == 0) & (pairs["source"] == pairs["target"])]
     first = first.sort_values("target")
     tokens = table[(table["text_id"] == 1) & (table["block"] == 0)].sort_values("position")
-    for column in ("globenc", "alti"):
+    for column in ("globenc", "alti", "vz"):
         expected = 1.0 - first[column].to_numpy()
         np.testing.assert_allclose(tokens[f"mix_{column}"], expected, atol=1e-5, err_msg=column)
+
+
+# -- Value Zeroing ------------------------------------------------------------------------
+
+#: Where each tiny model computes its value vectors: (blocks, value module, slice of its
+#: output that holds the values).
+_VALUE_SITES = {
+    "bert": (lambda m: m.encoder.layer, lambda b: b.attention.self.value, slice(None)),
+    "gpt2": (lambda m: m.h, lambda b: b.attn.c_attn, "last third"),
+    "llama": (lambda m: m.layers, lambda b: b.self_attn.v_proj, slice(None)),
+}
+
+
+def _value_zeroing_reference(directory, kind, ids):
+    """Value Zeroing by brute force, as the authors run it: for each block l and token t, a
+    full Hugging Face forward in which block l's value vectors at position t (every head,
+    bias included) are zeroed by a forward hook on the value projection; the block's output
+    (a hook on the block module) against the unmodified one, cosine distance, rows
+    normalised. Returns one [n, n] matrix per block."""
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(directory, attn_implementation="eager").eval()
+    get_blocks, get_value, where = _VALUE_SITES[kind]
+    blocks = list(get_blocks(model))
+    n = len(ids)
+    batch = torch.tensor([ids] * n)  # copy t zeroes token t
+    results = []
+    for index, block in enumerate(blocks):
+        outputs = {}
+
+        def keep(module, args, output, name, outputs=outputs):
+            outputs[name] = (output[0] if isinstance(output, tuple) else output).detach()
+
+        def zero(module, args, output):
+            output = output.clone()
+            cut = slice(2 * output.shape[-1] // 3, None) if where == "last third" else where
+            for t in range(n):
+                output[t, t, cut] = 0.0
+            return output
+
+        handle = block.register_forward_hook(lambda m, a, o: keep(m, a, o, "original"))
+        with torch.no_grad():
+            model(torch.tensor([ids]))
+        handle.remove()
+        handles = [
+            block.register_forward_hook(lambda m, a, o: keep(m, a, o, "zeroed")),
+            get_value(block).register_forward_hook(zero),
+        ]
+        with torch.no_grad():
+            model(batch)
+        for handle in handles:
+            handle.remove()
+        original = outputs["original"][0].double()  # [i, d]
+        zeroed = outputs["zeroed"].double()  # [t, i, d]
+        cos = torch.nn.functional.cosine_similarity(zeroed, original[None], dim=-1)
+        distance = (1.0 - cos).clamp(0.0, 2.0).T.numpy()  # [i, t]
+        results.append(distance / distance.sum(-1, keepdims=True))
+        assert index == len(results) - 1
+    return results
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2", "llama"])
+def test_value_zeroing_matches_brute_force(kind, tiny_models, tiny_dirs):
+    """Every block's Value Zeroing matrix, its layer-wise column and its rollout against a
+    brute-force run of the Hugging Face model (post-LN, pre-LN, RMSNorm with grouped-query
+    attention)."""
+    model = tiny_models[kind]
+    table, pairs = mixing_table(model, TEXTS, batch_size=2, pair_text=1)
+    ids = model.encode(TEXTS[1])
+    reference = _value_zeroing_reference(tiny_dirs[kind], kind, ids)
+    assert pairs is not None
+    rollout = None
+    for block, expected in enumerate(reference):
+        got = pairs[pairs["block"] == block].pivot(index="target", columns="source", values="vz")
+        np.testing.assert_allclose(got.to_numpy(), expected, atol=1e-4)
+        rows = table[(table["text_id"] == 1) & (table["block"] == block)].sort_values("position")
+        np.testing.assert_allclose(rows["mix_vz"], 1.0 - np.diagonal(expected), atol=1e-4)
+        rollout = expected if rollout is None else expected @ rollout
+        mixed = 1.0 - np.diagonal(rollout) / rollout.sum(-1)
+        np.testing.assert_allclose(rows["mix_vz_rollout"], mixed, atol=1e-4)
+    if kind != "bert":  # causal: zeroing a later token changes nothing
+        upper = pairs["source"] > pairs["target"]
+        assert (pairs.loc[upper, "vz"] == 0).all()
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_value_zeroing_of_a_token_nobody_attends_changes_nothing(kind, tiny_models):
+    """Attention is forced (inside the forward) away from token 2 (its column zeroed, rows
+    renormalised): zeroing its values must change no output, while zeroing another
+    token's values still does; a real forward with token 2's values zeroed agrees."""
+    model = tiny_models[kind]
+    hidden = 2
+
+    def avoid(pattern: torch.Tensor, hook) -> torch.Tensor:
+        pattern = pattern.clone()
+        pattern[..., hidden] = 0.0
+        pattern[..., hidden, 0] = 1.0  # token 2 itself attends to the first token
+        return pattern / pattern.sum(-1, keepdim=True)
+
+    def zero_values(values: torch.Tensor, hook) -> torch.Tensor:
+        values = values.clone()
+        values[:, hidden] = 0.0
+        return values
+
+    points = [model.bridge.hook_dict[model.spec.pattern_hook(b)] for b in range(model.n_layers)]
+    for point in points:
+        point.add_hook(avoid, prepend=True)
+    try:
+        _, pairs = mixing_table(model, TEXTS[:1], pair_text=0)
+        ids = torch.tensor([model.encode(TEXTS[0])])
+        last = model.spec.resid_hook(model.n_layers)
+        plain = model.run_hooks(ids, torch.ones_like(ids), [last])[last]
+        value_points = [
+            model.bridge.hook_dict[model.spec.attn_values.format(layer=b)]
+            for b in range(model.n_layers)
+        ]
+        for point in value_points:
+            point.add_hook(zero_values)
+        try:
+            zeroed = model.run_hooks(ids, torch.ones_like(ids), [last])[last]
+        finally:
+            for point in value_points:
+                point.remove_hooks()
+    finally:
+        for point in points:
+            point.remove_hooks(including_permanent=True)
+    torch.testing.assert_close(zeroed, plain, rtol=0, atol=1e-6)
+    assert pairs is not None
+    assert (pairs.loc[pairs["source"] == hidden, "vz"] == 0).all()
+    assert (pairs.loc[pairs["source"] == 0, "vz"] > 0).all()
+    np.testing.assert_allclose(pairs.groupby(["block", "target"])["vz"].sum(), 1.0, atol=1e-9)
+
+
+def test_value_zeroing_skips_long_texts(tiny_models):
+    model = tiny_models["bert"]
+    table, pairs = mixing_table(model, TEXTS, pair_text=1, vz_max_tokens=8)
+    lengths = table.groupby("text_id")["position"].max() + 1
+    assert lengths[0] <= 8 < lengths[1]
+    for text_id, skipped in ((0, False), (1, True)):
+        rows = table[table["text_id"] == text_id]
+        assert rows["mix_vz"].isna().all() == skipped
+        assert rows["mix_vz_rollout"].isna().all() == skipped
+        assert rows["mix_vz"].notna().all() != skipped
+    assert pairs is not None and pairs["vz"].isna().all()

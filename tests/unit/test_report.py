@@ -29,7 +29,7 @@ FROM_SUMMARY = {
     "decompose": (
         "proj_attn", "proj_attn_lo", "proj_attn_hi", "proj_mlp", "proj_mlp_lo", "proj_mlp_hi",
         "mix_raw", "mix_attn_n", "mix_attnres_n", "mix_attnres_n_lo", "mix_attnres_n_hi",
-        "mix_attnresln_n", "mix_rollout", "mix_globenc", "mix_alti",
+        "mix_attnresln_n", "mix_rollout", "mix_globenc", "mix_alti", "mix_vz", "mix_vz_rollout",
     ),
     "perturb": (
         "follow_index", "follow_index_lo", "follow_index_hi",

@@ -58,6 +58,8 @@ _FROM = {
         "mix_rollout",
         "mix_globenc",
         "mix_alti",
+        "mix_vz",
+        "mix_vz_rollout",
     ],
     "perturb": [
         "follow_index",
@@ -320,7 +322,7 @@ def report_figures(
                 sublayer_figure(depth),
             )
         )
-        figures.append(("mixing", "Context mixing: five measures", mixing_figure(depth)))
+        figures.append(("mixing", "Context mixing: six measures", mixing_figure(depth)))
     if "follow_index" in depth:
         figures.append(
             (
