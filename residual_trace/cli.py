@@ -1,7 +1,8 @@
 """The ``trace`` command line: one command = one config object + one library call.
 
-Bad input ends with a one-line ``Error: ...`` and exit status 1 (2 for usage errors);
-set ``RESIDUAL_TRACE_DEBUG=1`` to see the traceback of an unexpected internal error.
+Bad input ends with a one-line ``Error: ...`` and exit status 1 (2 for usage errors),
+Ctrl-C with status 130; set ``RESIDUAL_TRACE_DEBUG=1`` to see the traceback of an
+unexpected internal error.
 """
 
 from __future__ import annotations
@@ -46,10 +47,12 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except UserError as error:
             raise click.ClickException(str(error)) from None
-        except (click.ClickException, click.exceptions.Exit, click.Abort):
+        except (click.ClickException, click.exceptions.Exit):
             raise
-        except KeyboardInterrupt:
-            raise click.Abort() from None
+        except (KeyboardInterrupt, click.Abort):
+            # Ctrl-C: the partial output is gone already (runs.RunDir); exit as shells expect
+            click.echo("Aborted: interrupted, nothing written.", err=True)
+            raise click.exceptions.Exit(130) from None
         except Exception as error:
             if os.environ.get("RESIDUAL_TRACE_DEBUG"):
                 raise
@@ -129,8 +132,15 @@ _OUTPUT_OPTIONS = [
     click.option(
         "--out",
         "-o",
-        type=click.Path(path_type=Path),
-        help="Output directory (default: runs/<model>-<UTC timestamp>).",
+        type=str,
+        help="Output directory (default: runs/<model>-<UTC timestamp>); it must be new or "
+        "empty (see --overwrite).",
+    ),
+    click.option(
+        "--overwrite",
+        is_flag=True,
+        help="Replace --out if it holds an earlier output of this command (wholly: no file "
+        "of the earlier run survives). Without it, a non-empty --out is refused.",
     ),
     click.option(
         "--format",
@@ -165,7 +175,7 @@ def _texts(texts: tuple[str, ...], file: Path | None) -> Texts:
     return list(texts) if texts else None
 
 
-def _run(options: Options, raw: dict[str, Any], takes_texts: bool = True) -> None:
+def _run(options: Options, raw: dict[str, Any], command: str, takes_texts: bool = True) -> None:
     """Load the model (after the inputs and --out are checked), call the API, save, report."""
     from residual_trace.experiments.common import load_inputs
     from residual_trace.models import load_model
@@ -173,8 +183,8 @@ def _run(options: Options, raw: dict[str, Any], takes_texts: bool = True) -> Non
 
     model_name, device = raw["model_name"], raw["device"]
     dtype, device_map = raw["dtype"], raw["device_map"]
-    out = raw["out"] if raw["out"] is not None else default_out(model_name)
-    check_out(out)
+    out = _out(raw["out"]) or default_out(model_name)
+    check_out(out, command, raw["overwrite"])
     inputs = _texts(raw["texts"], raw["file"])
 
     def loader() -> Any:
@@ -192,15 +202,25 @@ def _run(options: Options, raw: dict[str, Any], takes_texts: bool = True) -> Non
         result = options.run(loader, inputs, warn=_echo_err)  # type: ignore[attr-defined]
     else:
         result = options.run(loader, warn=_echo_err)  # type: ignore[attr-defined]
-    files = result.save(out, figure_format=raw["figure_format"])
+    files = result.save(out, figure_format=raw["figure_format"], overwrite=raw["overwrite"])
     if not getattr(options, "quiet", False):
         click.echo(result.describe())
         click.echo(f"wrote {out}/: " + ", ".join(p.name for p in files))
 
 
+def _out(value: str | None) -> Path | None:
+    """``--out`` as a path (``None`` when not given); an empty name is refused."""
+    if value is None:
+        return None
+    if not value.strip():
+        raise UserError("--out: give a directory name, not an empty string")
+    return Path(value)
+
+
 def _split(raw: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """(the experiment's options, the command line's own: model, texts, output)."""
     own = {"model_name", "device", "dtype", "device_map", "texts", "file", "out", "figure_format"}
+    own |= {"overwrite"}
     return {k: v for k, v in raw.items() if k not in own}, {k: raw.get(k) for k in own}
 
 
@@ -214,7 +234,7 @@ def layers(**raw: Any) -> None:
     layer), summary.csv, texts.csv, run.json and three figures into --out.
     """
     options, own = _split(raw)
-    _run(LayersOptions(**options), own)
+    _run(LayersOptions(**options), own, "layers")
 
 
 _EPILOG_DECOMPOSE = """\b
@@ -239,7 +259,7 @@ def decompose(**raw: Any) -> None:
     mixing_pairs.csv, run.json and four figures.
     """
     options, own = _split(raw)
-    _run(DecomposeOptions(**options), own)
+    _run(DecomposeOptions(**options), own, "decompose")
 
 
 _EPILOG_PERTURB = """\b
@@ -265,7 +285,7 @@ def perturb(**raw: Any) -> None:
     resid_summary.csv (per layer), run.json and figures.
     """
     options, own = _split(raw)
-    _run(PerturbOptions(**options), own)
+    _run(PerturbOptions(**options), own, "perturb")
 
 
 _EPILOG_PROBE = """\b
@@ -294,7 +314,7 @@ def probe(**raw: Any) -> None:
     inputs = _texts(own["texts"], own["file"])
     if inputs is not None:
         options["corpus"] = tuple(inputs) if isinstance(inputs, list) else inputs
-    _run(ProbeOptions(**options), own, takes_texts=False)
+    _run(ProbeOptions(**options), own, "probe", takes_texts=False)
 
 
 _EPILOG_REPORT = """\b
@@ -312,7 +332,12 @@ Examples:
     type=click.Path(path_type=Path),
     help="A report config (TOML), e.g. the config.toml written beside an earlier report.",
 )
-@click.option("--out", "-o", type=click.Path(path_type=Path), help="Output directory.")
+@click.option("--out", "-o", type=str, help="Output directory (new, or an earlier report's).")
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Start afresh in --out, removing an earlier report there (default: resume it).",
+)
 @click.option("--quiet", "-q", is_flag=True, help="No progress, no verdicts printed.")
 @click_options(ReportOptions, only_given=True)
 def report(**raw: Any) -> None:
@@ -323,23 +348,25 @@ def report(**raw: Any) -> None:
     embedded, no network requests), report.md, tables/, figures/, run.json and the
     config.toml that reproduces it. Command-line options override the --config file.
     """
-    from residual_trace.experiments.report.result import run_report
-    from residual_trace.runs import check_out, default_out
+    from residual_trace.experiments.report.result import check_report_out, run_report
+    from residual_trace.runs import default_out
 
-    config_path, out, quiet = raw.pop("config_path"), raw.pop("out"), raw.pop("quiet")
+    config_path, out, quiet = raw.pop("config_path"), _out(raw.pop("out")), raw.pop("quiet")
+    overwrite = raw.pop("overwrite")
     given = {k: v for k, v in raw.items() if v is not None and v != ()}
     if "file" in given:
         given["file"] = str(given["file"])
     options = (
         ReportOptions.from_toml(config_path, **given) if config_path else ReportOptions(**given)
     )
-    root = Path(out) if out else default_out("report")
-    check_out(root)
+    root = out or default_out("report")
+    check_report_out(root, overwrite)
     result = run_report(
         options,
         warn=(lambda m: None) if quiet else _echo_err,
         workdir=root,
         progress=None if quiet else _echo_err,
+        overwrite=overwrite,
     )
     files = result.save(root)
     if not quiet:

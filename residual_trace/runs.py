@@ -1,7 +1,11 @@
 """Run directories that never hold half-written outputs, and the ``run.json`` beside them.
 
 Everything is written into a hidden temporary sibling of ``--out`` and moved into place
-only when the run completes; a crash or Ctrl-C removes the temporary directory.
+only when the run completes; a crash or Ctrl-C removes the temporary directory, and the
+next run removes what a killed one (SIGKILL) left behind. An existing, non-empty ``--out``
+is refused unless ``overwrite``, which replaces it wholly (no file of the earlier run
+survives), and only when it is an earlier output of the same command. Directories get the
+permissions the user's umask gives, like any directory the user creates.
 """
 
 from __future__ import annotations
@@ -61,22 +65,86 @@ def texts_sha256(texts: Iterable[str]) -> str:
     return digest.hexdigest()
 
 
-def check_out(out: Path) -> None:
-    """Fail early (before a model loads) when ``out`` cannot become the output directory."""
+def written_by(folder: Path) -> str | None:
+    """The command recorded in ``folder/run.json`` (``None`` when there is none)."""
+    try:
+        record = json.loads((folder / "run.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    command = record.get("command") if isinstance(record, dict) else None
+    return command if isinstance(command, str) else None
+
+
+def check_out(out: Path, command: str | None = None, overwrite: bool = False) -> None:
+    """Fail early (before a model loads) when ``out`` cannot become ``command``'s output
+    directory: not a directory, not writable, or already holding files (unless
+    ``overwrite``, and then only files an earlier run of the same command wrote)."""
     out = Path(out)
     if str(out) == "":
         raise UserError("--out: give a directory name")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a directory")
-    parent = out.parent
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise UserError(
+                f"--out {out} already holds files: give --overwrite to replace them, or "
+                "another --out"
+            )
+        found = written_by(out)
+        if command is not None and found != command:
+            what = f"`trace {found}`" if found else "no residual-trace run"
+            raise UserError(
+                f"--out {out} holds the output of {what}, not of `trace {command}`: "
+                "--overwrite only replaces an earlier output of the same command"
+            )
+    check_writable(out.parent, out)  # the run is assembled beside out, then renamed
+
+
+def check_writable(folder: Path, out: Path | None = None) -> None:
+    """Fail when the nearest existing directory at or above ``folder`` is not writable
+    (``out``: the ``--out`` named in the message, ``folder`` by default)."""
+    out = Path(folder) if out is None else Path(out)
+    parent = Path(folder)
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise UserError(f"cannot write to --out {out}: {parent} is not a writable directory")
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def clean_stale(out: Path) -> None:
+    """Remove the temporary siblings of ``out`` that a killed run (whose process is gone)
+    left behind: ``.<name>.tmp-<pid>-*`` and ``.<name>.old-<pid>-*``."""
+    out = Path(out)
+    if not out.parent.is_dir():
+        return
+    for kind in ("tmp", "old"):
+        for path in out.parent.glob(f".{out.name}.{kind}-*"):
+            pid = path.name[len(f".{out.name}.{kind}-") :].split("-", 1)[0]
+            if pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(path, ignore_errors=True)
+
+
 class RunDir:
     """A context manager: write into :attr:`tmp`, get everything in ``out`` on success.
+
+    ``out`` must be new or empty unless ``overwrite`` (see :func:`check_out`); with it,
+    ``out`` is replaced as a whole when the run completes.
 
     Examples:
         >>> import tempfile, pathlib
@@ -87,13 +155,16 @@ class RunDir:
         ['a.txt']
     """
 
-    def __init__(self, out: Path) -> None:
+    def __init__(self, out: Path, command: str | None = None, overwrite: bool = False) -> None:
         self.out = Path(out)
-        if self.out.exists() and not self.out.is_dir():
-            raise UserError(f"--out {self.out} exists and is not a directory")
+        check_out(self.out, command, overwrite)
         try:
-            self.out.parent.mkdir(parents=True, exist_ok=True)
-            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
+            _mkdir(self.out.parent)
+            clean_stale(self.out)
+            self.tmp = Path(
+                tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-{os.getpid()}-", dir=self.out.parent)
+            )
+            os.chmod(self.tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would hide it from others
         except OSError as error:
             raise UserError(
                 f"cannot write to --out {self.out}: {error.strerror or error}"
@@ -115,14 +186,22 @@ class RunDir:
             shutil.rmtree(self.tmp, ignore_errors=True)
 
     def _publish(self) -> None:
-        if not self.out.exists():
-            os.replace(self.tmp, self.out)
+        if not self.out.exists() or not any(self.out.iterdir()):
+            os.replace(self.tmp, self.out)  # rename(2) may replace an empty directory
             return
-        for item in sorted(self.tmp.iterdir()):
-            target = self.out / item.name
-            if target.is_dir() and not target.is_symlink():
-                shutil.rmtree(target)
-            os.replace(item, target)
+        # --overwrite: the earlier output goes aside, the new one takes its name, then the
+        # earlier one is removed (a run killed in between leaves a sibling clean_stale removes)
+        old = Path(
+            tempfile.mkdtemp(prefix=f".{self.out.name}.old-{os.getpid()}-", dir=self.out.parent)
+        )
+        os.replace(self.out, old / "run")
+        os.replace(self.tmp, self.out)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _mkdir(folder: Path) -> None:
+    """``mkdir -p`` with the user's umask (Path.mkdir's default mode 0777 & ~umask)."""
+    folder.mkdir(parents=True, exist_ok=True)
 
 
 def has_pyarrow() -> bool:

@@ -4,6 +4,8 @@ Examples:
     >>> low, high = bootstrap_ci([1.0, 1.0, 1.0], seed=0)
     >>> float(low), float(high)
     (1.0, 1.0)
+    >>> format_interval(*bootstrap_ci([0.5], seed=0))  # one unit: no interval
+    '[n/a]'
 """
 
 from __future__ import annotations
@@ -20,10 +22,12 @@ def bootstrap_ci(
     n_boot: int = 1000,
     seed: int = 0,
 ) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean (NaNs dropped; ``(nan, nan)`` if empty)."""
+    """Percentile bootstrap interval of the mean (NaNs dropped). Fewer than two values give
+    ``(nan, nan)``: one value has no spread to resample, and ``[x, x]`` would claim
+    certainty."""
     data = np.asarray(values, dtype=np.float64)
     data = data[~np.isnan(data)]
-    if data.size == 0:
+    if data.size < 2:
         return (float("nan"), float("nan"))
     rng = np.random.default_rng(seed)
     # resample in chunks: memory stays ~ chunk * n values, not n_boot * n
@@ -38,6 +42,18 @@ def bootstrap_ci(
     )
     tail = (1.0 - level) / 2.0
     return (float(np.quantile(means, tail)), float(np.quantile(means, 1.0 - tail)))
+
+
+def format_interval(low: float, high: float, spec: str = ".3f") -> str:
+    """``[low, high]`` formatted with ``spec``, or ``[n/a]`` when either end is undefined.
+
+    Examples:
+        >>> format_interval(0.1234, 0.5, ".2f"), format_interval(float("nan"), 1.0)
+        ('[0.12, 0.50]', '[n/a]')
+    """
+    if not (np.isfinite(low) and np.isfinite(high)):
+        return "[n/a]"
+    return f"[{low:{spec}}, {high:{spec}}]"
 
 
 def cluster_bootstrap_ci(

@@ -35,6 +35,7 @@ from residual_trace.figures.decompose import (
     sublayer_figure,
 )
 from residual_trace.models import TracedModel
+from residual_trace.stats import format_interval
 from residual_trace.tracer import iter_batches, prepare_texts
 from residual_trace.tracer.batching import EncodedText
 from residual_trace.tracer.decompose import decompose_batch, decompose_hooks, pool_cumulative
@@ -88,8 +89,10 @@ class DecomposeResult(Result):
         for row in summary.itertuples(index=False):
             lines.append(
                 f"{row.block:>5}  {row.attn_norm_rel:>10.3f}  {row.mlp_norm_rel:>10.3f}  "
-                f"{row.proj_attn:>+7.3f} [{row.proj_attn_lo:+.2f},{row.proj_attn_hi:+.2f}]  "
-                f"{row.proj_mlp:>+7.3f} [{row.proj_mlp_lo:+.2f},{row.proj_mlp_hi:+.2f}]  "
+                f"{row.proj_attn:>+7.3f} "
+                f"{format_interval(row.proj_attn_lo, row.proj_attn_hi, '+.2f'):<12}  "
+                f"{row.proj_mlp:>+7.3f} "
+                f"{format_interval(row.proj_mlp_lo, row.proj_mlp_hi, '+.2f'):<12}  "
                 f"{row.proj_carried_change:>+8.3f}  {row.proj_change:>+10.3f}  "
                 f"{row.mix_raw:>6.3f}  {row.mix_rollout:>7.3f}  {row.mix_attn_n:>6.3f}  "
                 f"{row.mix_attnres_n:>9.3f}  {_ratio(row.mix_attnresln_n):>11}  "

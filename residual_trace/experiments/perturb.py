@@ -50,6 +50,7 @@ from residual_trace.figures.perturb import (
 from residual_trace.models import TracedModel
 from residual_trace.models.traced import BlockStream
 from residual_trace.naming import head_name, parse_head_name
+from residual_trace.stats import format_interval
 from residual_trace.tracer import iter_batches, prepare_texts
 from residual_trace.tracer.alignment import (
     align_patterns,
@@ -743,9 +744,7 @@ def _default_heads(heads: pd.DataFrame, kind: str) -> list[tuple[int, int]]:
 
 
 def _interval(low: float, high: float, digits: int = 2) -> str:
-    if not (np.isfinite(low) and np.isfinite(high)):
-        return "[n/a]"
-    return f"[{low:+.{digits}f}, {high:+.{digits}f}]"
+    return format_interval(low, high, f"+.{digits}f")
 
 
 def _head_line(row: Any) -> str:

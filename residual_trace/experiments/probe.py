@@ -27,6 +27,7 @@ from residual_trace.probes.controls import CONDITIONS
 from residual_trace.probes.embeddings import WordVectors, embed_words, representable
 from residual_trace.probes.evaluate import applicable_metrics, evaluate, summarise, verdicts
 from residual_trace.probes.norms import Norms, load_norms
+from residual_trace.stats import format_interval
 
 __all__ = ["ProbeOptions", "ProbeResult", "parse_layers", "run_probe"]
 
@@ -262,7 +263,8 @@ def describe(result: ProbeResult) -> str:
                 cells.append(f" {'—':>17}")
                 continue
             row = by.loc[condition]
-            cells.append(f" {row['score']:>6.3f} [{row['score_lo']:.2f},{row['score_hi']:.2f}]")
+            interval = format_interval(row["score_lo"], row["score_hi"], ".2f")
+            cells.append(f" {row['score']:>6.3f} {interval}")
         lines.append(f"{norms:<12} {layer:>5} {mapper:<6} {metric:<16}" + "".join(cells))
     lines.append("verdicts (system vs shuffled and structured nonsense, 95% intervals):")
     for row in result.tables["verdicts"].itertuples(index=False):

@@ -71,11 +71,14 @@ class Result:
             f"tables {', '.join(self.tables)}{'; ' + head if head else ''}>"
         )
 
-    def save(self, out: str | Path, figure_format: str = "png") -> list[Path]:
+    def save(
+        self, out: str | Path, figure_format: str = "png", overwrite: bool = False
+    ) -> list[Path]:
         """Write every table, figure and ``run.json`` into ``out``; return the paths.
 
         The files go to a hidden temporary sibling first and appear in ``out`` together,
-        only when all are written.
+        only when all are written. ``out`` must be new or empty, unless ``overwrite``: then
+        an earlier output of the same command there is replaced as a whole.
         """
         if figure_format not in FIGURE_FORMATS:
             raise UserError(
@@ -84,7 +87,7 @@ class Result:
             )
         out = Path(out)
         names: list[str] = []
-        with RunDir(out) as run:
+        with RunDir(out, self.command, overwrite) as run:
             for key, frame in self.tables.items():
                 names += [p.name for p in write_table(frame, run.tmp / f"{key}.csv")]
             names += self._save_extra(run.tmp)

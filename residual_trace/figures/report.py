@@ -62,6 +62,8 @@ def depth_figure(depth: pd.DataFrame, column: str) -> Figure:
         }.get(column, column)
     )
     ax.set_xlim(-0.02, 1.02)
+    if column == "identifiable":  # a share: a 5-point drop must not fill the axis
+        ax.set_ylim(-0.02, 1.02)
     ax.legend(fontsize=7.5, frameon=False)
     return fig
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from residual_trace.stats import bootstrap_ci
+from residual_trace.stats import bootstrap_ci, format_interval
 
 #: The measures summarised per layer, each as mean with ``_lo``/``_hi`` (95% bootstrap
 #: interval of the mean); ``identifiable`` is the share of tokens with ``vocab_rank == 1``.
@@ -80,7 +80,7 @@ def format_summary(summary: pd.DataFrame, show_normed: bool) -> str:
         head += f"  {'normed cos':>10}  {'normed base':>11}  {'normed ident.':>13}"
     lines = [head]
     for row in summary.itertuples(index=False):
-        interval = f"[{row.cos_input_lo:.3f}, {row.cos_input_hi:.3f}]"
+        interval = format_interval(row.cos_input_lo, row.cos_input_hi)
         line = (
             f"{row.layer:>5}  {row.cos_input:>7.3f} {interval}"
             f"  {row.baseline:>8.3f}  {row.identifiable:>11.1%}"

@@ -294,19 +294,6 @@ def test_crash_leaves_no_half_written_output(tiny_dirs, tmp_path, monkeypatch, c
     assert list(tmp_path.iterdir()) == []  # the temporary directory is gone too
 
 
-def test_rerun_into_existing_directory_replaces_files(tiny_dirs, tmp_path):
-    out = tmp_path / "run"
-    out.mkdir()
-    (out / "drift.csv").write_text("stale")
-    (out / "keep.txt").write_text("mine")
-    result = _run(
-        ["layers", "-m", str(tiny_dirs["bert"]), "-t", "Fresh text.", "-o", str(out), "-q"]
-    )
-    assert result.exit_code == 0, result.output
-    assert (out / "drift.csv").read_text().startswith("model,text_id")
-    assert (out / "keep.txt").read_text() == "mine"
-
-
 def test_help_has_examples_and_module_entry_point():
     result = _run(["layers", "--help"])
     assert (

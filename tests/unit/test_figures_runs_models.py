@@ -101,6 +101,41 @@ def test_bootstrap_interval_covers_a_known_mean():
     assert bootstrap_ci(values, seed=0) == (low, high)  # seeded: same interval
 
 
+def test_an_interval_from_fewer_than_two_units_is_not_available():
+    """One value (or none) has no spread: the interval is NaN and printed n/a, never
+    [x, x]; two values already give one."""
+    from residual_trace.stats import format_interval, mean_with_ci
+    from residual_trace.tracer import format_summary
+
+    for values in ([0.7], [np.nan, 0.7], []):
+        low, high = bootstrap_ci(values, seed=0)
+        assert np.isnan(low) and np.isnan(high), values
+        assert format_interval(low, high) == "[n/a]"
+    assert mean_with_ci([0.7], "x")["x"] == 0.7
+    assert np.isnan(mean_with_ci([0.7], "x")["x_lo"])
+    low, high = bootstrap_ci([0.0, 1.0], seed=0)
+    assert 0.0 <= low < high <= 1.0
+    table = synthetic_table()
+    one_token = table[(table["text_id"] == 0) & (table["position"] == 1)]
+    summary = layer_summary(one_token)
+    assert summary["cos_input_lo"].isna().all() and summary["identifiable_hi"].isna().all()
+    assert "[n/a]" in format_summary(summary, show_normed=False)
+
+
+def test_identifiable_share_axes_run_from_zero_to_one():
+    """A 5-point drop must look like one: the share's axis is 0 to 1 in the layers figure
+    and in the report's comparison."""
+    from residual_trace.figures.report import depth_figure
+
+    summary = layer_summary(synthetic_table())
+    summary["identifiable"] = np.linspace(0.97, 0.92, len(summary))
+    ax = identifiable_share_figure(summary).axes[0]
+    assert ax.get_ylim() == pytest.approx((-0.02, 1.02))
+    depth = summary.assign(model="m", family="encoder", depth=np.linspace(0, 1, len(summary)))
+    ax = depth_figure(depth, "identifiable").axes[0]
+    assert ax.get_ylim() == pytest.approx((-0.02, 1.02))
+
+
 def test_run_dir_publishes_on_success_and_cleans_up_on_error(tmp_path):
     with RunDir(tmp_path / "ok") as run:
         (run.tmp / "a.csv").write_text("1")

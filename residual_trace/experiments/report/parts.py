@@ -103,7 +103,7 @@ def run_parts(
             tables = {key: result.tables[key] for key in READS[experiment]}
             part = Part(name, experiment, tables, model_record(model), result=result)
             if directory is not None:
-                result.save(directory, figure_format=options.figure_format)
+                result.save(directory, figure_format=options.figure_format, overwrite=True)
                 (directory / "fingerprint.txt").write_text(fingerprint + "\n")
                 part.directory = directory
             parts.append(part)

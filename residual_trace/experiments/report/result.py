@@ -60,13 +60,15 @@ class ReportResult:
                 continue
             if part.result is None:  # read back from elsewhere: its tables are all we have
                 continue
-            part.result.save(target, figure_format=self.options.figure_format)
+            part.result.save(target, figure_format=self.options.figure_format, overwrite=True)
             (target / "fingerprint.txt").write_text(
                 self.options.fingerprint(part.model, part.experiment) + "\n"
             )
             part.directory = target
         files = write_documents(root, self.options, self.parts, self.tables, self.verdicts)
         write_run_json(root / "run.json", self._record())
+        parts = {part_directory(root, p.model, p.experiment) for p in self.parts}
+        _prune(root, set(files), parts)
         return [*files, root / "run.json", root / "config.toml"]
 
     def _record(self) -> dict[str, Any]:
@@ -88,6 +90,24 @@ class ReportResult:
         }
 
 
+def _prune(root: Path, files: set[Path], parts: set[Path]) -> None:
+    """Remove what an earlier report in ``root`` left that this one did not write: tables
+    and figures it no longer has, and parts of models or experiments no longer in it."""
+    import shutil
+
+    for folder in ("tables", "figures"):
+        for path in (root / folder).glob("*"):
+            if path not in files:
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+    runs = root / "runs"
+    for model in runs.glob("*") if runs.is_dir() else ():
+        for experiment in model.glob("*"):
+            if experiment not in parts:
+                shutil.rmtree(experiment) if experiment.is_dir() else experiment.unlink()
+        if model.is_dir() and not any(model.iterdir()):
+            model.rmdir()
+
+
 def _make_root(root: Path) -> None:
     from residual_trace.errors import UserError
 
@@ -99,12 +119,63 @@ def _make_root(root: Path) -> None:
         raise UserError(f"cannot write to --out {root}: {error.strerror or error}") from None
 
 
+def check_report_out(root: Path, overwrite: bool = False) -> None:
+    """Fail early when ``root`` cannot hold a report: a file, unwritable, or a non-empty
+    directory that is not an earlier report (which the report resumes, or with
+    ``overwrite`` replaces)."""
+    from residual_trace.errors import UserError
+    from residual_trace.runs import check_out, check_writable, written_by
+
+    root = Path(root)
+    if root.is_dir() and any(root.iterdir()):
+        if not (_is_report(root) or written_by(root) == "report"):
+            raise UserError(
+                f"--out {root} already holds files that are not a report: choose another --out"
+            )
+        check_writable(root)
+        return
+    check_out(root, "report", overwrite)
+
+
+def _is_report(root: Path) -> bool:
+    """An earlier report's directory (finished, or killed after it started)."""
+    return (root / "config.toml").is_file() and (
+        (root / "runs").is_dir() or (root / "run.json").is_file() or len(list(root.iterdir())) == 1
+    )
+
+
+def check_report_config(options: ReportOptions, warn: Warn = python_warning) -> None:
+    """What a report needs beyond its validated options, checked before any work starts:
+    every model resolvable (found, without loading its weights) and every probe norm
+    readable."""
+    from residual_trace.models.resolve import resolve
+    from residual_trace.probes.norms import load_norms
+
+    for name in options.models:
+        resolve(name, on_convert=lambda m: warn(f"note: {m}"))
+    if "probe" in options.experiments:
+        for spec in options.probe_norms:
+            load_norms(spec)
+
+
+def _start_afresh(root: Path) -> None:
+    """Remove an earlier report's files from ``root`` (``--overwrite``)."""
+    import shutil
+
+    for item in root.iterdir():
+        if item.is_dir() and not item.is_symlink():
+            shutil.rmtree(item)
+        else:
+            item.unlink()
+
+
 def run_report(
     options: ReportOptions | None = None,
     warn: Warn = python_warning,
     workdir: Path | None = None,
     models: dict[str, TracedModel] | None = None,
     progress: Warn | None = None,
+    overwrite: bool = False,
 ) -> ReportResult:
     """Run every experiment on every model and assemble the report.
 
@@ -115,10 +186,17 @@ def run_report(
             report resumes without redoing finished parts); ``None`` writes nothing.
         models: already loaded models by name (others are loaded as needed).
         progress: receives one line as each part starts.
+        overwrite: remove an earlier report in ``workdir`` instead of resuming it.
+
+    The whole configuration (texts, models, norms) is checked before anything is written.
     """
     options = options or ReportOptions()
     texts, source = options.load_texts()  # bad inputs fail before any model loads
+    check_report_config(options, warn)
     if workdir is not None:
+        check_report_out(Path(workdir), overwrite)
+        if overwrite and Path(workdir).is_dir():
+            _start_afresh(Path(workdir))
         _make_root(Path(workdir))
         write_atomic(Path(workdir) / "config.toml", options.to_toml())
     parts = run_parts(options, texts, warn, workdir=workdir, models=models, progress=progress)
