@@ -223,8 +223,15 @@ def _perturbations(
     """The perturbations of one text (``[]`` when the text cannot be perturbed this way)."""
     ids = item.ids
     if config.mode == "swap" and config.swap is not None:
-        first, second = (word_span(model, ids, word) for word in config.swap)
+        (first, n_first), (second, n_second) = (
+            word_span(model, item.text, ids, word) for word in config.swap
+        )
         label = f"swap {config.swap[0]}<->{config.swap[1]}"
+        repeated = [
+            f"{w} x{n}" for w, n in zip(config.swap, (n_first, n_second), strict=True) if n > 1
+        ]
+        if repeated:  # the first occurrence of each is used
+            label += f" (first of {', '.join(repeated)})"
         return [swap_spans(ids, first, second, label=label)]
     if config.mode == "swap":
         swaps = list(pair_swaps(ids, special))

@@ -189,6 +189,37 @@ class TracedModel:
             ids = [int(bos), *ids]
         return ids[:max_length] if max_length is not None else ids
 
+    def token_offsets(self, text: str, ids: Sequence[int]) -> list[tuple[int, int] | None]:
+        """The character span in ``text`` of each token of ``ids`` (``model.encode(text)``,
+        possibly truncated); ``None`` for special and prepended tokens. Needs a fast
+        tokenizer (one with an offset mapping)."""
+        if not getattr(self.tokenizer, "is_fast", False):
+            raise UserError(
+                f"model '{self.name}': its tokenizer has no character offsets (not a fast "
+                "tokenizer), so words cannot be located in a text"
+            )
+        encoded = self.tokenizer(
+            text,
+            add_special_tokens=True,
+            return_offsets_mapping=True,
+            return_special_tokens_mask=True,
+        )
+        got, spans = encoded["input_ids"], encoded["offset_mapping"]
+        special = encoded["special_tokens_mask"]
+        shift = 1 if ids and got and int(got[0]) != int(ids[0]) and self.spec.prepend_bos else 0
+        result: list[tuple[int, int] | None] = []
+        for k, token in enumerate(ids):
+            j = k - shift
+            aligned = 0 <= j < len(got) and int(got[j]) == int(token) and not special[j]
+            result.append((int(spans[j][0]), int(spans[j][1])) if aligned else None)
+        return result
+
+    @property
+    def uncased(self) -> bool:
+        """Whether the tokenizer lower-cases its input ("The" and "the" give the same ids)."""
+        ids = self.tokenizer(["The Dog", "the dog"], add_special_tokens=False)["input_ids"]
+        return bool(ids[0] == ids[1])
+
     def token_strings(self, ids: Sequence[int]) -> list[str]:
         return [str(t) for t in self.tokenizer.convert_ids_to_tokens(list(ids))]
 

@@ -32,6 +32,7 @@ from residual_trace.errors import UserError
 from residual_trace.models import TracedModel, cache_dir
 from residual_trace.tracer import iter_batches, prepare_texts
 from residual_trace.tracer.batching import EncodedText
+from residual_trace.tracer.words import is_whole_word
 
 MODES = ("static", "isolated", "contextual")
 
@@ -92,9 +93,15 @@ def _with_specials(model: TracedModel, pieces: list[int]) -> tuple[list[int], in
     return [int(cls), *pieces, int(sep)], 1
 
 
+#: Bumped whenever the vectors a mode computes change (2: contextual occurrences are whole
+#: words only), so that no cached vector of an earlier definition is read back.
+CACHE_VERSION = 2
+
+
 def _cache_path(model: TracedModel, mode: str, words: Sequence[str], corpus: Sequence[str]) -> Path:
     digest = hashlib.sha256()
-    digest.update(json.dumps([model.resolved.weights_sha256, mode, list(words)]).encode())
+    key = [CACHE_VERSION, model.resolved.weights_sha256, mode, list(words)]
+    digest.update(json.dumps(key).encode())
     for text in corpus:
         digest.update(text.encode("utf-8") + b"\n")
     return (
@@ -224,11 +231,16 @@ def _contextual(
         stacked = torch.stack([store[n] for n in names], dim=1).cpu().numpy()
         for row, item in enumerate(batch.texts):
             ids = item.ids
+            offsets = None
             for position, token in enumerate(ids):
                 for index in by_first.get(token, ()):
                     span = pieces[words[index]]
                     if tuple(ids[position : position + len(span)]) == span:
                         end = position + len(span)
+                        if offsets is None:
+                            offsets = model.token_offsets(item.text, ids)
+                        if not is_whole_word(item.text, offsets, position, end):
+                            continue  # "dog" inside "doghouse" is not an occurrence of "dog"
                         sums[index] += stacked[row, :, position:end].mean(1)
                         counts[index] += 1
         if progress is not None:

@@ -20,11 +20,13 @@ BLOCK_TOKEN_KEYS = ("model", "text_id", "position", "block", "token", "token_id"
 
 @dataclass(frozen=True)
 class EncodedText:
-    """One text's token ids (special tokens included) and whether it was truncated."""
+    """One text's token ids (special tokens included), whether it was truncated, and the text
+    itself (for finding words in it; empty where the ids were built, not encoded)."""
 
     text_id: int
     ids: tuple[int, ...]
     truncated: bool
+    text: str = ""
 
 
 @dataclass(frozen=True)
@@ -52,7 +54,7 @@ def encode_texts(model: TracedModel, texts: Sequence[str], max_length: int) -> l
         truncated = len(ids) > max_length
         if truncated:
             ids = model.encode(text, max_length=max_length)
-        encoded.append(EncodedText(text_id=index, ids=tuple(ids), truncated=truncated))
+        encoded.append(EncodedText(text_id=index, ids=tuple(ids), truncated=truncated, text=text))
     return encoded
 
 

@@ -15,6 +15,7 @@ import torch
 
 from residual_trace.errors import UserError
 from residual_trace.models import TracedModel
+from residual_trace.tracer.words import word_spans
 
 
 @dataclass(frozen=True)
@@ -72,19 +73,21 @@ def swap_spans(
     return Perturbation("swap", _apply(ids, permutation), tuple(permutation), label)
 
 
-def word_span(model: TracedModel, ids: Sequence[int], word: str) -> tuple[int, int]:
-    """The ``[start, end)`` subword span of the first occurrence of ``word`` in ``ids``."""
-    candidates = []
-    for form in (word, " " + word):
-        pieces = model.tokenizer(form, add_special_tokens=False)["input_ids"]
-        if pieces and pieces not in candidates:
-            candidates.append([int(p) for p in pieces])
-    for pieces in candidates:
-        for start in range(len(ids) - len(pieces) + 1):
-            if list(ids[start : start + len(pieces)]) == pieces:
-                return start, start + len(pieces)
-    tokens = " ".join(model.token_strings(list(ids)))
-    raise UserError(f"--swap: '{word}' is not a token span of the text (tokens: {tokens})")
+def word_span(
+    model: TracedModel, text: str, ids: Sequence[int], word: str
+) -> tuple[tuple[int, int], int]:
+    """The ``[start, end)`` token span of the first whole-word occurrence of ``word`` in
+    ``text`` (encoded as ``ids``), and how many occurrences there are."""
+    try:
+        spans = word_spans(text, model.token_offsets(text, ids), word, model.uncased)
+    except UserError as error:
+        raise UserError(f"--swap: {error}") from None
+    if not spans:
+        raise UserError(
+            f"--swap: '{word}' is not a word of the text (whole words only, within "
+            f"--max-length): {text[:80]!r}"
+        )
+    return spans[0], len(spans)
 
 
 def pair_swaps(ids: Sequence[int], special: Sequence[bool]) -> Iterator[Perturbation]:

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+import residual_trace as rt
 from residual_trace.errors import UserError
 from residual_trace.tracer.alignment import align_patterns, js_similarity
 from residual_trace.tracer.perturbations import (
@@ -114,19 +115,25 @@ def test_pair_swaps_and_random_tokens_leave_special_tokens_alone():
     assert replaced.permutation == tuple(range(len(IDS)))
 
 
+def _span(model, text, word):
+    ids = model.encode(text)
+    return ids, word_span(model, text, ids, word)[0]
+
+
 def test_word_spans_in_a_real_tokenization(tiny_models):
     model = tiny_models["bert"]
-    ids = model.encode("The dog chased the cat.")
-    dog, cat = word_span(model, ids, "dog"), word_span(model, ids, "cat")
+    text = "The dog chased the cat."
+    ids, dog = _span(model, text, "dog")
+    cat = _span(model, text, "cat")[1]
     tokens = model.token_strings(ids)
     assert tokens[dog[0] : dog[1]] == ["dog"] and tokens[cat[0] : cat[1]] == ["cat"]
     p = swap_spans(ids, dog, cat)
     assert model.token_strings(list(p.ids))[1:6] == ["the", "cat", "chased", "the", "dog"]
     # words of different subword lengths swap as whole spans
-    ids = model.encode("The dog liked skateboarding.")
-    long = word_span(model, ids, "skateboarding")
+    text = "The dog liked skateboarding."
+    ids, long = _span(model, text, "skateboarding")
     assert long[1] - long[0] == 2
-    p = swap_spans(ids, word_span(model, ids, "dog"), long)
+    p = swap_spans(ids, _span(model, text, "dog")[1], long)
     assert model.token_strings(list(p.ids))[1:7] == [
         "the",
         "skate",
@@ -135,12 +142,51 @@ def test_word_spans_in_a_real_tokenization(tiny_models):
         "dog",
         ".",
     ]
-    with pytest.raises(UserError, match="'horse' is not a token span"):
-        word_span(model, ids, "horse")
+    with pytest.raises(UserError, match="'horse' is not a word of the text"):
+        _span(model, text, "horse")
     gpt2 = tiny_models["gpt2"]
-    ids = gpt2.encode("The dog chased the cat.")
-    start, end = word_span(gpt2, ids, "cat")  # found with its leading space
-    assert "cat" in "".join(gpt2.token_strings(ids[start:end]))
+    ids, (start, end) = _span(gpt2, "The dog chased the cat.", "cat")  # with its leading space
+    assert "".join(gpt2.token_strings(ids[start:end])).replace("Ġ", "") == "cat"
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2", "llama"])
+@pytest.mark.parametrize(
+    ("text", "word", "at"),
+    [
+        ("The doghouse and the dog.", "dog", 21),  # not the piece inside "doghouse"
+        ("A catalogue, a cat and a bobcat.", "cat", 15),  # not inside either neighbour
+        ("Its dog-like dog barked.", "dog", 4),  # a hyphen ends a word
+        ("The Dog ran; the dog sat.", "dog", 17),  # case-sensitive match first
+        ("THE DOG RAN.", "dog", 4),  # ... then ignoring case, for an uncased tokenizer
+    ],
+)
+def test_word_lookup_respects_word_boundaries(tiny_models, kind, text, word, at):
+    """The span found is the first occurrence standing as a word (character ``at``), whatever
+    the tokenizer does with its neighbours; its characters are exactly the word."""
+    model = tiny_models[kind]
+    if text.isupper() and not model.uncased:
+        with pytest.raises(UserError, match="is not a word of the text"):
+            word_span(model, text, model.encode(text), word)
+        return
+    ids = model.encode(text)
+    (start, end), _ = word_span(model, text, ids, word)
+    offsets = model.token_offsets(text, ids)
+    first, last = offsets[start], offsets[end - 1]
+    assert first is not None and last is not None
+    begin = first[0] + (text[first[0]] == " ")
+    assert (begin, last[1]) == (at, at + len(word))
+
+
+def test_a_swapped_word_that_occurs_twice_is_named_in_the_label(tiny_models):
+    model = tiny_models["bert"]
+    result = rt.perturb(
+        model, ["The dog saw the dog and a cat."], mode="swap", swap=("dog", "cat"), quiet=True
+    )
+    labels = set(result.tables["perturbations"]["label"])
+    assert labels - {"identity"} == {"swap dog<->cat (first of dog x2)"}
+    ids = model.encode("The dog saw the dog and a cat.")
+    (first, _), count = word_span(model, "The dog saw the dog and a cat.", ids, "dog")
+    assert count == 2 and model.token_strings(ids)[first] == "dog" and first == 2
 
 
 def test_shuffled_embeddings_change_the_forward_and_are_restored(tiny_models):

@@ -368,7 +368,7 @@ def test_perturb_cli_writes_every_output(tiny_dirs, tmp_path):
     [
         (["--mode", "shuffle", "--swap", "a", "b"], "swap (--swap): goes with mode swap"),
         (["--swap", "dog", "dog"], "two different words"),
-        (["--swap", "dog", "horse"], "'horse' is not a token span"),
+        (["--swap", "dog", "horse"], "'horse' is not a word of the text"),
         (["--samples", "0"], "samples (--samples): must be at least 1"),
         (["--mode", "shuffle", "--all-pairs"], "all_pairs (--all-pairs): goes with mode swap"),
         (["--show-head", "x"], "expected L<block>H<head>"),

@@ -67,8 +67,10 @@ def test_static_and_isolated_vectors_match_hugging_face(kind, tiny_dirs, tiny_mo
 
 def test_contextual_vectors_average_the_occurrences(tiny_dirs, tiny_models):
     model = tiny_models["bert"]
-    corpus = ["The cat sat.", "A dog and a cat.", "Nothing here."]
+    # "doghouse" holds the pieces of "dog" but is not an occurrence of the word
+    corpus = ["The cat sat.", "A dog and a cat.", "Nothing here.", "The doghouse stood."]
     vectors = embed_words(model, ["cat", "dog", "horse"], "contextual", corpus, use_cache=False)
+    assert model.token_strings(model.encode(corpus[3]))[2:4] == ["dog", "##house"]
     assert vectors.words == ["cat", "dog"] and vectors.occurrences == [2, 1]
     assert vectors.dropped == {"horse": "does not occur in the corpus"}
     hf, tokenizer = _hf(tiny_dirs["bert"], "bert")
