@@ -39,14 +39,31 @@ Examples:
 """
 
 
+def _one_line(message: str) -> str:
+    """``message`` with every unprintable character (a newline, a tab or an escape the user
+    typed into a value the message quotes) written as its escape: one line, whatever."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
+
+
+class _UsageLine(click.ClickException):
+    """A usage error (unknown option, bad choice) as one line, exit status 2."""
+
+    exit_code = 2
+
+
 class _Group(click.Group):
-    """Turns :class:`UserError` (and stray exceptions) into one line and a non-zero exit."""
+    """Turns :class:`UserError`, usage errors (and stray exceptions) into one line and a
+    non-zero exit."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except UserError as error:
-            raise click.ClickException(str(error)) from None
+            raise click.ClickException(_one_line(str(error))) from None
+        except click.UsageError as error:
+            where = error.ctx.command_path if error.ctx is not None else "trace"
+            message = _one_line(" ".join(error.format_message().split()))
+            raise _UsageLine(f"{message} (see '{where} --help')") from None
         except (click.ClickException, click.exceptions.Exit):
             raise
         except (KeyboardInterrupt, click.Abort):
@@ -56,7 +73,7 @@ class _Group(click.Group):
         except Exception as error:
             if os.environ.get("RESIDUAL_TRACE_DEBUG"):
                 raise
-            first = (str(error).strip().splitlines() or [""])[0]
+            first = _one_line((str(error).strip().splitlines() or [""])[0])
             raise click.ClickException(
                 f"internal error: {type(error).__name__}: {first} "
                 "(set RESIDUAL_TRACE_DEBUG=1 for the traceback)"

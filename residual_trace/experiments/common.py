@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
@@ -21,10 +22,28 @@ def bundled_sentences() -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
 
 
+#: Control characters (C0, DEL, C1) and Unicode's line and paragraph separators.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_LINE_END = re.compile("\r\n|\r|\n")
+
+
+def normalise_text(text: str) -> str:
+    r"""What every text goes through, from ``--text``, a file or the API alike: a leading
+    UTF-8 byte-order mark dropped, every control character (tab, CR, LF, ...) and line or
+    paragraph separator replaced by a space, the ends stripped.
+
+    Examples:
+        >>> normalise_text("\ufeffThe dog\r\nran.\t")
+        'The dog  ran.'
+    """
+    return _CONTROL.sub(" ", text.removeprefix("\ufeff")).strip()
+
+
 def read_texts(path: Path | str) -> list[str]:
-    """One text per non-blank line of a UTF-8 file."""
+    """One text per non-blank line of a UTF-8 file (a byte-order mark dropped; LF, CRLF and
+    CR all end a line), each through :func:`normalise_text`."""
     try:
-        content = Path(path).read_text(encoding="utf-8")
+        content = Path(path).read_bytes().decode("utf-8-sig")
     except FileNotFoundError:
         raise UserError(f"--file {path}: no such file") from None
     except IsADirectoryError:
@@ -33,7 +52,8 @@ def read_texts(path: Path | str) -> list[str]:
         raise UserError(f"--file {path}: not UTF-8 text") from None
     except OSError as error:
         raise UserError(f"--file {path}: {error.strerror or error}") from None
-    texts = [line.strip() for line in content.splitlines() if line.strip()]
+    texts = [normalise_text(line) for line in _LINE_END.split(content)]
+    texts = [text for text in texts if text]
     if not texts:
         raise UserError(f"--file {path}: holds no text (one text per non-blank line)")
     return texts
@@ -53,7 +73,7 @@ def load_inputs(texts: Texts) -> tuple[list[str], str]:
     for text in texts:
         if not isinstance(text, str):
             raise UserError(f"texts must be strings, got {type(text).__name__}")
-    return texts, "texts given"
+    return [normalise_text(text) for text in texts], "texts given"
 
 
 def resolve_model(model: ModelArg, warn: Warn) -> TracedModel:

@@ -84,11 +84,12 @@ class LayersResult(Result):
     def describe(self) -> str:
         model = self.model
         tokens = int(self.summary["n_tokens"].iloc[0]) if len(self.summary) else 0
+        unknown = int(self.summary["n_unk"].iloc[0]) if len(self.summary) else 0
         return "\n".join(
             [
                 f"{model.name}: {model.model_type} {model.spec.family}, {model.n_layers} blocks "
                 f"({model.n_layers + 1} layers), {len(self.texts)} texts, {tokens} tokens "
-                "measured per layer",
+                f"measured per layer ({unknown} of them [UNK])",
                 format_summary(self.summary, show_normed=model.spec.reads_normalised),
                 "cos_input: cosine to the input token's embedding; baseline: the same to the "
                 "text's other tokens (the null); identifiable: own token is the nearest "

@@ -50,16 +50,7 @@ class CommonOptions(Options):
     """Options every experiment takes (each experiment's options extend these)."""
 
     batch_size: int = option(16, "Texts per forward pass (results do not depend on it).")
-    max_length: int | None = option(
-        None,
-        "Longest input in tokens incl. special tokens; longer texts are truncated with a "
-        "warning. Default: the model's limit, at most 512.",
-    )
     seed: int = option(0, "Seed of every random choice (bootstrap intervals, samples, controls).")
-    include_special: bool = option(
-        False,
-        "Keep [CLS]/[SEP]/BOS/EOS in the summaries and figures (always in the per-token tables).",
-    )
     quiet: bool = option(
         False, "No progress bar (and, on the command line, no summary).", short="-q"
     )
@@ -67,8 +58,8 @@ class CommonOptions(Options):
     def validate(self) -> None:
         if self.batch_size < 1:
             raise self.fail("batch_size", f"must be at least 1, got {self.batch_size}")
-        if self.max_length is not None and self.max_length < 2:
-            raise self.fail("max_length", f"must be at least 2, got {self.max_length}")
+        if not 0 <= self.seed < 2**63:
+            raise self.fail("seed", f"must be between 0 and 2**63 - 1, got {self.seed}")
 
     @property
     def progress(self) -> bool:
@@ -88,8 +79,13 @@ Engine = Literal["local", "ray"]
 @no_type_check
 @dataclass(kw_only=True)
 class CorpusOptions(CommonOptions):
-    """Options of the experiments that read a corpus of texts: where the work runs."""
+    """Options of the experiments that read a corpus of texts: how long, where the work runs."""
 
+    max_length: int | None = option(
+        None,
+        "Longest input in tokens incl. special tokens; longer texts are truncated with a "
+        "warning. Default: the model's limit, at most 512.",
+    )
     engine: Engine = option(
         "local",
         "local: this process; ray: shard the texts over Ray workers (one model each, a GPU "
@@ -108,6 +104,8 @@ class CorpusOptions(CommonOptions):
 
     def validate(self) -> None:
         super().validate()
+        if self.max_length is not None and self.max_length < 2:
+            raise self.fail("max_length", f"must be at least 2, got {self.max_length}")
         if self.engine != "ray":
             for name in ("ray_address", "workers"):
                 if getattr(self, name) is not None:
@@ -136,6 +134,10 @@ class LayersOptions(CorpusOptions):
         ".npz per text.",
     )
     heatmap_text: int = option(0, "text_id drawn in the drift_heatmap figure.")
+    include_special: bool = option(
+        False,
+        "Keep [CLS]/[SEP]/BOS/EOS in the summaries and figures (always in the per-token tables).",
+    )
     normed: bool = option(
         True, "Also measure after the model's own norm (the *_normed columns).", cli=False
     )
@@ -172,6 +174,10 @@ class DecomposeOptions(CorpusOptions):
     mixing_block: int | None = option(
         None, "Block drawn in mixing_heatmap (from 0; default: the middle block)."
     )
+    include_special: bool = option(
+        False,
+        "Keep [CLS]/[SEP]/BOS/EOS in the summaries and figures (always in the per-token tables).",
+    )
     vz_max_tokens: int = option(
         256,  # tracer.mixing.VZ_MAX_TOKENS (a test keeps them equal)
         "Value Zeroing re-runs each block's MLP once per (token, source) pair: texts longer "
@@ -200,6 +206,11 @@ class DecomposeOptions(CorpusOptions):
         return run_decompose(model, texts, self, warn)
 
 
+#: Most perturbations per text (each is a forward pass) and most cross-validation repeats:
+#: beyond, a typo (an extra digit or two) would run for days.
+MAX_SAMPLES = 100_000
+MAX_SEEDS = 1_000
+
 #: The ``mode`` choices.
 MODES = ("swap", "shuffle", "embed-shuffle", "random-token")
 Mode = Literal["swap", "shuffle", "embed-shuffle", "random-token"]
@@ -225,10 +236,10 @@ class PerturbOptions(CorpusOptions):
         "Exchange these two words (their subword spans, lengths may differ).",
         metavar="WORD1 WORD2",
     )
-    samples: int = option(
-        10,
+    samples: int | None = option(
+        None,
         "Perturbations per text (pair swaps, shuffles, random-token draws), or the number of "
-        "embedding shuffles.",
+        "embedding shuffles (default 10; not with swap words or all_pairs).",
     )
     all_pairs: bool = option(False, "mode swap: every pair of non-special tokens.")
     show_text: int = option(0, "text_id drawn in the side-by-side attention figure.")
@@ -250,8 +261,14 @@ class PerturbOptions(CorpusOptions):
                 raise self.fail("swap", "needs two different words")
         if self.all_pairs and (self.mode != "swap" or self.swap is not None):
             raise self.fail("all_pairs", "goes with mode swap and no swap words")
-        if self.samples < 1:
-            raise self.fail("samples", f"must be at least 1, got {self.samples}")
+        if self.samples is not None:
+            if not 1 <= self.samples <= MAX_SAMPLES:
+                raise self.fail(
+                    "samples", f"must be between 1 and {MAX_SAMPLES:,}, got {self.samples}"
+                )
+            if self.swap is not None or self.all_pairs:
+                what = "swap words (one swap per text)" if self.swap else "all_pairs"
+                raise self.fail("samples", f"is not used with {what}: leave it out")
         if self.show_text < 0:
             raise self.fail("show_text", f"must be a text id >= 0, got {self.show_text}")
         for spec in self.show_heads:
@@ -259,6 +276,11 @@ class PerturbOptions(CorpusOptions):
                 parse_head_name(spec)
             except UserError as error:
                 raise self.fail("show_heads", str(error)) from None
+
+    @property
+    def n_samples(self) -> int:
+        """``samples``, or its default of 10."""
+        return 10 if self.samples is None else self.samples
 
     def check_texts(self, texts: list[str]) -> None:
         check_text_id("show_text", self.show_text, texts)
@@ -350,12 +372,24 @@ class ProbeOptions(CommonOptions):
             raise self.fail("conditions", "the system condition cannot be left out")
         if self.folds < 2:
             raise self.fail("folds", f"must be at least 2, got {self.folds}")
-        if self.seeds < 1:
-            raise self.fail("seeds", f"must be at least 1, got {self.seeds}")
+        if not 1 <= self.seeds <= MAX_SEEDS:
+            raise self.fail("seeds", f"must be between 1 and {MAX_SEEDS}, got {self.seeds}")
         if self.max_concepts < 20:
             raise self.fail("max_concepts", f"must be at least 20, got {self.max_concepts}")
         if self.layers is not None and any(layer < 0 for layer in self.layers):
             raise self.fail("layers", "layers count from 0 (the embeddings)")
+        if self.folds > self.max_concepts:
+            raise self.fail(
+                "folds",
+                f"{self.folds} folds need as many concepts; max_concepts is {self.max_concepts}",
+            )
+        if self.embedding == "static" and self.layers not in (None, (0,)):
+            raise self.fail("layers", "embedding static has layer 0 only (the W_E rows)")
+        if self.corpus is not None and self.embedding != "contextual":
+            raise UserError(
+                f"a corpus (--text/--file) goes with --embedding contextual, not "
+                f"{self.embedding}: leave it out"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         data = super().to_dict()

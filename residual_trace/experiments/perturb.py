@@ -235,14 +235,14 @@ def _perturbations(
         return [swap_spans(ids, first, second, label=label)]
     if config.mode == "swap":
         swaps = list(pair_swaps(ids, special))
-        if config.all_pairs or len(swaps) <= config.samples:
+        if config.all_pairs or len(swaps) <= config.n_samples:
             return swaps
         rng = np.random.default_rng(_sample_seed(config.seed, item.text_id))
-        chosen = sorted(rng.choice(len(swaps), size=config.samples, replace=False))
+        chosen = sorted(rng.choice(len(swaps), size=config.n_samples, replace=False))
         return [swaps[i] for i in chosen]
     out: list[Perturbation] = []
     seen: set[tuple[int, ...]] = set()
-    for sample in range(config.samples):
+    for sample in range(config.n_samples):
         seed = _sample_seed(config.seed, item.text_id, sample)
         if config.mode == "shuffle":
             p = shuffle(ids, special, seed)
@@ -490,7 +490,7 @@ class _Sources:
         orders = []
         if config.mode == "embed-shuffle":
             rows, keep = embedding_rows(model), sorted(model.special_ids)
-            for sample in range(config.samples):
+            for sample in range(config.n_samples):
                 seed = _sample_seed(config.seed, sample)  # one permutation per sample
                 orders.append((seed, embedding_order(rows, seed, keep)))
         return cls(model, config, candidates, tuple(orders))

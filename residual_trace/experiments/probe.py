@@ -85,6 +85,7 @@ def _sample(norms: Norms, available: set[str], config: ProbeOptions, notes: list
         raise UserError(
             f"--norms {norms.name}: only {len(usable)} concept(s) could be embedded; "
             f"need at least {max(20, config.folds)}"
+            + (f" for --folds {config.folds}" if config.folds > 20 else "")
         )
     return usable
 

@@ -183,11 +183,27 @@ def _resolve_smollm2(name: str, on_convert: Callable[[str], None] | None) -> Res
     )
 
 
+#: Files of which a checkpoint directory needs at least one to carry its own tokenizer.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.txt",
+    "vocab.json",
+    "tokenizer.model",
+    "spiece.model",
+)
+
+
 def _resolve_local(name: str, directory: Path) -> ResolvedModel:
     if not directory.is_dir():
         raise UserError(f"--model {name}: {directory} is a file; pass the checkpoint directory")
     if not (directory / "config.json").is_file():
         raise UserError(f"--model {name}: no config.json in {directory} (not a HF checkpoint)")
+    if not any((directory / f).is_file() for f in TOKENIZER_FILES):
+        raise UserError(
+            f"--model {name}: no tokenizer in {directory} (none of {', '.join(TOKENIZER_FILES)});"
+            " save it beside the weights (tokenizer.save_pretrained) rather than borrow one"
+        )
     return ResolvedModel(
         name=name,
         directory=directory.resolve(),

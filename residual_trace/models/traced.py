@@ -144,6 +144,7 @@ class TracedModel:
             or getattr(hf_config, "n_positions", None)
             or 512
         )
+        self.unk_id: int | None = None
         self.special_ids: frozenset[int] = frozenset(
             int(i) for i in self.tokenizer.all_special_ids if i is not None
         )
@@ -155,6 +156,12 @@ class TracedModel:
         self._affines: dict[str, NormAffine] = {}
         self._hooks_paused = False
         self.spec: ArchSpec = derive_spec(bridge, self._probe, dtype)
+        #: the unknown token ([UNK]) where it is its own token: a stand-in for text the
+        #: tokenizer has no piece for, flagged ``is_unk``, not structural; ``None`` where
+        #: the same id also serves as structure (GPT-2's <|endoftext|> is BOS and UNK)
+        self.unk_id = self._unknown_token()
+        #: structural tokens ([CLS], [SEP], BOS, EOS, padding, [MASK]); [UNK] is not one
+        self.special_ids = self.special_ids - {self.unk_id}
         weight = bridge.original_model.get_input_embeddings().weight
         #: the input token embeddings as the first block sees them (Gemma's sqrt(d_model)
         #: scale applied), float32
@@ -162,6 +169,23 @@ class TracedModel:
         if self.spec.embed_scale != 1.0:
             self.W_E = self.W_E * self.spec.embed_scale
         self.d_vocab: int = int(self.W_E.shape[0])
+
+    def _unknown_token(self) -> int | None:
+        """The tokenizer's unknown-token id, unless it also frames texts (added around
+        them or prepended), pads or masks them (tokenizers name it BOS/EOS loosely), or the
+        tokenizer never emits it (byte-level BPE reads any text: its "unknown" token is a
+        document separator, a structural token)."""
+        unk = self.tokenizer.unk_token_id
+        if unk is None:
+            return None
+        rare = self.tokenizer("\U0001f9ff \ua66e \u0fd5", add_special_tokens=False)["input_ids"]
+        if int(unk) not in rare:
+            return None
+        content = set(self.tokenizer("a", add_special_tokens=False)["input_ids"])
+        framing = set(self.encode("a")) - content
+        others = {self.pad_id, self.tokenizer.mask_token_id, self.tokenizer.cls_token_id}
+        others |= {self.tokenizer.sep_token_id}
+        return None if int(unk) in framing | (others - {None}) else int(unk)
 
     def _probe(self, names: list[str]) -> dict[str, Tensor]:
         """Run the first block on a short text and keep ``names`` (for :func:`derive_spec`)."""
@@ -219,6 +243,10 @@ class TracedModel:
         """Whether the tokenizer lower-cases its input ("The" and "the" give the same ids)."""
         ids = self.tokenizer(["The Dog", "the dog"], add_special_tokens=False)["input_ids"]
         return bool(ids[0] == ids[1])
+
+    def is_unk(self, ids: Sequence[int]) -> list[bool]:
+        """Which of ``ids`` are the unknown token."""
+        return [self.unk_id is not None and int(i) == self.unk_id for i in ids]
 
     def token_strings(self, ids: Sequence[int]) -> list[str]:
         return [str(t) for t in self.tokenizer.convert_ids_to_tokens(list(ids))]
@@ -412,7 +440,7 @@ def load_model(
     placement: dict[str, Any] = (
         {"device_map": device_map} if device_map is not None else {"device": str(torch_device)}
     )
-    with _quiet_transformers():
+    with _quiet_transformers(), _loading_reports() as reports:
         try:
             bridge = TransformerBridge.boot_transformers(
                 str(resolved.directory), dtype=DTYPES[dtype], **placement
@@ -424,8 +452,70 @@ def load_model(
             raise UserError(
                 f"cannot load model '{name}' from {resolved.directory}: {first}"
             ) from None
+    for what, keys in reports:
+        shown = ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+        raise UserError(
+            f"--model {name}: the checkpoint {what} {shown}; refusing to run a model with "
+            "randomly initialised or dropped layers (check config.json against the weights)"
+        )
     bridge.eval()
     return TracedModel(bridge, resolved, torch_device, DTYPES[dtype], device_map)
+
+
+@contextlib.contextmanager
+def _loading_reports() -> Iterator[list[tuple[str, list[str]]]]:
+    """What is wrong with the weights of each model Hugging Face's loader loads, from its
+    own report of missing, unexpected and mismatched weights (:func:`_weight_problems`,
+    read as the loader reports, before the bridge wraps the modules)."""
+    import transformers.modeling_utils as modeling
+
+    reports: list[tuple[str, list[str]]] = []
+    original = getattr(modeling, "log_state_dict_report", None)
+    if original is None:  # pragma: no cover - another transformers layout: nothing to read
+        yield reports
+        return
+
+    def keep(model: Any, *args: Any, **kwargs: Any) -> Any:
+        info = kwargs.get("loading_info", args[2] if len(args) > 2 else None)
+        reports.extend(_weight_problems(model, info))
+        return original(model, *args, **kwargs)
+
+    modeling.log_state_dict_report = keep
+    try:
+        yield reports
+    finally:
+        modeling.log_state_dict_report = original
+
+
+def _weight_problems(model: Any, info: Any) -> list[tuple[str, list[str]]]:
+    """What stops a checkpoint's weights from covering the model its config describes: a
+    missing weight of the transformer body (embeddings, blocks, norms) would be random, and
+    an unexpected one means the config and the weights disagree (more layers, another
+    layout). A missing task head (BERT's MLM head on a sentence-transformers checkpoint) and
+    an unused pooler or classifier are harmless: no measure reads them."""
+    if info is None:
+        return []
+    base = getattr(model, "base_model", model)
+    prefix = str(getattr(model, "base_model_prefix", "") or "")
+    body = set(base.state_dict())
+    children = {child for child, _ in base.named_children()}
+
+    def in_body(key: str) -> str | None:
+        key = key.removeprefix(f"{prefix}.") if prefix else key
+        return key if key in body or key.split(".")[0] in children else None
+
+    missing = sorted(k for k in getattr(info, "missing_keys", ()) if in_body(k) in body)
+    unexpected = sorted(k for k in getattr(info, "unexpected_keys", ()) if in_body(k))
+    mismatched = [
+        str(k[0] if isinstance(k, tuple) else k)
+        for k in getattr(info, "mismatched_keys", None) or ()
+    ]
+    found = [
+        ("lacks weights for", missing),
+        ("has weights its config has no place for", unexpected),
+        ("has weights of the wrong shape for", mismatched),
+    ]
+    return [(what, keys) for what, keys in found if keys]
 
 
 def random_init_copy(model: TracedModel, seed: int) -> TracedModel:

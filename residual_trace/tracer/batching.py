@@ -12,10 +12,28 @@ from residual_trace.errors import UserError
 from residual_trace.models import TracedModel
 
 #: The identifying columns every per-token, per-layer table starts with, in order.
-TOKEN_KEYS = ("model", "text_id", "position", "layer", "token", "token_id", "is_special")
+TOKEN_KEYS = (
+    "model",
+    "text_id",
+    "position",
+    "layer",
+    "token",
+    "token_id",
+    "is_special",
+    "is_unk",
+)
 
 #: The same for per-token, per-block tables (what block ``block`` did to the token).
-BLOCK_TOKEN_KEYS = ("model", "text_id", "position", "block", "token", "token_id", "is_special")
+BLOCK_TOKEN_KEYS = (
+    "model",
+    "text_id",
+    "position",
+    "block",
+    "token",
+    "token_id",
+    "is_special",
+    "is_unk",
+)
 
 
 @dataclass(frozen=True)
@@ -51,11 +69,59 @@ def encode_texts(model: TracedModel, texts: Sequence[str], max_length: int) -> l
         if not text.strip():
             raise UserError(f"text {index} is empty (every text needs at least one word)")
         ids = model.encode(text)
+        if all(i in model.special_ids for i in ids):
+            raise UserError(
+                f"text {index} has no token the model can read ({_shown(text)}: only "
+                "characters its tokenizer drops)"
+            )
         truncated = len(ids) > max_length
         if truncated:
             ids = model.encode(text, max_length=max_length)
+            framing = sum(i in model.special_ids for i in ids)
+            if framing == len(ids):
+                raise UserError(
+                    f"--max-length {max_length} leaves text {index} nothing but its special "
+                    f"tokens: give at least {framing + 1}"
+                )
         encoded.append(EncodedText(text_id=index, ids=tuple(ids), truncated=truncated, text=text))
     return encoded
+
+
+def _shown(text: str, width: int = 40) -> str:
+    return repr(text if len(text) <= width else text[: width - 3] + "...")
+
+
+def _ids_list(text_ids: Sequence[int]) -> str:
+    return ", ".join(map(str, text_ids[:5])) + (" ..." if len(text_ids) > 5 else "")
+
+
+def _report_unknown(
+    model: TracedModel, encoded: Sequence[EncodedText], warn: Callable[[str], None]
+) -> None:
+    """One warning counting [UNK] tokens (flagged ``is_unk`` in every table), and one naming
+    the texts with nothing but [UNK] (no token there traces back to what was written)."""
+    if model.unk_id is None:
+        return
+    counts = [sum(model.is_unk(item.ids)) for item in encoded]
+    total = sum(counts)
+    if not total:
+        return
+    texts = [item.text_id for item, n in zip(encoded, counts, strict=True) if n]
+    warn(
+        f"{total} [UNK] token(s) in {len(texts)} text(s) (text ids {_ids_list(texts)}): the "
+        "tokenizer has no piece for them; they are measured like other tokens and flagged "
+        "is_unk"
+    )
+    only = [
+        item.text_id
+        for item, n in zip(encoded, counts, strict=True)
+        if n and n == sum(i not in model.special_ids for i in item.ids)
+    ]
+    if only:
+        warn(
+            f"{len(only)} text(s) hold no token but [UNK] (text ids {_ids_list(only)}): "
+            "nothing in them can be traced to its input"
+        )
 
 
 def prepare_texts(
@@ -73,6 +139,8 @@ def prepare_texts(
     if limit > model.max_positions:
         raise UserError(f"--max-length {limit} exceeds the model's {model.max_positions} positions")
     encoded = encode_texts(model, texts, limit)
+    if warn is not None:
+        _report_unknown(model, encoded, warn)
     truncated = [e.text_id for e in encoded if e.truncated]
     if truncated and warn is not None:
         shown = ", ".join(map(str, truncated[:5])) + (" ..." if len(truncated) > 5 else "")

@@ -237,6 +237,7 @@ HEAD_COLUMNS = (
     "token",
     "token_id",
     "is_special",
+    "is_unk",
     "head_norm_rel",
     "proj_head",
 )
@@ -412,6 +413,7 @@ def decompose_batch(
             ),
             "token_id": np.tile(ids_np, n_layers),
             "is_special": np.tile(special[valid].cpu().numpy(), n_layers),
+            "is_unk": np.tile(np.array(model.is_unk(ids_np.tolist()), dtype=bool), n_layers),
             **{name: torch.cat(parts).cpu().numpy() for name, parts in local.items()},
         }
     )
@@ -437,6 +439,10 @@ def decompose_batch(
                 ),
                 "token_id": np.repeat(np.tile(ids_np, n_layers), n_heads),
                 "is_special": np.repeat(np.tile(special[valid].cpu().numpy(), n_layers), n_heads),
+                "is_unk": np.repeat(
+                    np.tile(np.array(model.is_unk(ids_np.tolist()), dtype=bool), n_layers),
+                    n_heads,
+                ),
                 "head_norm_rel": per_layer[0].reshape(-1).cpu().numpy(),
                 "proj_head": per_layer[1].reshape(-1).cpu().numpy(),
             }

@@ -208,6 +208,7 @@ def _batch_frame(
             "token": np.tile(strings, n_layers),
             "token_id": np.tile(ids_np, n_layers),
             "is_special": np.tile(special, n_layers),
+            "is_unk": np.tile(np.array(model.is_unk(ids_np.tolist()), dtype=bool), n_layers),
             **{name: np.concatenate(parts) for name, parts in columns.items()},
         }
     )

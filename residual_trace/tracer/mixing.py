@@ -547,6 +547,7 @@ class MixingStream:
                         "token": tokens,
                         "token_id": list(item.ids),
                         "is_special": self.special[row],
+                        "is_unk": model.is_unk(item.ids),
                         "raw_self": mixing.raw_self.cpu().numpy(),
                         "mix_raw": (1.0 - mixing.raw_self).cpu().numpy(),
                         "mix_attn_n": mixing.attn_n.cpu().numpy(),

@@ -84,7 +84,7 @@ def word_span(
         raise UserError(f"--swap: {error}") from None
     if not spans:
         raise UserError(
-            f"--swap: '{word}' is not a word of the text (whole words only, within "
+            f"--swap: {word!r} is not a word of the text (whole words only, within "
             f"--max-length): {text[:80]!r}"
         )
     return spans[0], len(spans)

@@ -22,6 +22,7 @@ SUMMARY_COLUMNS = (
     "model",
     "layer",
     "n_tokens",
+    "n_unk",
     *(f"{name}{suffix}" for name in _WITH_INTERVAL for suffix in ("", "_lo", "_hi")),
     "norm_ratio",
     "top_dim_share",
@@ -33,11 +34,12 @@ def layer_summary(
 ) -> pd.DataFrame:
     """One row per layer: means over tokens, a 95% bootstrap interval, the null beside it.
 
-    Columns: ``n_tokens`` measured; ``cos_input`` (mean); ``baseline`` (mean similarity to
-    the text's other tokens: the anisotropy null); ``identifiable`` (share of tokens with
-    ``vocab_rank == 1``); the same three for the normalised variant, each with ``_lo`` and
-    ``_hi``, the 95% bootstrap interval of the mean; mean ``norm_ratio`` and
-    ``top_dim_share``.
+    Columns: ``n_tokens`` measured, ``n_unk`` of them [UNK] (the tokenizer's stand-in for
+    text it has no piece for: measured like any token, flagged ``is_unk``); ``cos_input``
+    (mean); ``baseline`` (mean similarity to the text's other tokens: the anisotropy null);
+    ``identifiable`` (share of tokens with ``vocab_rank == 1``); the same three for the
+    normalised variant, each with ``_lo`` and ``_hi``, the 95% bootstrap interval of the
+    mean; mean ``norm_ratio`` and ``top_dim_share``.
     Special tokens are left out unless ``include_special``.
 
     Examples:
@@ -53,7 +55,12 @@ def layer_summary(
     model = ", ".join(map(str, table["model"].unique())) if "model" in table else ""
     out = []
     for layer, group in rows.groupby("layer", sort=True):
-        record: dict[str, object] = {"model": model, "layer": int(layer), "n_tokens": len(group)}
+        record: dict[str, object] = {
+            "model": model,
+            "layer": int(layer),
+            "n_tokens": len(group),
+            "n_unk": int(group["is_unk"].sum()) if "is_unk" in group else 0,
+        }
         values = {
             "cos_input": group["cos_input"],
             "baseline": group["baseline"],
@@ -70,7 +77,9 @@ def layer_summary(
         record["norm_ratio"] = float(group["norm_ratio"].mean())
         record["top_dim_share"] = float(group["top_dim_share"].mean())
         out.append(record)
-    return pd.DataFrame(out, columns=list(SUMMARY_COLUMNS)).astype({"n_tokens": np.int64})
+    return pd.DataFrame(out, columns=list(SUMMARY_COLUMNS)).astype(
+        {"n_tokens": np.int64, "n_unk": np.int64}
+    )
 
 
 def format_summary(summary: pd.DataFrame, show_normed: bool) -> str:

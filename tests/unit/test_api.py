@@ -183,7 +183,9 @@ def test_options_are_checked_with_their_names(tiny_models):
         (lambda: rt.probe(model, folds=1), "folds (--folds)"),
         (lambda: rt.report(max_texts="5"), "max_texts (--max-texts): expected an integer"),
         (lambda: rt.report(models=()), "at least one model"),
-        (lambda: rt.report(perturb_samples=0), "perturb_samples: must be at least 1"),
+        (lambda: rt.report(perturb_samples=0), "perturb_samples: must be between 1 and"),
+        (lambda: rt.layers(model, TEXTS, seed=-3), "seed (--seed): must be between 0"),
+        (lambda: rt.probe(model, embedding="static", layers=(0, 1)), "layers (--layers)"),
     ]
     for call, fragment in cases:
         with pytest.raises(UserError) as error:
