@@ -12,7 +12,7 @@ what the ``trace`` command line is built from. Nothing is written to disk until
 Examples:
     >>> import inspect
     >>> list(inspect.signature(layers).parameters)[:4]
-    ['model', 'texts', 'batch_size', 'max_length']
+    ['model', 'texts', 'batch_size', 'seed']
 """
 
 from __future__ import annotations

@@ -369,7 +369,7 @@ def test_perturb_cli_writes_every_output(tiny_dirs, tmp_path):
         (["--mode", "shuffle", "--swap", "a", "b"], "swap (--swap): goes with mode swap"),
         (["--swap", "dog", "dog"], "two different words"),
         (["--swap", "dog", "horse"], "'horse' is not a word of the text"),
-        (["--samples", "0"], "samples (--samples): must be at least 1"),
+        (["--samples", "0"], "samples (--samples): must be between 1 and 100,000, got 0"),
         (["--mode", "shuffle", "--all-pairs"], "all_pairs (--all-pairs): goes with mode swap"),
         (["--show-head", "x"], "expected L<block>H<head>"),
         (["--show-head", "L9H0"], "has blocks 0..1"),

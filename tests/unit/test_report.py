@@ -291,7 +291,7 @@ def test_a_parts_option_is_checked_before_any_model_loads(tmp_path):
     assert result.exit_code == 1, result.output
     assert result.output.count("\n") == 1 and "Traceback" not in result.output
     assert "perturb" in result.output and "samples" in result.output
-    assert "must be at least 1, got 0" in result.output
+    assert "must be between 1 and 100,000, got 0" in result.output
     assert "no-such-model" not in result.output
     assert not out.exists()
     # the same check in the API, before run_report can be called
