@@ -55,7 +55,12 @@ def default_out(model: str, root: Path = Path("runs")) -> Path:
     """``runs/<model>-<UTC timestamp>``, with the model name made path-safe."""
     slug = "".join(c if c.isalnum() or c in "-_." else "-" for c in Path(model).name or model)
     stamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%d-%H%M%S")
-    return root / f"{slug.strip('-.') or 'model'}-{stamp}"
+    base = root / f"{slug.strip('-.') or 'model'}-{stamp}"
+    out, n = base, 1
+    while out.exists():  # two runs in the same second: never the earlier one's directory
+        n += 1
+        out = base.with_name(f"{base.name}-{n}")
+    return out
 
 
 def texts_sha256(texts: Iterable[str]) -> str:

@@ -212,3 +212,14 @@ def test_a_report_resumes_refuses_strangers_and_starts_afresh_on_overwrite(tiny_
     written |= {str(p.relative_to(out)) for p in (out / "tables").iterdir()}
     assert "figures/drift.png" not in written and "figures/mixing.png" in written
     assert [p["experiment"] for p in record["parts"]] == ["decompose"]
+
+
+def test_the_default_out_of_two_runs_in_one_second_differs(tmp_path):
+    from residual_trace.runs import default_out
+
+    first = default_out("minilm", root=tmp_path)
+    first.mkdir()
+    (first / "run.json").write_text("{}")
+    second = default_out("minilm", root=tmp_path)
+    assert second != first and not second.exists()
+    assert second.name.startswith("minilm-")
