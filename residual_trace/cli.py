@@ -55,6 +55,19 @@ class _Group(click.Group):
     """Turns :class:`UserError`, usage errors (and stray exceptions) into one line and a
     non-zero exit."""
 
+    def make_context(
+        self,
+        info_name: str | None,
+        args: list[str],
+        parent: click.Context | None = None,
+        **extra: Any,
+    ) -> click.Context:
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except click.UsageError as error:  # the group's own options: `trace --bogus`
+            message = _one_line(" ".join(error.format_message().split()))
+            raise _UsageLine(f"{message} (see 'trace --help')") from None
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)

@@ -137,3 +137,12 @@ def test_each_wrong_option_is_one_line_naming_it(tiny_dirs, tmp_path, args, frag
     assert len(lines) == 1 and lines[0].startswith("Error:"), result.output
     assert fragment in lines[0], lines[0]
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("args", [["--bogus"], ["bogus"], ["layers", "--bogus"]])
+def test_usage_errors_are_one_line_at_every_level(args):
+    result = CliRunner().invoke(trace, args, catch_exceptions=False)
+    assert result.exit_code == 2
+    lines = [line for line in result.output.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: No such "), result.output
+    assert "--help" in lines[0]
