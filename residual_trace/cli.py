@@ -64,6 +64,8 @@ class _Group(click.Group):
     ) -> click.Context:
         try:
             return super().make_context(info_name, args, parent, **extra)
+        except click.exceptions.NoArgsIsHelpError:
+            raise  # plain `trace`: the help, as click shows it
         except click.UsageError as error:  # the group's own options: `trace --bogus`
             message = _one_line(" ".join(error.format_message().split()))
             raise _UsageLine(f"{message} (see 'trace --help')") from None

@@ -146,3 +146,9 @@ def test_usage_errors_are_one_line_at_every_level(args):
     lines = [line for line in result.output.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("Error: No such "), result.output
     assert "--help" in lines[0]
+
+
+def test_the_bare_command_still_shows_its_help():
+    result = CliRunner().invoke(trace, [], catch_exceptions=False)
+    assert "Commands:" in result.output and "Examples:" in result.output
+    assert not result.output.startswith("Error:")
