@@ -93,17 +93,15 @@ class ReportResult:
 def _prune(root: Path, files: set[Path], parts: set[Path]) -> None:
     """Remove what an earlier report in ``root`` left that this one did not write: tables
     and figures it no longer has, and parts of models or experiments no longer in it."""
-    import shutil
-
     for folder in ("tables", "figures"):
         for path in (root / folder).glob("*"):
             if path not in files:
-                shutil.rmtree(path) if path.is_dir() else path.unlink()
+                _remove(path)
     runs = root / "runs"
     for model in runs.glob("*") if runs.is_dir() else ():
         for experiment in model.glob("*"):
             if experiment not in parts:
-                shutil.rmtree(experiment) if experiment.is_dir() else experiment.unlink()
+                _remove(experiment)
         if model.is_dir() and not any(model.iterdir()):
             model.rmdir()
 
@@ -158,15 +156,20 @@ def check_report_config(options: ReportOptions, warn: Warn = python_warning) -> 
             load_norms(spec)
 
 
-def _start_afresh(root: Path) -> None:
-    """Remove an earlier report's files from ``root`` (``--overwrite``)."""
+def _remove(path: Path) -> None:
+    """Delete a file, a link or a whole directory."""
     import shutil
 
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
+def _start_afresh(root: Path) -> None:
+    """Remove an earlier report's files from ``root`` (``--overwrite``)."""
     for item in root.iterdir():
-        if item.is_dir() and not item.is_symlink():
-            shutil.rmtree(item)
-        else:
-            item.unlink()
+        _remove(item)
 
 
 def run_report(
