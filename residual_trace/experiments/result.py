@@ -16,6 +16,7 @@ from matplotlib.figure import Figure
 
 from residual_trace.errors import UserError
 from residual_trace.experiments.common import FIGURE_FORMATS, inputs_record, model_record
+from residual_trace.experiments.options import Warn, python_warning
 from residual_trace.models import TracedModel
 from residual_trace.options import Options
 from residual_trace.runs import RunDir, write_run_json, write_table
@@ -72,13 +73,20 @@ class Result:
         )
 
     def save(
-        self, out: str | Path, figure_format: str = "png", overwrite: bool = False
+        self,
+        out: str | Path,
+        figure_format: str = "png",
+        overwrite: bool = False,
+        warn: Warn = python_warning,
     ) -> list[Path]:
         """Write every table, figure and ``run.json`` into ``out``; return the paths.
 
         The files go to a hidden temporary sibling first and appear in ``out`` together,
         only when all are written. ``out`` must be new or empty, unless ``overwrite``: then
-        an earlier output of the same command there is replaced as a whole.
+        an earlier output of the same command there is replaced as a whole, and ``warn``
+        is told so. Another run writing ``out`` at the same time makes this one fail with a
+        :class:`UserError` (without ``overwrite``), never a silently lost result; so does a
+        fault of the machine (a full disk), naming the file.
         """
         if figure_format not in FIGURE_FORMATS:
             raise UserError(
@@ -87,7 +95,7 @@ class Result:
             )
         out = Path(out)
         names: list[str] = []
-        with RunDir(out, self.command, overwrite) as run:
+        with RunDir(out, self.command, overwrite, warn) as run:
             for key, frame in self.tables.items():
                 names += [p.name for p in write_table(frame, run.tmp / f"{key}.csv")]
             names += self._save_extra(run.tmp)
