@@ -17,7 +17,7 @@ import residual_trace.experiments.perturb as perturb_module
 import residual_trace.experiments.probe as probe_module
 from residual_trace.cli import trace
 from residual_trace.errors import UserError
-from residual_trace.experiments.report import ReportOptions, run_report
+from residual_trace.experiments.report import ReportOptions, run_report, slug
 
 #: What each part's own summary contributes to depth.csv (per-block summaries of decompose
 #: and perturb sit at the layer their block writes: layer = block + 1).
@@ -145,7 +145,7 @@ def test_comparison_tables_are_the_parts_own_tables(finished, tiny_dirs):
     probes = []
     for kind in KINDS:
         model = str(tiny_dirs[kind])
-        runs = out / "runs" / f"tiny-{kind}"
+        runs = out / "runs" / slug(model)
         rows = depth[depth["model"] == model].set_index("layer")
         layers = pd.read_csv(runs / "layers" / "summary.csv").set_index("layer")
         assert layers.index.tolist() == [0, 1, 2]
@@ -213,7 +213,7 @@ def test_config_written_beside_the_report_reproduces_it(finished, tiny_dirs, tin
         )
     for kind in KINDS:  # the parts are saved beside it too
         for experiment in ("layers", "decompose", "perturb", "probe"):
-            assert (again / "runs" / f"tiny-{kind}" / experiment / "run.json").is_file()
+            assert (again / "runs" / slug(str(tiny_dirs[kind])) / experiment / "run.json").is_file()
 
 
 def test_a_killed_run_resumes_without_redoing_finished_parts(
@@ -232,9 +232,9 @@ def test_a_killed_run_resumes_without_redoing_finished_parts(
     monkeypatch.setattr(perturb_module, "run_perturb", killed_on_the_second_model)
     with pytest.raises(KeyboardInterrupt):
         _report(options, out, models)
-    assert (out / "runs" / "tiny-bert" / "probe" / "run.json").is_file()
+    assert (out / "runs" / slug(str(tiny_dirs["bert"])) / "probe" / "run.json").is_file()
     # nothing half-written: the finished parts of gpt2, and nothing else
-    assert sorted(p.name for p in (out / "runs" / "tiny-gpt2").iterdir()) == [
+    assert sorted(p.name for p in (out / "runs" / slug(str(tiny_dirs["gpt2"]))).iterdir()) == [
         "decompose",
         "layers",
     ]

@@ -231,7 +231,33 @@ def _toml_value(value: Any) -> str:
 
 
 def slug(model: str) -> str:
-    """A directory name for a model (``./ckpt/`` -> ``ckpt``, ``org/name`` -> ``org-name``)."""
-    name = model.rstrip("/")
-    name = Path(name).name if Path(name).exists() else name.replace("/", "-")
+    """The directory of a model's parts: distinct for distinct models, the same for one.
+
+    A packaged alias is its own name (``minilm``); a hub name keeps its organisation with
+    Hugging Face's cache separator (``org/name`` -> ``org--name``; the hub allows no ``--``
+    in names); a local checkpoint is its folder's name plus 8 hex digits of its absolute
+    path, so ``a/model`` and ``b/model`` never share a directory, and ``./ckpt`` and
+    ``ckpt`` (one checkpoint) do.
+
+    Examples:
+        >>> slug("minilm"), slug("EleutherAI/pythia-70m")
+        ('minilm', 'EleutherAI--pythia-70m')
+    """
+    from residual_trace.models.resolve import ALIASES, HUB_RENAMES
+
+    if model in ALIASES:
+        return model
+    path = Path(model).expanduser()
+    if path.exists():
+        where = str(path.resolve())
+        digest = hashlib.sha256(where.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+        return f"{_safe(path.resolve().name)}-{digest}"
+    repo = HUB_RENAMES.get(model, model)
+    safe = "--".join(_safe(part) for part in repo.split("/"))
+    if safe != repo.replace("/", "--"):  # characters a directory name cannot keep
+        safe += "-" + hashlib.sha256(repo.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    return safe
+
+
+def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "-" for c in name).strip("-.") or "model"

@@ -10,12 +10,13 @@ from typing import Any
 import pandas as pd
 from matplotlib.figure import Figure
 
+from residual_trace.errors import UserError, write_fault
 from residual_trace.experiments.options import Warn, python_warning
 from residual_trace.experiments.report.config import EXPERIMENTS, ReportOptions, slug
 from residual_trace.experiments.report.document import assemble, report_figures, write_documents
 from residual_trace.experiments.report.parts import Part, part_directory, run_parts
 from residual_trace.models import TracedModel
-from residual_trace.runs import write_atomic, write_run_json
+from residual_trace.runs import Claim, write_atomic, write_run_json
 
 __all__ = ["EXPERIMENTS", "ReportResult", "run_report"]
 
@@ -33,6 +34,8 @@ class ReportResult:
     verdicts: list[str]
     texts: list[str] = field(default_factory=list)
     source: str = ""
+    #: Each model's checkpoint directory, as the configuration check resolved it.
+    directories: dict[str, str] = field(default_factory=dict)
 
     def figures(self) -> dict[str, Figure]:
         """The report's figures, keyed like their files in ``figures/``."""
@@ -52,6 +55,13 @@ class ReportResult:
         """Write the parts not yet on disk, then tables/, figures/, report.html (self-contained),
         report.md, run.json and config.toml into ``out``; return the report's files."""
         root = Path(out)
+        with Claim(root):
+            try:
+                return self._save(root)
+            except OSError as error:
+                raise write_fault(error, f"--out {root}", root) from None
+
+    def _save(self, root: Path) -> list[Path]:
         _make_root(root)
         write_atomic(root / "config.toml", self.options.to_toml())
         for part in self.parts:
@@ -86,6 +96,7 @@ class ReportResult:
                 for p in self.parts
             ],
             "model_dirs": {m: slug(m) for m in self.options.models},
+            "checkpoints": dict(self.directories),
             "verdicts": self.verdicts,
         }
 
@@ -107,21 +118,18 @@ def _prune(root: Path, files: set[Path], parts: set[Path]) -> None:
 
 
 def _make_root(root: Path) -> None:
-    from residual_trace.errors import UserError
-
     if root.exists() and not root.is_dir():
         raise UserError(f"--out {root} exists and is not a directory")
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise UserError(f"cannot write to --out {root}: {error.strerror or error}") from None
+        raise write_fault(error, f"--out {root}", root) from None
 
 
 def check_report_out(root: Path, overwrite: bool = False) -> None:
     """Fail early when ``root`` cannot hold a report: a file, unwritable, or a non-empty
     directory that is not an earlier report (which the report resumes, or with
     ``overwrite`` replaces)."""
-    from residual_trace.errors import UserError
     from residual_trace.runs import check_out, check_writable, written_by
 
     root = Path(root)
@@ -142,18 +150,29 @@ def _is_report(root: Path) -> bool:
     )
 
 
-def check_report_config(options: ReportOptions, warn: Warn = python_warning) -> None:
+def check_report_config(options: ReportOptions, warn: Warn = python_warning) -> dict[str, str]:
     """What a report needs beyond its validated options, checked before any work starts:
-    every model resolvable (found, without loading its weights) and every probe norm
-    readable."""
+    every model resolvable (found, without loading its weights), no checkpoint named twice
+    (``./ckpt`` and ``ckpt``, ``gpt2`` and ``openai-community/gpt2``), and every probe norm
+    readable. Returns each model's checkpoint directory."""
     from residual_trace.models.resolve import resolve
     from residual_trace.probes.norms import load_norms
 
+    directories: dict[str, str] = {}
     for name in options.models:
-        resolve(name, on_convert=lambda m: warn(f"note: {m}"))
+        directory = str(resolve(name, on_convert=lambda m: warn(f"note: {m}")).directory)
+        same = [other for other, seen in directories.items() if seen == directory]
+        if same or slug(name) in {slug(other) for other in directories}:
+            first = same[0] if same else next(o for o in directories if slug(o) == slug(name))
+            raise UserError(
+                f"--model {first} and --model {name} are the same checkpoint ({directory}): "
+                "give each model once"
+            )
+        directories[name] = directory
     if "probe" in options.experiments:
         for spec in options.probe_norms:
             load_norms(spec)
+    return directories
 
 
 def _remove(path: Path) -> None:
@@ -195,15 +214,28 @@ def run_report(
     """
     options = options or ReportOptions()
     texts, source = options.load_texts()  # bad inputs fail before any model loads
-    check_report_config(options, warn)
-    if workdir is not None:
-        check_report_out(Path(workdir), overwrite)
-        if overwrite and Path(workdir).is_dir():
-            _start_afresh(Path(workdir))
-        _make_root(Path(workdir))
-        write_atomic(Path(workdir) / "config.toml", options.to_toml())
-    parts = run_parts(options, texts, warn, workdir=workdir, models=models, progress=progress)
+    directories = check_report_config(options, warn)
+    claim = Claim(Path(workdir)) if workdir is not None else None  # shared with the CLI's
+    try:
+        if workdir is not None:
+            check_report_out(Path(workdir), overwrite)
+            if overwrite and Path(workdir).is_dir():
+                _start_afresh(Path(workdir))
+            _make_root(Path(workdir))
+            write_atomic(Path(workdir) / "config.toml", options.to_toml())
+        parts = run_parts(options, texts, warn, workdir=workdir, models=models, progress=progress)
+    except OSError as error:
+        raise write_fault(error, f"--out {workdir}", workdir) from None
+    finally:
+        if claim is not None:
+            claim.release()
     tables, verdicts = assemble(options, parts)
     return ReportResult(
-        options=options, parts=parts, tables=tables, verdicts=verdicts, texts=texts, source=source
+        options=options,
+        parts=parts,
+        tables=tables,
+        verdicts=verdicts,
+        texts=texts,
+        source=source,
+        directories=directories,
     )
