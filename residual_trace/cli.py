@@ -30,6 +30,10 @@ from residual_trace.options import Options, click_options
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+#: ``click`` context key: a function saying what an interrupted command kept (default:
+#: nothing written).
+INTERRUPT_KEPT = "residual_trace.interrupt_kept"
+
 _EPILOG_LAYERS = """\b
 Examples:
   trace layers                                   # minilm, bundled sentences
@@ -82,9 +86,17 @@ class _Group(click.Group):
         except (click.ClickException, click.exceptions.Exit):
             raise
         except (KeyboardInterrupt, click.Abort):
-            # Ctrl-C: the partial output is gone already (runs.RunDir); exit as shells expect
-            click.echo("Aborted: interrupted, nothing written.", err=True)
+            # Ctrl-C: the partial output is gone already (runs.RunDir), or, for a report, what
+            # is finished is kept for resuming; exit as shells expect
+            kept = ctx.meta.get(INTERRUPT_KEPT)
+            click.echo(f"Aborted: interrupted, {kept() if kept else 'nothing written'}.", err=True)
             raise click.exceptions.Exit(130) from None
+        except OSError as error:  # a fault of the machine no write site named: still one line
+            if os.environ.get("RESIDUAL_TRACE_DEBUG"):
+                raise
+            where = f" {error.filename}" if error.filename is not None else ""
+            reason = error.strerror or str(error) or type(error).__name__
+            raise click.ClickException(_one_line(f"cannot use{where}: {reason}")) from None
         except Exception as error:
             if os.environ.get("RESIDUAL_TRACE_DEBUG"):
                 raise
@@ -208,16 +220,42 @@ def _texts(texts: tuple[str, ...], file: Path | None) -> Texts:
 
 
 def _run(options: Options, raw: dict[str, Any], command: str, takes_texts: bool = True) -> None:
-    """Load the model (after the inputs and --out are checked), call the API, save, report."""
+    """Check the cheap things (--out, --text/--file) before anything heavy is imported, claim
+    --out, load the model (after the inputs are checked), call the API, save, report."""
+    out = _out(raw["out"])
+    inputs = _texts(raw["texts"], raw["file"])
+    from residual_trace.runs import check_out, claim_out
+
+    if out is not None:
+        check_out(out, command, raw["overwrite"])
+    if takes_texts and isinstance(inputs, Path):
+        from residual_trace.experiments.common import read_texts
+
+        read_texts(inputs)  # a missing or empty file fails before the heavy imports
+    from residual_trace.models.resolve import resolve
+
+    resolve(raw["model_name"], on_convert=lambda m: _echo_err(f"note: {m}"))  # a bad name: now
+    out, claim = claim_out(out, raw["model_name"], raw["overwrite"], _echo_err)
+    try:
+        _measure_and_save(options, raw, command, takes_texts, out, inputs)
+    finally:
+        if claim is not None:
+            claim.release()
+
+
+def _measure_and_save(
+    options: Options,
+    raw: dict[str, Any],
+    command: str,
+    takes_texts: bool,
+    out: Path,
+    inputs: Texts,
+) -> None:
     from residual_trace.experiments.common import load_inputs
     from residual_trace.models import load_model
-    from residual_trace.runs import check_out, default_out
 
     model_name, device = raw["model_name"], raw["device"]
     dtype, device_map = raw["dtype"], raw["device_map"]
-    out = _out(raw["out"]) or default_out(model_name)
-    check_out(out, command, raw["overwrite"])
-    inputs = _texts(raw["texts"], raw["file"])
 
     def loader() -> Any:
         return load_model(
@@ -234,7 +272,9 @@ def _run(options: Options, raw: dict[str, Any], command: str, takes_texts: bool 
         result = options.run(loader, inputs, warn=_echo_err)  # type: ignore[attr-defined]
     else:
         result = options.run(loader, warn=_echo_err)  # type: ignore[attr-defined]
-    files = result.save(out, figure_format=raw["figure_format"], overwrite=raw["overwrite"])
+    files = result.save(
+        out, figure_format=raw["figure_format"], overwrite=raw["overwrite"], warn=_echo_err
+    )
     if not getattr(options, "quiet", False):
         click.echo(result.describe())
         click.echo(f"wrote {out}/: " + ", ".join(p.name for p in files))
@@ -381,7 +421,7 @@ def report(**raw: Any) -> None:
     config.toml that reproduces it. Command-line options override the --config file.
     """
     from residual_trace.experiments.report.result import check_report_out, run_report
-    from residual_trace.runs import default_out
+    from residual_trace.runs import claim_out
 
     config_path, out, quiet = raw.pop("config_path"), _out(raw.pop("out")), raw.pop("quiet")
     overwrite = raw.pop("overwrite")
@@ -391,21 +431,43 @@ def report(**raw: Any) -> None:
     options = (
         ReportOptions.from_toml(config_path, **given) if config_path else ReportOptions(**given)
     )
-    root = out or default_out("report")
-    check_report_out(root, overwrite)
-    result = run_report(
-        options,
-        warn=(lambda m: None) if quiet else _echo_err,
-        workdir=root,
-        progress=None if quiet else _echo_err,
-        overwrite=overwrite,
-    )
-    files = result.save(root)
+    if out is not None:
+        check_report_out(out, overwrite)
+    # a report is written in place (to resume): two at once into one --out are never allowed
+    root, claim = claim_out(out, "report", overwrite, _echo_err, replace_busy=False)
+    try:
+        click.get_current_context().meta[INTERRUPT_KEPT] = lambda: _report_kept(root)
+        result = run_report(
+            options,
+            warn=(lambda m: None) if quiet else _echo_err,
+            workdir=root,
+            progress=None if quiet else _echo_err,
+            overwrite=overwrite,
+        )
+        files = result.save(root)
+    finally:
+        if claim is not None:
+            claim.release()
     if not quiet:
         click.echo(result.describe())
         click.echo(
             f"wrote {root}/: " + ", ".join(sorted({p.relative_to(root).parts[0] for p in files}))
         )
+
+
+def _report_kept(root: Path) -> str:
+    """What an interrupted report left in ``root``, and how to go on."""
+    finished = sorted(root.glob("runs/*/*/fingerprint.txt")) if root.is_dir() else []
+    if finished:
+        return (
+            f"{len(finished)} finished part(s) kept in {root} for resuming: run the same "
+            "command again to resume (--overwrite starts afresh)"
+        )
+    if root.is_dir() and any(root.iterdir()):
+        return (
+            f"no part finished; {root} holds the report's config.toml (the same command starts it)"
+        )
+    return "nothing written"
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -6,12 +6,14 @@ import re
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from residual_trace.errors import UserError
 from residual_trace.experiments.options import ModelArg, Texts, Warn
-from residual_trace.models import TracedModel, load_model
 from residual_trace.runs import texts_sha256
+
+if TYPE_CHECKING:
+    from residual_trace.models import TracedModel
 
 FIGURE_FORMATS = ("png", "svg", "pdf")
 
@@ -79,6 +81,8 @@ def load_inputs(texts: Texts) -> tuple[list[str], str]:
 def resolve_model(model: ModelArg, warn: Warn) -> TracedModel:
     """``model`` itself, the model a name resolves to (on the default device), or what a
     loader returns."""
+    from residual_trace.models import TracedModel, load_model  # torch: only once it is needed
+
     if isinstance(model, TracedModel):
         return model
     if isinstance(model, str):

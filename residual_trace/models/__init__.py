@@ -1,30 +1,41 @@
-"""Model resolution and the hooked TransformerBridge: the only package touching TransformerLens."""
+"""Model resolution and the hooked TransformerBridge: the only package touching TransformerLens.
 
-from residual_trace.models.architectures import NORM_PLACEMENTS, ArchSpec, derive_spec
-from residual_trace.models.resolve import ALIASES, HUB_RENAMES, ResolvedModel, cache_dir
-from residual_trace.models.traced import (
-    DEVICE_MAPS,
-    DTYPES,
-    Capture,
-    NormAffine,
-    TracedModel,
-    load_model,
-    random_init_copy,
-)
+Names are imported on first use, so that resolving a ``--model`` name (:mod:`.resolve`)
+needs neither torch nor TransformerLens and a wrong name fails at once.
+"""
 
-__all__ = [
-    "ALIASES",
-    "DEVICE_MAPS",
-    "DTYPES",
-    "HUB_RENAMES",
-    "NORM_PLACEMENTS",
-    "ArchSpec",
-    "Capture",
-    "NormAffine",
-    "ResolvedModel",
-    "TracedModel",
-    "cache_dir",
-    "derive_spec",
-    "load_model",
-    "random_init_copy",
-]
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from residual_trace.models.architectures import NORM_PLACEMENTS, ArchSpec, derive_spec
+    from residual_trace.models.resolve import ALIASES, HUB_RENAMES, ResolvedModel, cache_dir
+    from residual_trace.models.traced import (
+        DEVICE_MAPS,
+        DTYPES,
+        Capture,
+        NormAffine,
+        TracedModel,
+        load_model,
+        random_init_copy,
+    )
+
+_EXPORTS = {
+    **dict.fromkeys(("NORM_PLACEMENTS", "ArchSpec", "derive_spec"), "architectures"),
+    **dict.fromkeys(("ALIASES", "HUB_RENAMES", "ResolvedModel", "cache_dir"), "resolve"),
+    **dict.fromkeys(
+        ("DEVICE_MAPS", "DTYPES", "Capture", "NormAffine", "TracedModel", "load_model"),
+        "traced",
+    ),
+    "random_init_copy": "traced",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-from residual_trace.errors import UserError
+from residual_trace.errors import UserError, write_fault
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -57,21 +57,52 @@ class ResolvedModel:
     weights_sha256: str
 
 
-def cache_dir() -> Path:
-    """Where converted models are kept: ``$RESIDUAL_TRACE_CACHE`` or the user cache."""
+def cache_setting() -> str:
+    """The setting the cache directory comes from, as error messages name it."""
     env = os.environ.get("RESIDUAL_TRACE_CACHE")
     if env:
-        return Path(env).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "residual-trace"
+        return f"RESIDUAL_TRACE_CACHE={env}"
+    if os.environ.get("XDG_CACHE_HOME"):
+        return f"the cache directory $XDG_CACHE_HOME/residual-trace ({cache_dir()})"
+    return f"the cache directory ~/.cache/residual-trace ({cache_dir()})"
+
+
+def cache_dir() -> Path:
+    """Where converted models and cached embeddings are kept: ``$RESIDUAL_TRACE_CACHE`` or
+    the user cache. A location that exists and is not a directory is refused in one line."""
+    env = os.environ.get("RESIDUAL_TRACE_CACHE")
+    if env:
+        path = Path(env).expanduser()
+    else:
+        base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+        path = Path(base) / "residual-trace"
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        where = f"RESIDUAL_TRACE_CACHE={env}" if env else f"the cache directory {path}"
+        raise UserError(
+            f"{where}: {probe} is a file, not a directory; point RESIDUAL_TRACE_CACHE at a "
+            "directory"
+        )
+    return path
+
+
+#: SHA-256 of files already hashed in this process, keyed by what changes with the file.
+_HASHED: dict[tuple[str, int, int, int], str] = {}
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+    """SHA-256 of a file, read once per process (again when its size or mtime changes)."""
+    info = os.stat(path)
+    key = (os.path.abspath(path), info.st_ino, info.st_size, info.st_mtime_ns)
+    if key not in _HASHED:
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            while block := handle.read(chunk):
+                digest.update(block)
+        _HASHED[key] = digest.hexdigest()
+    return _HASHED[key]
 
 
 def weights_sha256(directory: Path) -> str:
@@ -138,8 +169,11 @@ def convert_gguf(gguf_dir: Path, gguf_name: str, target: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+    except OSError as error:
+        raise write_fault(error, cache_setting(), target.parent) from None
     bars = os.environ.get("TQDM_DISABLE")
     if not sys.stderr.isatty():  # the GGUF reader's own progress bar: terminals only
         os.environ["TQDM_DISABLE"] = "1"
@@ -152,9 +186,12 @@ def convert_gguf(gguf_dir: Path, gguf_name: str, target: Path) -> None:
             model.hf_quantizer = None  # type: ignore[assignment]
             if hasattr(model.config, "quantization_config"):
                 del model.config.quantization_config
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)
+            try:
+                model.save_pretrained(tmp)
+                tokenizer.save_pretrained(tmp)
+                os.replace(tmp, target)
+            except OSError as error:
+                raise write_fault(error, cache_setting(), target) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         if bars is None:

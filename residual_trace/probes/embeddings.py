@@ -28,8 +28,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from residual_trace.errors import UserError
+from residual_trace.errors import UserError, write_fault
 from residual_trace.models import TracedModel, cache_dir
+from residual_trace.models.resolve import cache_setting
 from residual_trace.tracer import iter_batches, prepare_texts
 from residual_trace.tracer.batching import EncodedText
 from residual_trace.tracer.words import is_whole_word
@@ -122,7 +123,15 @@ def _cached(path: Path) -> dict[str, np.ndarray] | None:
 
 
 def _store(path: Path, vectors: np.ndarray, counts: np.ndarray | None) -> None:
-    """Write atomically (a killed run never leaves a half-written cache entry)."""
+    """Write atomically (a killed run never leaves a half-written cache entry); a fault of
+    the machine (a full disk) is one line naming the file and the cache setting."""
+    try:
+        _write_entry(path, vectors, counts)
+    except OSError as error:
+        raise write_fault(error, f"{cache_setting()}; --no-cache skips it", path) from None
+
+
+def _write_entry(path: Path, vectors: np.ndarray, counts: np.ndarray | None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, name = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
     os.close(handle)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -124,6 +125,40 @@ def _report_unknown(
         )
 
 
+def _report_typed_specials(
+    model: TracedModel, encoded: Sequence[EncodedText], warn: Callable[[str], None]
+) -> None:
+    """One warning naming the special-token strings typed inside texts (``[SEP]``,
+    ``[MASK]``, ``<s>``) that the tokenizer turned into its special tokens: what is measured
+    there is the special token, not the characters typed."""
+    tokenizer = model.tokenizer
+    strings = {
+        str(token): tokenizer.convert_tokens_to_ids(str(token))
+        for token in getattr(tokenizer, "all_special_tokens", ())
+        if token and len(str(token)) > 1
+    }
+    strings = {k: v for k, v in strings.items() if isinstance(v, int) and v in model.special_ids}
+    if not strings:
+        return
+    structural = Counter(model.encode("a"))
+    found: dict[str, list[int]] = {}
+    for item in encoded:
+        if not item.text:
+            continue
+        counts = Counter(item.ids)
+        for string, token_id in strings.items():
+            if string in item.text and counts[token_id] > structural[token_id]:
+                found.setdefault(string, []).append(item.text_id)
+    if found:
+        texts = sorted({i for ids in found.values() for i in ids})
+        named = ", ".join(repr(s) for s in sorted(found))
+        warn(
+            f"{len(texts)} text(s) (text ids {_ids_list(texts)}) contain {named}, which the "
+            "tokenizer reads as its special token(s), not as the characters typed: those "
+            "positions are special tokens in every table"
+        )
+
+
 def prepare_texts(
     model: TracedModel,
     texts: Sequence[str],
@@ -141,6 +176,7 @@ def prepare_texts(
     encoded = encode_texts(model, texts, limit)
     if warn is not None:
         _report_unknown(model, encoded, warn)
+        _report_typed_specials(model, encoded, warn)
     truncated = [e.text_id for e in encoded if e.truncated]
     if truncated and warn is not None:
         shown = ", ".join(map(str, truncated[:5])) + (" ..." if len(truncated) > 5 else "")
