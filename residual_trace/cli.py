@@ -7,7 +7,6 @@ unexpected internal error.
 
 from __future__ import annotations
 
-import os
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -92,19 +91,30 @@ class _Group(click.Group):
             click.echo(f"Aborted: interrupted, {kept() if kept else 'nothing written'}.", err=True)
             raise click.exceptions.Exit(130) from None
         except OSError as error:  # a fault of the machine no write site named: still one line
-            if os.environ.get("RESIDUAL_TRACE_DEBUG"):
+            if _debug():
                 raise
             where = f" {error.filename}" if error.filename is not None else ""
             reason = error.strerror or str(error) or type(error).__name__
             raise click.ClickException(_one_line(f"cannot use{where}: {reason}")) from None
         except Exception as error:
-            if os.environ.get("RESIDUAL_TRACE_DEBUG"):
+            if _debug():
                 raise
             first = _one_line((str(error).strip().splitlines() or [""])[0])
             raise click.ClickException(
                 f"internal error: {type(error).__name__}: {first} "
                 "(set RESIDUAL_TRACE_DEBUG=1 for the traceback)"
             ) from None
+
+
+def _debug() -> bool:
+    """``RESIDUAL_TRACE_DEBUG`` as :func:`residual_trace.settings.debug` reads it (a bad value,
+    refused up front by every verb, counts as off here)."""
+    from residual_trace import settings
+
+    try:
+        return settings.debug()
+    except UserError:
+        return False
 
 
 _EPILOG_GROUP = """\b

@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from residual_trace.errors import UserError
-from residual_trace.experiments.options import ModelArg, Texts, Warn
+from residual_trace.experiments.options import ModelArg, Texts, Warn, texts_argument
 from residual_trace.runs import texts_sha256
+from residual_trace.settings import check_environment
 
 if TYPE_CHECKING:
     from residual_trace.models import TracedModel
@@ -61,26 +62,27 @@ def read_texts(path: Path | str) -> list[str]:
     return texts
 
 
-def load_inputs(texts: Texts) -> tuple[list[str], str]:
-    """The texts of a run and a description of their source (for ``run.json``)."""
-    if texts is None:
+def load_inputs(texts: Texts, name: str = "texts") -> tuple[list[str], str]:
+    """The texts of a run and a description of their source (for ``run.json``).
+
+    ``texts`` is checked by :func:`~residual_trace.experiments.options.texts_argument`: a
+    value of another type, a list holding a non-string or one string that looks like a file
+    name is a one-line :class:`UserError` (``name`` is what the message calls it).
+    """
+    given = texts_argument(texts, name)
+    if given is None:
         return bundled_sentences(), "bundled sentences (residual_trace/data/sentences.txt)"
-    if isinstance(texts, Path):
-        return read_texts(texts), str(texts)
-    if isinstance(texts, str):
-        texts = [texts]
-    texts = list(texts)
-    if not texts:
-        raise UserError("no text given")
-    for text in texts:
-        if not isinstance(text, str):
-            raise UserError(f"texts must be strings, got {type(text).__name__}")
-    return [normalise_text(text) for text in texts], "texts given"
+    if isinstance(given, Path):
+        return read_texts(given), str(given)
+    if not given:
+        raise UserError(f"{name}: no text given (an empty list)")
+    return [normalise_text(text) for text in given], "texts given"
 
 
 def resolve_model(model: ModelArg, warn: Warn) -> TracedModel:
     """``model`` itself, the model a name resolves to (on the default device), or what a
     loader returns."""
+    check_environment()  # again, right before a model loads (the options checked it first)
     from residual_trace.models import TracedModel, load_model  # torch: only once it is needed
 
     if isinstance(model, TracedModel):

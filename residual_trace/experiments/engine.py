@@ -15,19 +15,34 @@ model once (a GPU each where the cluster has GPUs), and streams each finished sh
 tables to Parquet in a spool directory. The merged tables are read back in shard order.
 A worker that dies is restarted by Ray and its shard run again; a shard's files are written
 once, under its index, so a retried shard can neither be lost nor counted twice.
+
+A Ray run fails fast and leaves nothing behind (:mod:`.ray_guard`): a ``--ray-address`` is
+probed before Ray is asked to join it; a local Ray started by the command is shut down on
+every way out and tied to the driver's process (a reaper ends it when the driver is
+SIGKILLed); the spool lives in a hidden temporary sibling of ``--out``
+(``.<out>.tmp-<pid>-spool-*``, which the next run into that ``--out`` removes when its
+process is gone); Ray's own log stays off the terminal unless ``RESIDUAL_TRACE_DEBUG=1``;
+and a Ctrl-C (also one sent to the whole process group) is a ``KeyboardInterrupt``, whatever
+Ray raised after it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
+import logging
 import math
 import os
 import pickle
 import shutil
 import signal
+import sys
 import tempfile
-from collections.abc import Sequence
+import threading
+import time
+import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -35,7 +50,9 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 import pandas as pd
 from tqdm.auto import tqdm
 
+from residual_trace import settings
 from residual_trace.errors import UserError
+from residual_trace.experiments import ray_guard
 
 if TYPE_CHECKING:
     from residual_trace.models import TracedModel
@@ -61,6 +78,11 @@ MAX_RETRIES = 3
 #: Test hook: ``INDEX:MARKER`` makes the worker running shard INDEX kill itself (SIGKILL)
 #: the first time, creating MARKER so that the retry survives.
 KILL_SHARD_ENV = "RESIDUAL_TRACE_TEST_KILL_SHARD"
+
+#: Test hook: ``INDEX:MARKER`` makes the worker running shard INDEX create MARKER and then
+#: sleep for :data:`STALL_S` seconds, so that a test can stop the driver mid-run.
+STALL_SHARD_ENV = "RESIDUAL_TRACE_TEST_STALL_SHARD"
+STALL_S = 600.0
 
 
 @dataclass
@@ -196,28 +218,49 @@ class ShardWorker:
         encoded: Sequence[EncodedText],
         options: Any,
         kill_marker: str | None = None,
+        stall_marker: str | None = None,
     ) -> ShardPart:
         if kill_marker is not None and not os.path.exists(kill_marker):
             Path(kill_marker).touch()
             os.kill(os.getpid(), signal.SIGKILL)  # a worker dying mid-shard (tests)
+        if stall_marker is not None:
+            Path(stall_marker).touch()
+            time.sleep(STALL_S)  # a shard that takes long (tests stop the driver meanwhile)
         if self.failure is not None:
             raise self.failure
         return _experiment(command).shard_rows(self.model, encoded, options)
 
 
-def _kill_request() -> tuple[int, str] | None:
-    value = os.environ.get(KILL_SHARD_ENV)
+def _test_request(name: str = KILL_SHARD_ENV) -> tuple[int, str] | None:
+    value = os.environ.get(name)
     if not value:
         return None
     index, _, marker = value.partition(":")
     return int(index), marker
 
 
+def _spool_parent() -> tuple[Path, str]:
+    """Where the spool goes, and its name's prefix: beside the ``--out`` this process has
+    claimed (``.<out>.tmp-<pid>-spool-``, a temporary sibling that the next run into that
+    ``--out`` removes once this process is gone), else (no output claimed yet: the API) in
+    the system's temporary directory (``rt-ray-<pid>-spool-``, removed by the next Ray run
+    once this process is gone)."""
+    from residual_trace.runs import Claim
+
+    held = list(Claim._held)  # the claims this process holds, the latest last
+    if held:
+        out = Path(held[-1])
+        if out.parent.is_dir() and os.access(out.parent, os.W_OK | os.X_OK):
+            return out.parent, f".{out.name}.tmp-{os.getpid()}-spool-"
+    return ray_guard.temp_root(), f"{ray_guard.TEMP_PREFIX}{os.getpid()}-spool-"
+
+
 class _Spool:
     """Finished shards as Parquet (tables) and pickle (extras), one set per shard index."""
 
     def __init__(self) -> None:
-        self.root = Path(tempfile.mkdtemp(prefix="residual-trace-shards-"))
+        parent, prefix = _spool_parent()
+        self.root = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
         self.tables: dict[int, list[str]] = {}
 
     def write(self, index: int, part: ShardPart) -> None:
@@ -260,33 +303,93 @@ class _RayRun:
             options, quiet=True, engine="local", ray_address=None, workers=None
         )
 
+        #: set when a SIGINT arrived during the run: whatever Ray raises after it is a
+        #: consequence (a worker that died of the same Ctrl-C), so it becomes an interrupt
+        self.interrupted = False
+
     def run(self) -> ShardPart:
         ray = _import_ray()
-        started = self._connect(ray)
         spool = _Spool()
+        started, local = False, None
         try:
-            return self._run(ray, spool)
+            started, local = self._connect(ray, spool)
+            with self._noting_sigint():
+                return self._run(ray, spool)
+        except Exception:
+            if self.interrupted:
+                raise KeyboardInterrupt from None
+            raise
         finally:
-            spool.close()
-            if started:
-                ray.shutdown()
+            with _deferring_sigint():  # a second Ctrl-C must not cut the clean-up short
+                spool.close()
+                if started:
+                    with contextlib.suppress(Exception):
+                        ray.shutdown()
+                if local is not None:
+                    local.close()
 
-    def _connect(self, ray: Any) -> bool:
-        """Join ``ray_address`` (or the running session, or start a local one)."""
-        if ray.is_initialized():
-            return False
-        kwargs: dict[str, Any] = {"log_to_driver": False, "logging_level": "ERROR"}
-        if self.options.ray_address:
-            kwargs["address"] = self.options.ray_address
-        else:
-            kwargs["include_dashboard"] = False
+    @contextlib.contextmanager
+    def _noting_sigint(self) -> Iterator[None]:
+        """Note a SIGINT (then handle it as before: a ``KeyboardInterrupt``)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = signal.getsignal(signal.SIGINT)
+        if not callable(previous):
+            yield
+            return
+
+        def note(signum: int, frame: Any) -> None:
+            self.interrupted = True
+            previous(signum, frame)
+
+        signal.signal(signal.SIGINT, note)
         try:
-            ray.init(**kwargs)
-        except Exception as error:
+            yield
+        finally:
+            if signal.getsignal(signal.SIGINT) is note:
+                signal.signal(signal.SIGINT, previous)
+
+    def _connect(self, ray: Any, spool: _Spool) -> tuple[bool, ray_guard.LocalRay | None]:
+        """Join ``ray_address`` (or the running session, or start a local one); return
+        whether this call initialised Ray and, for a local Ray, its tie to this process."""
+        if ray.is_initialized():
+            return False, None
+        debug = settings.debug()
+        kwargs: dict[str, Any] = {
+            "log_to_driver": debug,
+            "logging_level": logging.INFO if debug else logging.ERROR,
+        }
+        address, setting = self.options.ray_address, "ray_address (--ray-address)"
+        if address is None and os.environ.get("RAY_ADDRESS", "").strip():
+            address, setting = os.environ["RAY_ADDRESS"], "RAY_ADDRESS"
+        local = None
+        if address is not None:
+            kwargs["address"] = _check_address(ray, address.strip(), setting)
+            where = repr(address.strip())
+        else:
+            ray_guard.sweep()
+            # Ray's log directory is removed with the run unless asked for (debug: kept)
+            local = ray_guard.LocalRay(remove=(spool.root,), keep_temp=debug)
+            kwargs.update(address="local", include_dashboard=False)
+            if local.temp_dir is not None:
+                kwargs["_temp_dir"] = str(local.temp_dir)
+            where = "a local Ray instance"
+        try:
+            with _quiet(debug), local.starting() if local else contextlib.nullcontext():
+                ray.init(**kwargs)
+        except BaseException as error:
+            with _deferring_sigint():
+                with contextlib.suppress(Exception):
+                    ray.shutdown()
+                if local is not None:
+                    local.close()
+            if not isinstance(error, Exception):
+                raise
             first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-            where = self.options.ray_address or "a local Ray instance"
-            raise UserError(f"ray_address (--ray-address): cannot join {where}: {first}") from None
-        return True
+            verb = "start" if local is not None else "join"
+            raise UserError(f"{setting} {where}: cannot {verb} it: {first}") from None
+        return True, local
 
     def _workers(self, ray: Any, n_batches: int) -> tuple[int, int | None, bool]:
         """Number of workers, torch threads each (CPU only) and whether each gets a GPU."""
@@ -323,19 +426,22 @@ class _RayRun:
         )(ShardWorker)
         request = ModelRequest.of(self.model)
         actors = [actor_type.remote(request, threads, use_gpu) for _ in range(workers)]
-        kill = _kill_request()
+        kill = _test_request(KILL_SHARD_ENV)
+        stall = _test_request(STALL_SHARD_ENV)
         pending = list(enumerate(shards))
         running: dict[Any, tuple[int, Any]] = {}
 
         def submit(actor: Any) -> None:
             index, texts = pending.pop(0)
             marker = kill[1] if kill is not None and kill[0] == index else None
+            stall_marker = stall[1] if stall is not None and stall[0] == index else None
             ref = actor.run.remote(
                 self.command,
                 index,
                 [self.encoded[i] for i in texts],
                 self.worker_options,
                 marker,
+                stall_marker,
             )
             running[ref] = (index, actor)
 
@@ -387,3 +493,71 @@ class _RayRun:
                 f"engine ray: shard {index} failed after {MAX_RETRIES} retries: {first}"
             ) from None
         return part
+
+
+def _check_address(ray: Any, address: str, setting: str) -> str:
+    """``address`` once it is known to lead to a Ray cluster, or a one-line error within
+    about ``2 * ray_guard.PROBE_TIMEOUT_S`` seconds saying why it does not."""
+    shown = repr(address)
+    target = address
+    if address == "auto":
+        finder = getattr(
+            getattr(getattr(ray, "_private", None), "services", None),
+            "canonicalize_bootstrap_address_or_die",
+            None,
+        )
+        if finder is not None:
+            try:
+                target = finder("auto")
+            except Exception as error:
+                first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+                raise UserError(
+                    f"{setting} {shown}: found no Ray cluster to join: {first}"
+                ) from None
+    try:
+        ray_guard.check(target)
+    except ray_guard.AddressError as error:
+        raise UserError(f"{setting} {shown}: cannot join a Ray cluster there: {error}") from None
+    return address
+
+
+@contextlib.contextmanager
+def _quiet(debug: bool) -> Iterator[None]:
+    """Ray's warnings and its C++ log lines (written to file descriptor 2 while it starts
+    or retries an address) off the terminal unless ``debug``; what it wrote is dropped."""
+    if debug:
+        yield
+        return
+    with warnings.catch_warnings(), tempfile.TemporaryFile() as sink:
+        warnings.simplefilter("ignore")
+        try:
+            saved = os.dup(2)
+        except OSError:
+            yield
+            return
+        sys.stderr.flush()
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+@contextlib.contextmanager
+def _deferring_sigint() -> Iterator[None]:
+    """Clean-up that a Ctrl-C must not interrupt: a SIGINT meanwhile is noted and raised as
+    ``KeyboardInterrupt`` after it (unless an exception is on its way out already)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    caught: list[int] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught and callable(previous):
+        raise KeyboardInterrupt

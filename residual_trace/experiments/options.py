@@ -8,9 +8,11 @@ the report's TOML all go through these classes. This module imports nothing heav
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias
@@ -19,6 +21,7 @@ from residual_trace.errors import UserError
 from residual_trace.naming import parse_head_name
 from residual_trace.options import Options, no_type_check, option
 from residual_trace.probes import CONDITIONS
+from residual_trace.settings import check_environment
 
 if TYPE_CHECKING:
     from residual_trace.experiments.decompose import DecomposeResult
@@ -28,7 +31,8 @@ if TYPE_CHECKING:
     from residual_trace.models import TracedModel
 
 #: What an experiment takes as its texts: a list of texts, one text, a file with one text
-#: per non-blank line, or ``None`` for the bundled sentences.
+#: per non-blank line, or ``None`` for the bundled sentences. :func:`texts_argument` holds a
+#: value to exactly that at run time.
 Texts: TypeAlias = "Sequence[str] | str | Path | None"
 
 #: What an experiment takes as its model: a loaded one, a name for ``load_model``, or a
@@ -37,6 +41,133 @@ ModelArg: TypeAlias = "TracedModel | str | Callable[[], TracedModel]"
 
 #: Receives one-line warnings and notes (the command line prints them to stderr).
 Warn: TypeAlias = Callable[[str], None]
+
+
+#: A lone string ending so names a file rather than a text.
+FILE_SUFFIXES = (".txt", ".text", ".tsv", ".csv", ".json", ".jsonl", ".md", ".parquet")
+
+
+def _type_name(value: object) -> str:
+    """``list``, ``numpy.ndarray``: how messages name the type of ``value``."""
+    kind = type(value)
+    module = kind.__module__.split(".")[0]
+    return kind.__qualname__ if module == "builtins" else f"{module}.{kind.__qualname__}"
+
+
+def _shown(value: object, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 4] + "...'"
+
+
+def looks_like_a_file(text: str) -> str | None:
+    """Why a lone string reads as a file name rather than a text (``None``: it is a text).
+
+    A string that ends in a file suffix (``.txt``, ``.tsv``, ``.csv``, ...), holds a path
+    separator and no space, or names an existing file or directory.
+
+    Examples:
+        >>> looks_like_a_file("The dog chased the cat.") is None
+        True
+        >>> looks_like_a_file("data/sentences"), looks_like_a_file("my corpus.TXT")
+        ('it holds a path separator and no space', 'it ends in .txt')
+    """
+    stripped = text.strip()
+    if not stripped:
+        return None
+    suffix = next((s for s in FILE_SUFFIXES if stripped.lower().endswith(s)), None)
+    if suffix is not None:
+        return f"it ends in {suffix}"
+    separators = {"/", "\\", os.sep} | ({os.altsep} if os.altsep else set())
+    if not any(c.isspace() for c in stripped) and any(c in stripped for c in separators):
+        return "it holds a path separator and no space"
+    try:
+        exists = os.path.lexists(stripped)
+    except (OSError, ValueError):  # a NUL byte, a name too long: not a file
+        exists = False
+    if exists:
+        return "a file or directory of that name exists"
+    return None
+
+
+def _refuse_type(value: object, name: str) -> UserError:
+    kind = _type_name(value)
+    expected = (
+        "pass a list of strings (one text each), one string, a Path to a UTF-8 file with one "
+        "text per line, or None for the bundled sentences"
+    )
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return UserError(
+            f"{name}: got {kind}, expected str: decode it first (value.decode('utf-8')), or "
+            "pass Path(...) to read a file"
+        )
+    if isinstance(value, AbstractSet):
+        return UserError(
+            f"{name}: got a {kind}, whose order is arbitrary (it can change from one run to "
+            "the next, and text ids with it): pass a list, e.g. sorted(...)"
+        )
+    if isinstance(value, Mapping):
+        return UserError(
+            f"{name}: got a {kind}: pass a list of strings, e.g. list(d.values()) for its values"
+        )
+    if isinstance(value, Iterator):
+        return UserError(
+            f"{name}: got a {kind}, which can be read only once: pass a list, e.g. list(...)"
+        )
+    if hasattr(value, "tolist") and hasattr(value, "__len__"):  # numpy, pandas
+        return UserError(f"{name}: got a {kind}: pass a list of strings, e.g. value.tolist()")
+    return UserError(f"{name}: got {kind} {_shown(value)}: {expected}")
+
+
+def texts_argument(value: object, name: str = "texts") -> list[str] | Path | None:
+    """``value`` as :data:`Texts` promises it: a list of ``str``, a ``Path`` (any
+    ``os.PathLike``), or ``None``. One ``str`` is one text, unless it looks like a file name
+    (:func:`looks_like_a_file`): that is refused, not silently measured as a sentence.
+    Anything else is a one-line :class:`UserError` naming the type received (for a list,
+    the index and type of the first item that is not a ``str``) and what to pass.
+
+    Examples:
+        >>> texts_argument("The dog ran."), texts_argument(("A.", "B."))
+        (['The dog ran.'], ['A.', 'B.'])
+        >>> try:
+        ...     texts_argument(["A.", None])
+        ... except UserError as error:
+        ...     print(error)
+        texts[1]: got NoneType None, expected str: every text must be a string
+    """
+    if value is None:
+        return None
+    if isinstance(value, Path):
+        return value
+    if isinstance(value, os.PathLike):
+        path = os.fspath(value)
+        if isinstance(path, str):
+            return Path(path)
+        raise UserError(f"{name}: got a {_type_name(value)} naming a bytes path: pass Path(str)")
+    if isinstance(value, str):
+        why = looks_like_a_file(value)
+        if why is not None:
+            shown = _shown(value)
+            raise UserError(
+                f"{name}: the string {shown} looks like a file name ({why}): pass "
+                f"Path({shown}) to read a file, or a list of one string ([{shown}]) to "
+                "measure it as a text"
+            )
+        return [str(value)]
+    if not isinstance(value, Sequence) or isinstance(value, (bytes, bytearray, memoryview)):
+        raise _refuse_type(value, name)
+    texts: list[str] = []
+    for index, item in enumerate(value):
+        if not isinstance(item, str):
+            hint = (
+                "decode it first (item.decode('utf-8'))"
+                if isinstance(item, (bytes, bytearray))
+                else "every text must be a string"
+            )
+            raise UserError(
+                f"{name}[{index}]: got {_type_name(item)} {_shown(item)}, expected str: {hint}"
+            )
+        texts.append(str(item))
+    return texts
 
 
 def python_warning(message: str) -> None:
@@ -56,6 +187,7 @@ class CommonOptions(Options):
     )
 
     def validate(self) -> None:
+        check_environment()  # every verb, before any work: see residual_trace.settings
         if self.batch_size < 1:
             raise self.fail("batch_size", f"must be at least 1, got {self.batch_size}")
         if not 0 <= self.seed < 2**63:
@@ -114,6 +246,17 @@ class CorpusOptions(CommonOptions):
             raise self.fail("workers", f"must be at least 1, got {self.workers}")
         if self.ray_address is not None and not self.ray_address.strip():
             raise self.fail("ray_address", "is empty")
+        if self.ray_address is not None and self.ray_address.strip() != "auto":
+            # before any model loads: an address with no Ray cluster behind it fails in
+            # seconds (``auto`` is resolved by Ray itself, when the engine starts)
+            from residual_trace.experiments import ray_guard
+
+            try:
+                ray_guard.check(self.ray_address.strip())
+            except ray_guard.AddressError as error:
+                raise self.fail(
+                    "ray_address", f"{self.ray_address.strip()!r}: no Ray cluster there: {error}"
+                ) from None
 
 
 def check_text_id(name: str, value: int, texts: Sequence[str]) -> None:
@@ -157,7 +300,7 @@ class LayersOptions(CorpusOptions):
         """Run on ``model`` and ``texts``; see :func:`residual_trace.layers`."""
         from residual_trace.experiments.layers import run_layers
 
-        return run_layers(model, texts, self, warn)
+        return run_layers(model, texts_argument(texts), self, warn)
 
 
 @no_type_check
@@ -203,7 +346,7 @@ class DecomposeOptions(CorpusOptions):
         """Run on ``model`` and ``texts``; see :func:`residual_trace.decompose`."""
         from residual_trace.experiments.decompose import run_decompose
 
-        return run_decompose(model, texts, self, warn)
+        return run_decompose(model, texts_argument(texts), self, warn)
 
 
 #: Most perturbations per text (each is a forward pass) and most cross-validation repeats:
@@ -291,7 +434,7 @@ class PerturbOptions(CorpusOptions):
         """Run on ``model`` and ``texts``; see :func:`residual_trace.perturb`."""
         from residual_trace.experiments.perturb import run_perturb
 
-        return run_perturb(model, texts, self, warn)
+        return run_perturb(model, texts_argument(texts), self, warn)
 
 
 Mapper = Literal["plsr", "ffnn", "ridge"]
@@ -358,9 +501,19 @@ class ProbeOptions(CommonOptions):
     use_cache: bool = option(
         True, "Recompute embeddings instead of reading the cache.", negate="--no-cache"
     )
-    corpus: tuple[str, ...] | Path | None = option(
-        None, "The corpus of embedding=contextual.", cli=False
+    corpus: Sequence[str] | Path | None = option(
+        None,
+        "The corpus of embedding=contextual: what texts= takes elsewhere (a list of texts, "
+        "one text, a Path to a file with one text per line); stored as a tuple or a Path.",
+        cli=False,
     )
+
+    def __post_init__(self) -> None:
+        # the corpus is checked like every experiment's texts (before the type checks of
+        # the other options, which would name a set or a generator only by its repr)
+        corpus = texts_argument(self.corpus, "corpus")
+        self.corpus = tuple(corpus) if isinstance(corpus, list) else corpus
+        super().__post_init__()
 
     def validate(self) -> None:
         super().validate()

@@ -151,10 +151,16 @@ def run_probe(
         notes.append(message)
         warn(message)
 
+    for norms in all_norms:  # what reading each file dropped by design, counted
+        for note in norms.notes:
+            echo(f"{norms.name}: {note}")
     traced = resolve_model(model, echo)
     config.seed_torch()
     layers = _layers(config, traced)
-    vectors, samples, dropped = _embed(traced, all_norms, config, corpus, notes)
+    sampling: list[str] = []
+    vectors, samples, dropped = _embed(traced, all_norms, config, corpus, sampling)
+    for note in sampling:
+        echo(note)
     random_vectors: WordVectors | None = None
     if "random-init" in config.conditions:
         random_model = random_init_copy(traced, config.seed)
@@ -164,12 +170,12 @@ def run_probe(
     index = {w: i for i, w in enumerate(vectors.words)}
     frames, concept_rows, n_concepts = [], [], {}
     for norms in all_norms:
-        notes += [f"{norms.name}: {note}" for note in norms.notes]
         subset = norms.subset(samples[norms.name])
         rows = [index[c] for c in subset.concepts]
         n_concepts[norms.name] = len(subset.concepts)
         metrics, metric_notes = applicable_metrics(subset, config.per_feature)
-        notes += [f"{norms.name}: {note}" for note in metric_notes]
+        for note in metric_notes:
+            echo(f"{norms.name}: {note}")
         used = set(subset.concepts)
         concept_rows.append(
             pd.DataFrame(
@@ -275,5 +281,5 @@ def describe(result: ProbeResult) -> str:
             f"{claim} its controls; {row.share_of_upper:.0%} of the upper bound "
             f"(gap {row.gap_to_upper:+.3f})"
         )
-    lines += [f"note: {note}" for note in result.notes]
+    # the notes went to ``warn`` (stderr) as they arose, and are in run.json
     return "\n".join(lines)

@@ -21,6 +21,20 @@ layout (these norms are not redistributable, so they are never bundled):
 Concept names are normalised (McRae's sense suffix: ``bear_(animal)`` -> ``bear``;
 underscores -> spaces); concepts that collide after that are reported and the first kept,
 never silently dropped.
+
+Every row is kept or accounted for. A file is refused in one line naming the file, the line
+and the concept where:
+
+* it is empty, has no rows, or lacks a column its layout needs;
+* a value is not a number (``abc`` in a numeric column), not finite (``inf``), or absurd
+  (``|value| > 1e15``: beyond that float64 no longer holds a rating to one unit, and
+  squaring overflows soon after);
+* a concept (ratings layouts) or a concept-feature pair (listing layouts) is repeated with
+  different values: which one is meant cannot be known.
+
+What is dropped by design is counted in a note (in ``run.json`` and on stderr): a repeat
+identical to an earlier row, concepts that collide after normalisation, missing ratings
+(``na``) in ratings layouts, and (Binder only) non-numeric metadata columns.
 """
 
 from __future__ import annotations
@@ -42,6 +56,12 @@ BUNDLED = ("lancaster", "concreteness", "lancaster+concreteness")
 LAYOUTS = ("mcrae", "buchanan", "binder", "wide", "long")
 
 _WORD_COLUMNS = ("word", "concept", "cue", "words")
+
+#: Largest magnitude a norm value may have (see the module docstring).
+MAX_ABS_VALUE = 1e15
+
+#: The column holding each row's line in the file (1 is the header).
+_LINE = "_line"
 _BINDER_META = {"no", "n", "mean r", "mean_r", "super category", "category", "wordnet"}
 
 
@@ -127,8 +147,17 @@ def load_norms(spec: str) -> Norms:
 
 
 def _read(path: Path, sep: str | None, spec: str) -> pd.DataFrame:
+    """The file as a table, with each row's line number in :data:`_LINE`."""
     try:
-        frame = pd.read_csv(path, sep=sep, engine="python", na_values=["na", "NA", ""])
+        if path.is_file() and not path.read_bytes().strip():
+            raise UserError(f"--norms {spec}: the file is empty")
+        frame = pd.read_csv(
+            path,
+            sep=sep,
+            engine="python",
+            na_values=["na", "NA", ""],
+            skip_blank_lines=False,  # so that a row's index gives its line in the file
+        )
     except FileNotFoundError:
         raise UserError(f"--norms {spec}: no such file") from None
     except IsADirectoryError:
@@ -137,15 +166,78 @@ def _read(path: Path, sep: str | None, spec: str) -> pd.DataFrame:
         first = (str(error).strip().splitlines() or ["unreadable"])[0]
         raise UserError(f"--norms {spec}: cannot read it as a table ({first})") from None
     frame.columns = [str(c).strip() for c in frame.columns]
+    frame[_LINE] = np.arange(len(frame)) + 2
+    frame = frame[frame.drop(columns=_LINE).notna().any(axis=1)]  # blank lines
     if frame.empty:
-        raise UserError(f"--norms {spec}: the file has no rows")
+        raise UserError(f"--norms {spec}: the file has a header but no rows")
     return frame
+
+
+def _where(frame: pd.DataFrame, row: object, concept: str | None = None) -> str:
+    """``line 7 (concept 'dog')``: where a row is, for messages."""
+    line = frame.at[row, _LINE] if _LINE in frame.columns else None
+    place = f"line {int(line)}" if line is not None else f"row {row}"
+    if concept is not None:
+        place += f" (concept {str(frame.at[row, concept]).strip()!r})"
+    return place
+
+
+def _numbers(
+    frame: pd.DataFrame, column: str, spec: str, concept: str, missing_ok: bool
+) -> pd.Series:
+    """``column`` as float64; a value that is not a number, not finite or absurd (and, unless
+    ``missing_ok``, a missing one) is a one-line :class:`UserError` naming its line."""
+    raw = frame[column]
+    values = pd.to_numeric(raw, errors="coerce").astype(np.float64)
+    problems = [  # (rows, what is wrong there): the earliest row in the file is named
+        (values.isna() & raw.notna(), lambda row: f"{str(raw[row])!r} is not a number"),
+        (values.isna() & raw.isna() & (not missing_ok), lambda row: "is missing"),
+        (np.isinf(values), lambda row: f"{values[row]:g} is not finite"),
+        (
+            values.abs() > MAX_ABS_VALUE,
+            lambda row: f"{values[row]:g} is absurd (|value| > {MAX_ABS_VALUE:g})",
+        ),
+    ]
+    found = [(int(np.argmax(mask.to_numpy())), say) for mask, say in problems if mask.any()]
+    if found:
+        position, say = min(found, key=lambda item: item[0])
+        row = frame.index[position]
+        raise UserError(f"--norms {spec}: {_where(frame, row, concept)}: {column} {say(row)}")
+    return values
+
+
+def _repeats(frame: pd.DataFrame, keys: list[str], values: list[str], spec: str) -> pd.Series:
+    """Rows that repeat an earlier row's ``keys``: identical ones are returned (to drop,
+    with a counted note); one with different ``values`` is a one-line :class:`UserError`
+    naming both lines."""
+    repeated = frame.duplicated(keys, keep=False)
+    if not repeated.any():
+        return pd.Series(False, index=frame.index)
+    for _, group in frame[repeated].groupby(keys, sort=False, dropna=False):
+        first = group.iloc[0][values].tolist()
+        for row, current in group.iloc[1:][values].iterrows():
+            same = all(
+                (pd.isna(a) and pd.isna(b)) or a == b
+                for a, b in zip(first, current.tolist(), strict=True)
+            )
+            if not same:
+                what = " / ".join(str(group.iloc[0][k]).strip() for k in keys)
+                lines = f"{_where(frame, group.index[0])} and {_where(frame, row)}".replace(
+                    " and line ", " and "
+                ).replace("line ", "lines ", 1)
+                kind = "concept" if len(keys) == 1 else "concept-feature pair"
+                raise UserError(
+                    f"--norms {spec}: {kind} {what!r} is repeated with different values "
+                    f"({lines}): keep one row per {kind}"
+                )
+    return frame.duplicated(keys, keep="first")
 
 
 def _require(frame: pd.DataFrame, columns: list[str], spec: str, layout: str) -> None:
     missing = [c for c in columns if c not in frame.columns]
     if missing:
-        found = ", ".join(list(frame.columns)[:8]) + (" ..." if len(frame.columns) > 8 else "")
+        names = [str(c) for c in frame.columns if c != _LINE]
+        found = ", ".join(names[:8]) + (" ..." if len(names) > 8 else "")
         raise UserError(
             f"--norms {spec}: not the {layout} layout, missing column(s) "
             f"{', '.join(missing)} (found: {found})"
@@ -158,28 +250,31 @@ def _word_column(frame: pd.DataFrame, spec: str) -> str:
             return str(column)
     raise UserError(
         f"--norms {spec}: no word column (expected one named {', '.join(_WORD_COLUMNS)}; "
-        f"found: {', '.join(map(str, frame.columns[:8]))})"
+        f"found: {', '.join([str(c) for c in frame.columns if c != _LINE][:8])})"
     )
 
 
 def _from_long(
     frame: pd.DataFrame, concept: str, feature: str, value: str, name: str, spec: str
 ) -> Norms:
-    data = frame[[concept, feature, value]].dropna(subset=[concept, feature])
-    data = data.assign(
-        _concept=data[concept].map(normalise_concept),
-        _feature=data[feature].astype(str).str.strip(),
+    for column, what in ((concept, "concept"), (feature, "feature")):
+        empty = frame[column].isna()
+        if empty.any():
+            raise UserError(f"--norms {spec}: {_where(frame, empty.idxmax())}: no {what}")
+    data = frame.assign(
+        _concept=frame[concept].map(normalise_concept),
+        _feature=frame[feature].astype(str).str.strip(),
+        _value=_numbers(frame, value, spec, concept, missing_ok=False),
     )
-    values = pd.to_numeric(data[value], errors="coerce")
-    if values.isna().all():
-        raise UserError(f"--norms {spec}: column {value} holds no numbers")
-    data = data.assign(_value=values.fillna(0.0))
     notes = _collisions(data[[concept, "_concept"]].drop_duplicates(), concept)
     kept_raw = set(data.drop_duplicates("_concept")[concept])
     data = data[data[concept].isin(kept_raw)]
-    duplicated = data.duplicated(["_concept", "_feature"])
+    duplicated = _repeats(data, ["_concept", "_feature"], ["_value"], spec)
     if duplicated.any():
-        notes.append(f"{int(duplicated.sum())} repeated concept-feature pair(s): the first kept")
+        notes.append(
+            f"{int(duplicated.sum())} row(s) repeating an earlier concept-feature pair with "
+            "the same value: dropped"
+        )
     matrix = data[~duplicated].pivot_table(
         index="_concept",
         columns="_feature",
@@ -249,10 +344,21 @@ def _ratings(
     frame: pd.DataFrame, word: str, features: list[str], name: str, spec: str
 ) -> tuple[Norms, pd.DataFrame]:
     data = frame.dropna(subset=[word]).copy()
+    for column in features:
+        data[column] = _numbers(data, column, spec, word, missing_ok=True)
+    notes: list[str] = []
+    keyed = data.assign(_raw=data[word].astype(str).str.strip())
+    duplicated = _repeats(keyed, ["_raw"], features, spec)
+    if duplicated.any():
+        notes.append(
+            f"{int(duplicated.sum())} row(s) repeating an earlier concept with the same "
+            "values: dropped"
+        )
+    data = data[~duplicated]
     data["_concept"] = data[word].map(normalise_concept)
-    notes = _collisions(data[[word, "_concept"]].drop_duplicates(), word)
+    notes += _collisions(data[[word, "_concept"]].drop_duplicates(), word)
     data = data.drop_duplicates("_concept")
-    values = data[features].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
+    values = data[features].to_numpy(dtype=np.float64)
     missing = int(np.isnan(values).sum())
     if missing:
         notes.append(f"{missing} missing rating(s) (na) kept as missing")
@@ -267,24 +373,32 @@ def _ratings(
     return norms, data
 
 
-def _numeric_columns(frame: pd.DataFrame, skip: set[str]) -> tuple[list[str], list[str]]:
+def _numeric_columns(
+    frame: pd.DataFrame, skip: set[str], spec: str, word: str
+) -> tuple[list[str], list[str]]:
+    """The columns that hold numbers, and those that hold none (names, categories). A
+    column of mostly numbers with a stray word in it is neither: a one-line error at that
+    line."""
     numeric: list[str] = []
     other: list[str] = []
     for column in frame.columns:
-        if column.lower() in skip:
+        if column.lower() in skip or column == _LINE:
             continue
-        values = pd.to_numeric(frame[column], errors="coerce")
-        (
-            numeric
-            if values.notna().any() and values.notna().sum() >= frame[column].notna().sum()
-            else other
-        ).append(column)
+        raw = frame[column]
+        given = int(raw.notna().sum())
+        parsed = int(pd.to_numeric(raw, errors="coerce").notna().sum())
+        if parsed == given and given:
+            numeric.append(column)
+        elif parsed > given - parsed:  # mostly numbers: a typo, named at its line
+            _numbers(frame, column, spec, word, missing_ok=True)
+        else:
+            other.append(column)
     return numeric, other
 
 
 def _binder(frame: pd.DataFrame, spec: str) -> Norms:
     _require(frame, ["Word"], spec, "Binder")
-    features, other = _numeric_columns(frame, {"word", *_BINDER_META})
+    features, other = _numeric_columns(frame, {"word", *_BINDER_META}, spec, "Word")
     if not features:
         raise UserError(f"--norms {spec}: no numeric attribute columns beside Word")
     norms, data = _ratings(frame, "Word", features, "binder", spec)
@@ -299,7 +413,7 @@ def _binder(frame: pd.DataFrame, spec: str) -> Norms:
 
 def _wide(frame: pd.DataFrame, spec: str) -> Norms:
     word = _word_column(frame, spec)
-    features, other = _numeric_columns(frame, {word.lower()})
+    features, other = _numeric_columns(frame, {word.lower()}, spec, word)
     if other:
         raise UserError(
             f"--norms {spec}: wide layout needs numeric feature columns, but "

@@ -3,8 +3,10 @@
 What grows with the input (attention patterns are quadratic in the length, vocabulary
 rankings scale with the vocabulary) is processed in chunks whose size follows from a budget
 for the temporaries of one step: :func:`memory_budget` bytes, 512 MiB unless the environment
-variable ``RESIDUAL_TRACE_MEMORY_MB`` says otherwise. Chunks only split independent items
-(heads, query rows, tokens), so results are identical to unchunked ones.
+variable ``RESIDUAL_TRACE_MEMORY_MB`` says otherwise (read and checked in
+:mod:`residual_trace.settings`, which every experiment consults before its model loads).
+Chunks only split independent items (heads, query rows, tokens), so results are identical
+to unchunked ones.
 
 Examples:
     >>> items_per_chunk(bytes_per_item=1 << 20, temporaries=4, budget=64 << 20)
@@ -15,14 +17,12 @@ Examples:
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from residual_trace.errors import UserError
+from residual_trace.settings import DEFAULT_MEMORY_MB, memory_mb
 
-#: Default budget for the temporaries of one chunked step, in MiB.
-DEFAULT_MEMORY_MB = 512
+__all__ = ["DEFAULT_MEMORY_MB", "budget_override", "chunks", "items_per_chunk", "memory_budget"]
 
 
 _override: int | None = None
@@ -40,21 +40,11 @@ def budget_override(budget: int) -> Iterator[None]:
 
 
 def memory_budget() -> int:
-    """Bytes one chunked step may allocate (``RESIDUAL_TRACE_MEMORY_MB``, default 512)."""
+    """Bytes one chunked step may allocate (``RESIDUAL_TRACE_MEMORY_MB``, default 512), read
+    and checked by :func:`residual_trace.settings.memory_mb`."""
     if _override is not None:
         return _override
-    raw = os.environ.get("RESIDUAL_TRACE_MEMORY_MB", "").strip()
-    if not raw:
-        return DEFAULT_MEMORY_MB << 20
-    try:
-        value = int(raw)
-    except ValueError:
-        raise UserError(
-            f"RESIDUAL_TRACE_MEMORY_MB={raw!r}: expected a whole number of MiB"
-        ) from None
-    if value < 16:
-        raise UserError(f"RESIDUAL_TRACE_MEMORY_MB={value}: expected at least 16 (MiB)")
-    return value << 20
+    return memory_mb() << 20
 
 
 def items_per_chunk(bytes_per_item: int, temporaries: int = 1, budget: int | None = None) -> int:
