@@ -72,7 +72,7 @@ def _hf_forward(directory: Path) -> Callable[[torch.Tensor, torch.Tensor], torch
 
 
 def _run_with_cache(model: TracedModel) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    names = [model.spec.resid_hook(k) for k in range(model.n_layers + 1)]
+    names = [model.spec.resid_hook(k) for k in range(model.n_blocks + 1)]
 
     def forward(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         _, cache = model.bridge.run_with_cache(ids, attention_mask=mask)

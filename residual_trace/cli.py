@@ -16,6 +16,16 @@ from typing import Any, TypeVar
 import click
 
 from residual_trace import __version__
+from residual_trace.defaults import (
+    DEFAULT_DEVICE,
+    DEFAULT_DTYPE,
+    DEFAULT_FIGURE_FORMAT,
+    DEFAULT_MODEL,
+    DEVICE_MAPS,
+    DEVICES,
+    DTYPES,
+    FIGURE_FORMATS,
+)
 from residual_trace.errors import UserError
 from residual_trace.experiments.options import (
     DecomposeOptions,
@@ -146,23 +156,21 @@ _MODEL_OPTIONS = [
         "--model",
         "-m",
         "model_name",
-        default="minilm",
+        default=DEFAULT_MODEL,
         show_default=True,
         help="Packaged alias (minilm, smollm2), Hugging Face name, or local checkpoint dir.",
     ),
-    click.option(
-        "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True
-    ),
+    click.option("--device", type=click.Choice(DEVICES), default=DEFAULT_DEVICE, show_default=True),
     click.option(
         "--dtype",
-        type=click.Choice(["float32", "bfloat16", "float16"]),
-        default="float32",
+        type=click.Choice(DTYPES),
+        default=DEFAULT_DTYPE,
         show_default=True,
         help="Weights and forward pass in this precision; the measures stay float32.",
     ),
     click.option(
         "--device-map",
-        type=click.Choice(["auto", "balanced", "balanced_low_0", "sequential"]),
+        type=click.Choice(DEVICE_MAPS),
         default=None,
         help="Split the model over the visible devices (accelerate).",
     ),
@@ -199,8 +207,8 @@ _OUTPUT_OPTIONS = [
     click.option(
         "--format",
         "figure_format",
-        type=click.Choice(["png", "svg", "pdf"]),
-        default="png",
+        type=click.Choice(FIGURE_FORMATS),
+        default=DEFAULT_FIGURE_FORMAT,
         show_default=True,
         help="Figure file format.",
     ),

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from tests.conftest import TINY_MAX_PARAMS, _minilm_dir, _tiny_bpe_tokenizer
+from tests.helpers import TINY_MAX_PARAMS, minilm_dir, tiny_bpe_tokenizer
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -313,7 +313,7 @@ FAMILIES: dict[str, Family] = {name: _family(name) for name in _SPECS}
 
 def _save_wordpiece(target: Path, max_length: int) -> int:
     """Copy the minilm WordPiece tokenizer, capping its length at the model's positions."""
-    source = _minilm_dir()
+    source = minilm_dir()
     for file in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         shutil.copy(source / file, target / file)
     config_file = target / "tokenizer_config.json"
@@ -327,7 +327,7 @@ def _save_bpe(target: Path) -> int:
     """Save the tiny byte-level BPE with ``<|endoftext|>`` as its pad token too."""
     from transformers import PreTrainedTokenizerFast
 
-    vocab = _tiny_bpe_tokenizer(target)
+    vocab = tiny_bpe_tokenizer(target)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(target)
     tokenizer.pad_token = "<|endoftext|>"
     tokenizer.model_max_length = MAX_POSITIONS

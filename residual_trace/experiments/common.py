@@ -16,8 +16,6 @@ from residual_trace.settings import check_environment
 if TYPE_CHECKING:
     from residual_trace.models import TracedModel
 
-FIGURE_FORMATS = ("png", "svg", "pdf")
-
 
 def bundled_sentences() -> list[str]:
     """The English sentences shipped with the package (written for this project)."""
@@ -103,7 +101,7 @@ def model_record(model: TracedModel) -> dict[str, Any]:
         "revision": model.resolved.revision,
         "weights_sha256": model.resolved.weights_sha256,
         **model.spec.describe(),
-        "n_blocks": model.n_layers,
+        "n_blocks": model.n_blocks,
         "d_model": model.d_model,
         "n_heads": model.n_heads,
         "d_vocab": model.d_vocab,

@@ -18,6 +18,7 @@ from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
 from residual_trace.experiments.common import load_inputs, resolve_model
+from residual_trace.experiments.contract import Experiment
 from residual_trace.experiments.engine import ShardPart, run_shards
 from residual_trace.experiments.options import (
     DecomposeOptions,
@@ -42,7 +43,7 @@ from residual_trace.tracer.decompose import decompose_batch, decompose_hooks, po
 from residual_trace.tracer.decompose_summary import decompose_summary, head_summary
 from residual_trace.tracer.mixing import MixingStream
 
-__all__ = ["DecomposeOptions", "DecomposeResult", "merge_extras", "run_decompose", "shard_rows"]
+__all__ = ["EXPERIMENT", "DecomposeOptions", "DecomposeResult", "run_decompose", "shard_rows"]
 
 
 @dataclass(repr=False)
@@ -78,7 +79,7 @@ class DecomposeResult(Result):
         model, summary = self.model, self.summary
         lines = [
             f"{model.name}: {model.model_type} {model.spec.family} "
-            f"({model.spec.norm_placement}-norm), {model.n_layers} blocks, {len(self.texts)} "
+            f"({model.spec.norm_placement}-norm), {model.n_blocks} blocks, {len(self.texts)} "
             "texts; parts reconstruct every block output (max relative error "
             f"{summary['max_recon_error'].max():.1e})",
             f"{'block':>5}  {'|attn|/|x|':>10}  {'|mlp|/|x|':>10}  {'attn → token':>19}  "
@@ -122,13 +123,13 @@ MAX_PAIR_ROWS = 2_000_000
 
 def pair_blocks(model: TracedModel, n_tokens: int, options: DecomposeOptions) -> tuple[int, ...]:
     """The blocks at which ``mixing_pairs`` keeps the mixing text's map."""
-    if n_tokens * n_tokens * model.n_layers <= MAX_PAIR_ROWS:
-        return tuple(range(model.n_layers))
+    if n_tokens * n_tokens * model.n_blocks <= MAX_PAIR_ROWS:
+        return tuple(range(model.n_blocks))
     return (_mixing_block(model, options),)
 
 
 def _mixing_block(model: TracedModel, options: DecomposeOptions) -> int:
-    return options.mixing_block if options.mixing_block is not None else model.n_layers // 2
+    return options.mixing_block if options.mixing_block is not None else model.n_blocks // 2
 
 
 def shard_rows(
@@ -178,9 +179,8 @@ def shard_rows(
     return ShardPart(tables)
 
 
-def merge_extras(extras: list[None]) -> None:
-    """Decompose's shards carry nothing beside their tables."""
-    return None
+#: ``trace decompose`` as the engines run it (its shards carry nothing beside their tables).
+EXPERIMENT = Experiment("decompose", shard_rows)
 
 
 def _ratio(value: float) -> str:
@@ -215,10 +215,10 @@ def run_decompose(
         warn(message)
 
     traced = resolve_model(model, note)
-    if options.mixing_block is not None and options.mixing_block >= traced.n_layers:
+    if options.mixing_block is not None and options.mixing_block >= traced.n_blocks:
         raise options.fail(
             "mixing_block",
-            f"{options.mixing_block}: {traced.name} has blocks 0..{traced.n_layers - 1}",
+            f"{options.mixing_block}: {traced.name} has blocks 0..{traced.n_blocks - 1}",
         )
     options.seed_torch()
     encoded = prepare_texts(
@@ -226,10 +226,10 @@ def run_decompose(
     )
     n_pair = len(encoded[options.mixing_text].ids)
     kept = pair_blocks(traced, n_pair, options)
-    if len(kept) < traced.n_layers:
+    if len(kept) < traced.n_blocks:
         note(
             f"warning: mixing_pairs: text {options.mixing_text} has {n_pair} tokens, so its map "
-            f"at every block would take {n_pair * n_pair * traced.n_layers:,} rows; kept at "
+            f"at every block would take {n_pair * n_pair * traced.n_blocks:,} rows; kept at "
             f"block {kept[0]} only (--mixing-block)"
         )
     too_long = sum(len(item.ids) > options.vz_max_tokens for item in encoded)
@@ -238,7 +238,7 @@ def run_decompose(
             f"warning: value zeroing: {too_long} of {len(encoded)} texts have more than "
             f"{options.vz_max_tokens} tokens (--vz-max-tokens); their mix_vz columns are NaN"
         )
-    rows = run_shards("decompose", traced, encoded, options)
+    rows = run_shards(EXPERIMENT, traced, encoded, options)
     table, mixing_table = rows.tables["decompose"], rows.tables["mixing"]
     seed, special = options.seed, options.include_special
     tables = {

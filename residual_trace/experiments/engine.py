@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib
 import logging
 import math
 import os
@@ -45,7 +44,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 from tqdm.auto import tqdm
@@ -55,6 +54,7 @@ from residual_trace.errors import UserError
 from residual_trace.experiments import ray_guard
 
 if TYPE_CHECKING:
+    from residual_trace.experiments.contract import Experiment
     from residual_trace.models import TracedModel
     from residual_trace.tracer.batching import EncodedText
 
@@ -101,20 +101,6 @@ class ShardPart:
     engine: dict[str, Any] = field(default_factory=dict)
 
 
-@runtime_checkable
-class _Experiment(Protocol):
-    def shard_rows(
-        self, model: TracedModel, encoded: Sequence[EncodedText], options: Any
-    ) -> ShardPart: ...
-
-    def merge_extras(self, extras: list[Any]) -> Any: ...
-
-
-def _experiment(command: str) -> _Experiment:
-    module: Any = importlib.import_module(f"residual_trace.experiments.{command}")
-    return module
-
-
 @dataclass(frozen=True)
 class ModelRequest:
     """What a worker needs to load the driver's model, and the hash its weights must have."""
@@ -144,7 +130,7 @@ def plan_shards(n_texts: int, batch_size: int, workers: int) -> list[range]:
     return [range(start, min(start + size, n_texts)) for start in range(0, n_texts, size)]
 
 
-def merge_parts(command: str, parts: Sequence[ShardPart]) -> ShardPart:
+def merge_parts(experiment: Experiment, parts: Sequence[ShardPart]) -> ShardPart:
     """Shards in order -> one part: tables concatenated, extras merged by the experiment."""
     keys: list[str] = []
     for part in parts:
@@ -153,22 +139,21 @@ def merge_parts(command: str, parts: Sequence[ShardPart]) -> ShardPart:
         key: pd.concat([p.tables[key] for p in parts if key in p.tables], ignore_index=True)
         for key in keys
     }
-    return ShardPart(tables, _experiment(command).merge_extras([p.extra for p in parts]))
+    return ShardPart(tables, experiment.merge_extras([p.extra for p in parts]))
 
 
 def run_shards(
-    command: str,
+    experiment: Experiment,
     model: TracedModel,
     encoded: Sequence[EncodedText],
     options: Any,
 ) -> ShardPart:
-    """Run ``command``'s per-text work on ``encoded`` with ``options.engine``."""
-    experiment = _experiment(command)
+    """Run ``experiment``'s per-text work on ``encoded`` with ``options.engine``."""
     if options.engine == "local":
         part = experiment.shard_rows(model, encoded, options)
         part.engine = {"engine": "local"}
         return part
-    return _RayRun(command, model, encoded, options).run()
+    return _RayRun(experiment, model, encoded, options).run()
 
 
 # -- Ray -------------------------------------------------------------------------------------
@@ -213,7 +198,7 @@ class ShardWorker:
 
     def run(
         self,
-        command: str,
+        experiment: Experiment,
         index: int,
         encoded: Sequence[EncodedText],
         options: Any,
@@ -228,7 +213,7 @@ class ShardWorker:
             time.sleep(STALL_S)  # a shard that takes long (tests stop the driver meanwhile)
         if self.failure is not None:
             raise self.failure
-        return _experiment(command).shard_rows(self.model, encoded, options)
+        return experiment.shard_rows(self.model, encoded, options)
 
 
 def _test_request(name: str = KILL_SHARD_ENV) -> tuple[int, str] | None:
@@ -292,9 +277,13 @@ class _RayRun:
     """One sharded run: connect, start the workers, feed them shards, spool, merge."""
 
     def __init__(
-        self, command: str, model: TracedModel, encoded: Sequence[EncodedText], options: Any
+        self,
+        experiment: Experiment,
+        model: TracedModel,
+        encoded: Sequence[EncodedText],
+        options: Any,
     ) -> None:
-        self.command = command
+        self.experiment = experiment
         self.model = model
         self.encoded = list(encoded)
         self.options = options
@@ -436,7 +425,7 @@ class _RayRun:
             marker = kill[1] if kill is not None and kill[0] == index else None
             stall_marker = stall[1] if stall is not None and stall[0] == index else None
             ref = actor.run.remote(
-                self.command,
+                self.experiment,
                 index,
                 [self.encoded[i] for i in texts],
                 self.worker_options,
@@ -447,7 +436,7 @@ class _RayRun:
 
         with tqdm(
             total=len(self.encoded),
-            desc=f"{self.command} {self.model.name} on {workers} Ray worker(s)",
+            desc=f"{self.experiment.name} {self.model.name} on {workers} Ray worker(s)",
             unit="text",
             disable=not options.progress,
             leave=False,
@@ -466,7 +455,7 @@ class _RayRun:
                     submit(actor)
         for actor in actors:
             ray.kill(actor)
-        merged = merge_parts(self.command, [spool.read(i) for i in range(len(shards))])
+        merged = merge_parts(self.experiment, [spool.read(i) for i in range(len(shards))])
         merged.engine = {
             "engine": "ray",
             "ray_address": options.ray_address,

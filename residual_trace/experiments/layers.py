@@ -16,6 +16,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from residual_trace.experiments.common import load_inputs, resolve_model
+from residual_trace.experiments.contract import Experiment
 from residual_trace.experiments.engine import ShardPart, run_shards
 from residual_trace.experiments.options import (
     LayersOptions,
@@ -35,7 +36,14 @@ from residual_trace.tracer import DriftConfig, format_summary, layer_summary, pr
 from residual_trace.tracer.batching import EncodedText
 from residual_trace.tracer.drift import iter_drift_encoded
 
-__all__ = ["LayersOptions", "LayersResult", "merge_extras", "run_layers", "shard_rows"]
+__all__ = [
+    "EXPERIMENT",
+    "LayersOptions",
+    "LayersResult",
+    "merge_extras",
+    "run_layers",
+    "shard_rows",
+]
 
 
 @dataclass(repr=False)
@@ -87,8 +95,8 @@ class LayersResult(Result):
         unknown = int(self.summary["n_unk"].iloc[0]) if len(self.summary) else 0
         return "\n".join(
             [
-                f"{model.name}: {model.model_type} {model.spec.family}, {model.n_layers} blocks "
-                f"({model.n_layers + 1} layers), {len(self.texts)} texts, {tokens} tokens "
+                f"{model.name}: {model.model_type} {model.spec.family}, {model.n_blocks} blocks "
+                f"({model.n_blocks + 1} layers), {len(self.texts)} texts, {tokens} tokens "
                 f"measured per layer ({unknown} of them [UNK])",
                 format_summary(self.summary, show_normed=model.spec.reads_normalised),
                 "cos_input: cosine to the input token's embedding; baseline: the same to the "
@@ -137,6 +145,10 @@ def merge_extras(extras: list[dict[int, tuple[list[str], np.ndarray]]]) -> dict:
     return {k: v for extra in extras for k, v in extra.items()}
 
 
+#: ``trace layers`` as the engines run it.
+EXPERIMENT = Experiment("layers", shard_rows, merge_extras)
+
+
 def run_layers(
     model: ModelArg,
     texts: Texts = None,
@@ -166,7 +178,7 @@ def run_layers(
     encoded = prepare_texts(
         traced, texts_list, options.max_length, warn=lambda m: note(f"warning: {m}")
     )
-    rows = run_shards("layers", traced, encoded, options)
+    rows = run_shards(EXPERIMENT, traced, encoded, options)
     drift = rows.tables["drift"]
     attention: dict[int, tuple[list[str], np.ndarray]] = rows.extra
     summary = layer_summary(drift, include_special=options.include_special, seed=options.seed)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
+from residual_trace.defaults import DEFAULT_BATCH_SIZE, DEFAULT_SEED
 from residual_trace.errors import UserError
 from residual_trace.naming import parse_head_name
 from residual_trace.options import Options, no_type_check, option
@@ -180,8 +181,12 @@ def python_warning(message: str) -> None:
 class CommonOptions(Options):
     """Options every experiment takes (each experiment's options extend these)."""
 
-    batch_size: int = option(16, "Texts per forward pass (results do not depend on it).")
-    seed: int = option(0, "Seed of every random choice (bootstrap intervals, samples, controls).")
+    batch_size: int = option(
+        DEFAULT_BATCH_SIZE, "Texts per forward pass (results do not depend on it)."
+    )
+    seed: int = option(
+        DEFAULT_SEED, "Seed of every random choice (bootstrap intervals, samples, controls)."
+    )
     quiet: bool = option(
         False, "No progress bar (and, on the command line, no summary).", short="-q"
     )

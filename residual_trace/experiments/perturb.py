@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from residual_trace._typing import Tensor
 from residual_trace.errors import UserError
 from residual_trace.experiments.common import load_inputs, resolve_model
+from residual_trace.experiments.contract import Experiment
 from residual_trace.experiments.engine import ShardPart, run_shards
 from residual_trace.experiments.options import (
     MODES,
@@ -82,6 +83,7 @@ from residual_trace.tracer.perturbations import (
 from residual_trace.tracer.structure import STRUCTURE_COLUMNS, pattern_structure
 
 __all__ = [
+    "EXPERIMENT",
     "MODES",
     "PERTURBATION_COLUMNS",
     "RESID_COLUMNS",
@@ -186,8 +188,8 @@ class _Runner:
 
     def __init__(self, model: TracedModel) -> None:
         self.model = model
-        self.pattern_names = [model.spec.pattern_hook(b) for b in range(model.n_layers)]
-        self.resid_names = [model.spec.resid_hook(k) for k in range(model.n_layers + 1)]
+        self.pattern_names = [model.spec.pattern_hook(b) for b in range(model.n_blocks)]
+        self.resid_names = [model.spec.resid_hook(k) for k in range(model.n_blocks + 1)]
 
     def padded(self, ids: torch.Tensor, mask: torch.Tensor, lengths: Sequence[int]) -> list[_Run]:
         """The originals of a padded batch: every block's patterns, like any forward pass
@@ -425,7 +427,7 @@ class _Tables:
         self.model = model
         self.heads: list[pd.DataFrame] = []
         self.resid: list[pd.DataFrame] = []
-        blocks, heads = model.n_layers, model.n_heads
+        blocks, heads = model.n_blocks, model.n_heads
         self.block_of = np.repeat(np.arange(blocks), heads)
         self.head_of = np.tile(np.arange(heads), blocks)
         self.names = [
@@ -649,6 +651,10 @@ def merge_extras(extras: list[_ShardFacts]) -> _ShardFacts:
     return merged
 
 
+#: ``trace perturb`` as the engines run it.
+EXPERIMENT = Experiment("perturb", shard_rows, merge_extras)
+
+
 def run_perturb(
     model: ModelArg,
     texts: Texts = None,
@@ -681,14 +687,14 @@ def run_perturb(
     config.seed_torch()
     try:
         shown_heads = [
-            parse_head_name(spec, traced.n_layers, traced.n_heads) for spec in config.show_heads
+            parse_head_name(spec, traced.n_blocks, traced.n_heads) for spec in config.show_heads
         ]
     except UserError as error:
         raise config.fail("show_heads", str(error)) from None
     encoded = prepare_texts(
         traced, texts_list, config.max_length, warn=lambda m: echo(f"warning: {m}")
     )
-    rows = run_shards("perturb", traced, encoded, config)
+    rows = run_shards(EXPERIMENT, traced, encoded, config)
     extra: _ShardFacts = rows.extra
     skipped, reasons = extra.skipped, extra.reasons
     if config.swap is not None and len(texts_list) == 1 and skipped:
@@ -776,7 +782,7 @@ def describe(result: PerturbResult) -> str:
     n_texts = len(result.texts) - len(result.skipped)
     lines = [
         f"{model.name}: {model.model_type} {model.spec.family} ({model.spec.norm_placement}-norm), "
-        f"{model.n_layers} blocks x {model.n_heads} heads; {n_texts} text(s), "
+        f"{model.n_blocks} blocks x {model.n_heads} heads; {n_texts} text(s), "
         f"{result.n_perturbations} perturbations ({kind})",
         "noise floor (the measure's shift when a re-run of the unperturbed text stands in "
         "for the original): "

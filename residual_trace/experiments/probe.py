@@ -61,10 +61,10 @@ class ProbeResult(Result):
 def _layers(config: ProbeOptions, model: TracedModel) -> list[int]:
     if config.embedding == "static":
         return [0]
-    layers = list(config.layers or (0, model.n_layers // 2, model.n_layers))
-    too_deep = [layer for layer in layers if layer > model.n_layers]
+    layers = list(config.layers or (0, model.n_blocks // 2, model.n_blocks))
+    too_deep = [layer for layer in layers if layer > model.n_blocks]
     if too_deep:
-        raise UserError(f"--layers {too_deep[0]}: {model.name} has layers 0..{model.n_layers}")
+        raise UserError(f"--layers {too_deep[0]}: {model.name} has layers 0..{model.n_blocks}")
     return sorted(set(layers))
 
 

@@ -14,8 +14,9 @@ from typing import Any, ClassVar
 import pandas as pd
 from matplotlib.figure import Figure
 
+from residual_trace.defaults import DEFAULT_FIGURE_FORMAT, FIGURE_FORMATS
 from residual_trace.errors import UserError
-from residual_trace.experiments.common import FIGURE_FORMATS, inputs_record, model_record
+from residual_trace.experiments.common import inputs_record, model_record
 from residual_trace.experiments.options import Warn, python_warning
 from residual_trace.models import TracedModel
 from residual_trace.options import Options
@@ -75,7 +76,7 @@ class Result:
     def save(
         self,
         out: str | Path,
-        figure_format: str = "png",
+        figure_format: str = DEFAULT_FIGURE_FORMAT,
         overwrite: bool = False,
         warn: Warn = python_warning,
     ) -> list[Path]:

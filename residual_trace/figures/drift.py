@@ -10,6 +10,8 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
 
+from residual_trace.defaults import DEFAULT_SEED
+
 LAYER_LABEL = "layer (0 = embeddings, input of block 0; k = output of block k-1)"
 
 #: At most this many faint per-token lines are drawn (a seeded sample), to stay legible.
@@ -43,7 +45,7 @@ def token_drift_figure(
     summary: pd.DataFrame,
     include_special: bool = False,
     variants: tuple[str, ...] = ("",),
-    seed: int = 0,
+    seed: int = DEFAULT_SEED,
 ) -> Figure:
     """Layer on x, cosine to the input token's embedding on y.
 

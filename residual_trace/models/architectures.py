@@ -22,7 +22,7 @@ Examples:
     ...                 prepend_bos=True)
     >>> spec.resid_hook(0), spec.resid_hook(6)
     ('blocks.0.hook_resid_pre', 'blocks.5.hook_resid_post')
-    >>> spec.reader_norm(3, n_layers=6), spec.reader_norm(6, n_layers=6)
+    >>> spec.reader_norm(3, n_blocks=6), spec.reader_norm(6, n_blocks=6)
     ('blocks.3.ln1', 'ln_final')
 """
 
@@ -88,13 +88,13 @@ class ArchSpec:
     norm_kind: Literal["layernorm", "rmsnorm"] = "layernorm"
     embed_scale: float = 1.0
     tied_unembed: bool = False
-    attn_pattern: str = "blocks.{layer}.attn.hook_pattern"
-    attn_values: str = "blocks.{layer}.attn.hook_v"
-    attn_z: str = "blocks.{layer}.attn.hook_z"
-    attn_delta: str = "blocks.{layer}.hook_attn_out"
-    mlp_delta: str = "blocks.{layer}.hook_mlp_out"
-    attn_raw: str = "blocks.{layer}.attn.o.hook_out"
-    reader_norm_template: str | None = "blocks.{layer}.ln1"
+    attn_pattern: str = "blocks.{block}.attn.hook_pattern"
+    attn_values: str = "blocks.{block}.attn.hook_v"
+    attn_z: str = "blocks.{block}.attn.hook_z"
+    attn_delta: str = "blocks.{block}.hook_attn_out"
+    mlp_delta: str = "blocks.{block}.hook_mlp_out"
+    attn_raw: str = "blocks.{block}.attn.o.hook_out"
+    reader_norm_template: str | None = "blocks.{block}.ln1"
     final_norm: str | None = "ln_final"
     post_norms: tuple[str, str] | None = None
     output_norms: tuple[str, str] | None = None
@@ -120,36 +120,36 @@ class ArchSpec:
         return f"blocks.{layer - 1}.hook_resid_post"
 
     def pattern_hook(self, block: int) -> str:
-        return self.attn_pattern.format(layer=block)
+        return self.attn_pattern.format(block=block)
 
     def delta_hooks(self, block: int) -> tuple[str, str]:
         """Hooks holding block ``block``'s attention and MLP contributions (the deltas)."""
-        return self.attn_delta.format(layer=block), self.mlp_delta.format(layer=block)
+        return self.attn_delta.format(block=block), self.mlp_delta.format(block=block)
 
     def raw_attn_hook(self, block: int) -> str:
-        return self.attn_raw.format(layer=block)
+        return self.attn_raw.format(block=block)
 
     def post_norm_modules(self, block: int) -> tuple[str, str] | None:
         """The two post-sublayer LayerNorms of block ``block`` (post-LN models only)."""
         if self.post_norms is None:
             return None
         first, second = self.post_norms
-        return first.format(layer=block), second.format(layer=block)
+        return first.format(block=block), second.format(block=block)
 
     def output_norm_modules(self, block: int) -> tuple[str, str] | None:
         """The norms on block ``block``'s attention and MLP outputs (sandwich/output only)."""
         if self.output_norms is None:
             return None
         first, second = self.output_norms
-        return first.format(layer=block), second.format(layer=block)
+        return first.format(block=block), second.format(block=block)
 
-    def reader_norm(self, layer: int, n_layers: int) -> str | None:
-        """The norm module that reads residual layer ``layer`` (0..n_layers), if any."""
-        if layer == n_layers:
+    def reader_norm(self, layer: int, n_blocks: int) -> str | None:
+        """The norm module that reads residual layer ``layer`` (0..n_blocks), if any."""
+        if layer == n_blocks:
             return self.final_norm
         if self.reader_norm_template is None:
             return None
-        return self.reader_norm_template.format(layer=layer)
+        return self.reader_norm_template.format(block=layer)  # layer k is block k's input
 
     def describe(self) -> dict[str, Any]:
         """The structural facts, for ``run.json``."""
@@ -249,8 +249,8 @@ def derive_spec(bridge: Any, probe: Probe, dtype: torch.dtype) -> ArchSpec:
                     raise _refuse(model_type, f"the sublayer output is not the {norm} output")
             return ArchSpec(
                 norm_placement="sandwich" if has["ln1"] else "output",
-                reader_norm_template="blocks.{layer}.ln1" if has["ln1"] else None,
-                output_norms=("blocks.{layer}.ln1_post", "blocks.{layer}.ln2_post"),
+                reader_norm_template="blocks.{block}.ln1" if has["ln1"] else None,
+                output_norms=("blocks.{block}.ln1_post", "blocks.{block}.ln2_post"),
                 **common,
             )
         if not has["ln1"]:
@@ -265,10 +265,10 @@ def derive_spec(bridge: Any, probe: Probe, dtype: torch.dtype) -> ArchSpec:
     ):
         return ArchSpec(
             norm_placement="post",
-            attn_delta="blocks.{layer}.attn.o.hook_out",
+            attn_delta="blocks.{block}.attn.o.hook_out",
             reader_norm_template=None,
             final_norm=None,
-            post_norms=("blocks.{layer}.ln1", "blocks.{layer}.ln2"),
+            post_norms=("blocks.{block}.ln1", "blocks.{block}.ln2"),
             **{**common, "prepend_bos": False},
         )
     raise _refuse(

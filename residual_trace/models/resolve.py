@@ -159,6 +159,25 @@ def _quiet_transformers() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
+@contextmanager
+def _gguf_bar(shown: bool) -> Iterator[None]:
+    """The GGUF reader's own progress bar on terminals only (its module's ``tqdm``, read
+    when the module was imported, is swapped for a disabled one meanwhile)."""
+    if shown:
+        yield
+        return
+    import functools
+
+    from transformers import modeling_gguf_pytorch_utils as reader
+
+    bar = reader.tqdm
+    reader.tqdm = functools.partial(bar, disable=True)  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        reader.tqdm = bar
+
+
 def convert_gguf(gguf_dir: Path, gguf_name: str, target: Path) -> None:
     """Dequantise a GGUF checkpoint to a float32 safetensors directory, atomically.
 
@@ -174,11 +193,8 @@ def convert_gguf(gguf_dir: Path, gguf_name: str, target: Path) -> None:
         tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
     except OSError as error:
         raise write_fault(error, cache_setting(), target.parent) from None
-    bars = os.environ.get("TQDM_DISABLE")
-    if not sys.stderr.isatty():  # the GGUF reader's own progress bar: terminals only
-        os.environ["TQDM_DISABLE"] = "1"
     try:
-        with _quiet_transformers():
+        with _quiet_transformers(), _gguf_bar(shown=sys.stderr.isatty()):
             tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name)
             model = AutoModelForCausalLM.from_pretrained(
                 gguf_dir, gguf_file=gguf_name, dtype=torch.float32
@@ -194,10 +210,6 @@ def convert_gguf(gguf_dir: Path, gguf_name: str, target: Path) -> None:
                 raise write_fault(error, cache_setting(), target) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        if bars is None:
-            os.environ.pop("TQDM_DISABLE", None)
-        else:
-            os.environ["TQDM_DISABLE"] = bars
 
 
 def _resolve_smollm2(name: str, on_convert: Callable[[str], None] | None) -> ResolvedModel:

@@ -54,8 +54,8 @@ class Capture:
 
     Attributes:
         resid: residual stream at every layer (0 = block 0's input, k = block k-1's
-            output), ``[n_layers + 1, batch, pos, d_model]``.
-        patterns: attention patterns per block ``[n_layers, batch, head, q, k]`` (rows
+            output), ``[n_blocks + 1, batch, pos, d_model]``.
+        patterns: attention patterns per block ``[n_blocks, batch, head, q, k]`` (rows
             sum to 1 over unmasked keys), or ``None`` when not requested.
     """
 
@@ -112,7 +112,7 @@ class TracedModel:
 
     - ``name``, ``resolved`` (where the weights came from, their hash), ``model_type``;
     - ``spec``: the :class:`ArchSpec` with this architecture's hook sites;
-    - ``n_layers`` (blocks; the residual has ``n_layers + 1`` layers), ``d_model``,
+    - ``n_blocks`` (blocks; the residual has ``n_blocks + 1`` layers), ``d_model``,
       ``n_heads``, ``d_vocab``, ``max_positions``;
     - ``W_E``: the input token-embedding matrix ``[d_vocab, d_model]`` (no positions).
     """
@@ -136,7 +136,7 @@ class TracedModel:
             raise UserError(f"model '{self.name}' has no tokenizer in {resolved.directory}")
         hf_config = bridge.original_model.config
         self.model_type: str = hf_config.model_type
-        self.n_layers: int = int(bridge.cfg.n_layers)
+        self.n_blocks: int = int(bridge.cfg.n_layers)
         self.d_model: int = int(bridge.cfg.d_model)
         self.n_heads: int = int(bridge.cfg.n_heads)
         self.max_positions: int = int(
@@ -295,7 +295,7 @@ class TracedModel:
     def reader_norm(self, layer: int) -> NormAffine | None:
         """The norm that reads residual layer ``layer`` (its effective gain, bias and whether
         it centres), or ``None`` when no norm reads it."""
-        path = self.spec.reader_norm(layer, self.n_layers)
+        path = self.spec.reader_norm(layer, self.n_blocks)
         return None if path is None else self.norm_affine(path)
 
     def output_weights(
@@ -329,13 +329,13 @@ class TracedModel:
         right after: what is quadratic in the length (attention patterns) is then never held
         for more than one block.
         """
-        last = stop_at or self.spec.resid_hook(self.n_layers)
+        last = stop_at or self.spec.resid_hook(self.n_blocks)
         wanted = list(dict.fromkeys([*names, last]))
         store: dict[str, Tensor] = {}
         groups: dict[int, list[str]] = {}
         pending: dict[int, dict[str, Tensor]] = {}
         if stream is not None:
-            groups = {b: list(dict.fromkeys(stream.names(b))) for b in range(self.n_layers)}
+            groups = {b: list(dict.fromkeys(stream.names(b))) for b in range(self.n_blocks)}
         members: dict[str, list[int]] = {}
         for block, group in groups.items():
             for name in group:
@@ -399,9 +399,9 @@ class TracedModel:
         self, ids: TokenIds, attention_mask: AttentionMask, patterns: bool = False
     ) -> Capture:
         """Run one padded batch and keep the residual stream (and patterns) of every layer."""
-        resid_names = [self.spec.resid_hook(k) for k in range(self.n_layers + 1)]
+        resid_names = [self.spec.resid_hook(k) for k in range(self.n_blocks + 1)]
         pattern_names = (
-            [self.spec.pattern_hook(b) for b in range(self.n_layers)] if patterns else []
+            [self.spec.pattern_hook(b) for b in range(self.n_blocks)] if patterns else []
         )
         store = self.run_hooks(ids, attention_mask, [*resid_names, *pattern_names])
         resid = torch.stack([store[n] for n in resid_names])

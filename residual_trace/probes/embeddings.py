@@ -165,7 +165,7 @@ def embed_words(
     if mode == "static":
         vectors = np.stack([model.W_E[word_pieces(model, w)].mean(0).cpu().numpy() for w in kept])
         return WordVectors(kept, vectors[:, None].astype(np.float64), [0], dropped)
-    layers = list(range(model.n_layers + 1))
+    layers = list(range(model.n_blocks + 1))
     path = _cache_path(model, mode, kept, corpus if mode == "contextual" else ())
     cached = _cached(path) if use_cache else None
     if cached is None:
@@ -189,7 +189,7 @@ def embed_words(
 
 
 def _resid_names(model: TracedModel) -> list[str]:
-    return [model.spec.resid_hook(k) for k in range(model.n_layers + 1)]
+    return [model.spec.resid_hook(k) for k in range(model.n_blocks + 1)]
 
 
 @torch.inference_mode()

@@ -17,6 +17,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import torch
 
+from residual_trace.defaults import DEFAULT_SEED
 from residual_trace.errors import UserError
 
 MAPPERS = ("plsr", "ffnn", "ridge")
@@ -139,7 +140,7 @@ def fit_predict(
     x_train: np.ndarray,
     y_train: np.ndarray,
     x_test: np.ndarray,
-    seed: int = 0,
+    seed: int = DEFAULT_SEED,
 ) -> Fitted:
     """Choose the mapper's capacity inside the training rows, refit, predict the test rows.
 

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from residual_trace.defaults import DEFAULT_SEED
 from residual_trace.naming import head_name
 from residual_trace.stats import bootstrap_ci, cluster_bootstrap_ci
 from residual_trace.tracer.structure import STRUCTURE_COLUMNS
@@ -52,7 +53,9 @@ def _clusters(group: pd.DataFrame) -> str:
     return "text_id" if group["text_id"].nunique() > 1 else "sample"
 
 
-def head_table(per_perturbation: pd.DataFrame, model_name: str, seed: int = 0) -> pd.DataFrame:
+def head_table(
+    per_perturbation: pd.DataFrame, model_name: str, seed: int = DEFAULT_SEED
+) -> pd.DataFrame:
     """One row per perturbation kind x block x head: means, intervals, noise floor, verdict.
 
     Each (text, perturbation) with evidence is one observation (``n_obs``). ``noise_floor``
@@ -124,7 +127,7 @@ def _verdicts(heads: pd.DataFrame) -> list[str]:
 
 
 def block_summary(
-    heads: pd.DataFrame, per_perturbation: pd.DataFrame, seed: int = 0
+    heads: pd.DataFrame, per_perturbation: pd.DataFrame, seed: int = DEFAULT_SEED
 ) -> pd.DataFrame:
     """One row per perturbation kind x block: the attention side.
 
@@ -156,7 +159,7 @@ def block_summary(
     return pd.DataFrame(out)
 
 
-def resid_summary(resid: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
+def resid_summary(resid: pd.DataFrame, seed: int = DEFAULT_SEED) -> pd.DataFrame:
     """One row per perturbation kind x residual layer (0..L): ``cos_token`` and
     ``cos_position`` (mean cosine of the perturbed states to the original ones, aligned by
     token and by position), each with its 95% interval over texts."""

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from residual_trace._typing import Float, Tensor
+from residual_trace.defaults import DEFAULT_BATCH_SIZE
 from residual_trace.models import TracedModel
 from residual_trace.naming import head_name
 from residual_trace.tracer.batching import (
@@ -211,11 +212,11 @@ def _attn_output_norm(model: TracedModel, block: int, store: dict[str, Tensor]) 
 
 
 def decompose_hooks(model: TracedModel, per_head: bool = False) -> list[str]:
-    names = [model.spec.resid_hook(k) for k in range(model.n_layers + 1)]
-    for block in range(model.n_layers):
+    names = [model.spec.resid_hook(k) for k in range(model.n_blocks + 1)]
+    for block in range(model.n_blocks):
         names += model.spec.delta_hooks(block)
         if per_head:
-            names += [model.spec.attn_z.format(layer=block), model.spec.raw_attn_hook(block)]
+            names += [model.spec.attn_z.format(block=block), model.spec.raw_attn_hook(block)]
             outputs = model.spec.output_norm_modules(block)
             if outputs is not None:
                 names.append(f"{outputs[0]}.hook_scale")
@@ -326,7 +327,7 @@ def decompose_batch(
     def proj(x: Tensor) -> Tensor:
         return (x * e_hat).sum(-1)
 
-    resid = [store[model.spec.resid_hook(k)] for k in range(model.n_layers + 1)]
+    resid = [store[model.spec.resid_hook(k)] for k in range(model.n_blocks + 1)]
     sources, labels = resid[0][None], ["embed"]
     bias = torch.zeros_like(resid[0])
     local: dict[str, list[Tensor]] = {
@@ -334,7 +335,7 @@ def decompose_batch(
     }
     head_values: dict[str, list[Tensor]] = {"head_norm_rel": [], "proj_head": []}
     cumulative_rows = []
-    for block in range(model.n_layers):
+    for block in range(model.n_blocks):
         attn_name, mlp_name = model.spec.delta_hooks(block)
         x, a, m, post = resid[block], store[attn_name], store[mlp_name], resid[block + 1]
         norms = _post_norms(model, block, store)
@@ -360,7 +361,7 @@ def decompose_batch(
         for name, tensor in values.items():
             local[name].append(tensor[valid])
         if per_head:
-            z = store[model.spec.attn_z.format(layer=block)]
+            z = store[model.spec.attn_z.format(block=block)]
             raw = store[model.spec.raw_attn_hook(block)]
             output_norm = _attn_output_norm(model, block, store)
             split = split_heads(model, block, z, raw, norms, valid, output_norm)
@@ -397,7 +398,7 @@ def decompose_batch(
                     "sum_norm": float(part.norm(dim=-1)[content].sum()),
                 }
             )
-    n_layers, token_ids = model.n_layers, ids[valid]
+    n_blocks, token_ids = model.n_blocks, ids[valid]
     text_rows = torch.arange(valid.shape[0], device=valid.device)[:, None].expand_as(valid)[valid]
     positions = torch.arange(valid.shape[1], device=valid.device)[None, :].expand_as(valid)[valid]
     text_ids = np.array([t.text_id for t in batch.texts], dtype=np.int64)
@@ -405,15 +406,15 @@ def decompose_batch(
     frame = pd.DataFrame(
         {
             "model": model.name,
-            "text_id": np.tile(text_ids[text_rows.cpu().numpy()], n_layers),
-            "position": np.tile(positions.cpu().numpy(), n_layers),
-            "block": np.repeat(np.arange(n_layers, dtype=np.int64), len(ids_np)),
+            "text_id": np.tile(text_ids[text_rows.cpu().numpy()], n_blocks),
+            "position": np.tile(positions.cpu().numpy(), n_blocks),
+            "block": np.repeat(np.arange(n_blocks, dtype=np.int64), len(ids_np)),
             "token": np.tile(
-                np.array(model.token_strings(ids_np.tolist()), dtype=object), n_layers
+                np.array(model.token_strings(ids_np.tolist()), dtype=object), n_blocks
             ),
-            "token_id": np.tile(ids_np, n_layers),
-            "is_special": np.tile(special[valid].cpu().numpy(), n_layers),
-            "is_unk": np.tile(np.array(model.is_unk(ids_np.tolist()), dtype=bool), n_layers),
+            "token_id": np.tile(ids_np, n_blocks),
+            "is_special": np.tile(special[valid].cpu().numpy(), n_blocks),
+            "is_unk": np.tile(np.array(model.is_unk(ids_np.tolist()), dtype=bool), n_blocks),
             **{name: torch.cat(parts).cpu().numpy() for name, parts in local.items()},
         }
     )
@@ -425,22 +426,22 @@ def decompose_batch(
         )  # [2, L, n, H+1]
         n_heads = per_layer.shape[-1]
         head_ids = np.array([*range(n_heads - 1), -1])
-        repeat = n_layers * n_heads
+        repeat = n_blocks * n_heads
         heads_frame = pd.DataFrame(
             {
                 "model": model.name,
-                "text_id": np.repeat(np.tile(text_ids[text_rows.cpu().numpy()], n_layers), n_heads),
-                "position": np.repeat(np.tile(positions.cpu().numpy(), n_layers), n_heads),
-                "block": np.repeat(np.arange(n_layers), len(ids_np) * n_heads),
-                "head": np.tile(head_ids, len(ids_np) * n_layers),
+                "text_id": np.repeat(np.tile(text_ids[text_rows.cpu().numpy()], n_blocks), n_heads),
+                "position": np.repeat(np.tile(positions.cpu().numpy(), n_blocks), n_heads),
+                "block": np.repeat(np.arange(n_blocks), len(ids_np) * n_heads),
+                "head": np.tile(head_ids, len(ids_np) * n_blocks),
                 "token": np.repeat(
-                    np.tile(np.array(model.token_strings(ids_np.tolist()), dtype=object), n_layers),
+                    np.tile(np.array(model.token_strings(ids_np.tolist()), dtype=object), n_blocks),
                     n_heads,
                 ),
-                "token_id": np.repeat(np.tile(ids_np, n_layers), n_heads),
-                "is_special": np.repeat(np.tile(special[valid].cpu().numpy(), n_layers), n_heads),
+                "token_id": np.repeat(np.tile(ids_np, n_blocks), n_heads),
+                "is_special": np.repeat(np.tile(special[valid].cpu().numpy(), n_blocks), n_heads),
                 "is_unk": np.repeat(
-                    np.tile(np.array(model.is_unk(ids_np.tolist()), dtype=bool), n_layers),
+                    np.tile(np.array(model.is_unk(ids_np.tolist()), dtype=bool), n_blocks),
                     n_heads,
                 ),
                 "head_norm_rel": per_layer[0].reshape(-1).cpu().numpy(),
@@ -451,7 +452,7 @@ def decompose_batch(
         heads_frame = heads_frame.sort_values(
             ["text_id", "position", "block", "head"], kind="stable"
         ).reset_index(drop=True)
-        names = {(b, h): head_name(b, int(h)) for b in range(n_layers) for h in head_ids}
+        names = {(b, h): head_name(b, int(h)) for b in range(n_blocks) for h in head_ids}
         heads_frame["head_name"] = [
             names[key] for key in zip(heads_frame["block"], heads_frame["head"], strict=True)
         ]
@@ -502,7 +503,7 @@ def pool_cumulative(parts: list[pd.DataFrame], model_name: str) -> pd.DataFrame:
 def decompose_table(
     model: TracedModel,
     texts: Sequence[str],
-    batch_size: int = 16,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     max_length: int | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """``(local, cumulative)`` decomposition tables for ``texts`` (see the module docstring)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pandas as pd
 
+from residual_trace.defaults import DEFAULT_SEED
 from residual_trace.naming import head_name
 from residual_trace.stats import mean_with_ci
 
@@ -42,7 +43,7 @@ def _model(table: pd.DataFrame) -> str:
 def decompose_summary(
     table: pd.DataFrame,
     include_special: bool = False,
-    seed: int = 0,
+    seed: int = DEFAULT_SEED,
     mixing: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
     """One row per block: mean update sizes and signed effects on the input-token projection.
@@ -85,7 +86,9 @@ def decompose_summary(
     return summary.merge(pd.DataFrame(extra), on="block", how="left")
 
 
-def head_summary(heads: pd.DataFrame, include_special: bool = False, seed: int = 0) -> pd.DataFrame:
+def head_summary(
+    heads: pd.DataFrame, include_special: bool = False, seed: int = DEFAULT_SEED
+) -> pd.DataFrame:
     """One row per block x head of the per-head table: ``head_name`` (``L{block}H{head}``,
     ``L{block}b_O`` for the output bias), ``n_tokens``, mean ``head_norm_rel`` and
     ``proj_head`` (the head's signed effect on the input-token projection) with its 95%

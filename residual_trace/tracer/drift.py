@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from residual_trace._typing import Bool, EmbeddingMatrix, Float, Int, Tensor
+from residual_trace.defaults import DEFAULT_BATCH_SIZE
 from residual_trace.errors import UserError
 from residual_trace.models import TracedModel
 from residual_trace.tracer.batching import (
@@ -86,7 +87,7 @@ class DriftConfig:
         progress: show a progress bar on stderr (only when stderr is a terminal).
     """
 
-    batch_size: int = 16
+    batch_size: int = DEFAULT_BATCH_SIZE
     max_length: int | None = None
     normed: bool = True
     progress: bool = False
@@ -221,7 +222,7 @@ def _batch_frame(
 def _scorers(model: TracedModel, normed: bool) -> list[tuple[_Scorer, _Scorer | None]]:
     raw = _Scorer.build(model.W_E, gain=None, centre=False)
     out: list[tuple[_Scorer, _Scorer | None]] = []
-    for layer in range(model.n_layers + 1):
+    for layer in range(model.n_blocks + 1):
         norm = model.reader_norm(layer) if normed else None
         variant = None if norm is None else _Scorer.build(model.W_E, norm.gain, norm.centres)
         out.append((raw, variant))

@@ -29,6 +29,7 @@ import pandas as pd
 import torch
 
 from residual_trace._typing import Float, Tensor
+from residual_trace.defaults import DEFAULT_BATCH_SIZE
 from residual_trace.models import TracedModel
 from residual_trace.tracer.batching import BLOCK_TOKEN_KEYS, Batch, iter_batches, prepare_texts
 from residual_trace.tracer.chunking import chunks, items_per_chunk
@@ -388,7 +389,7 @@ def block_mixing_hooks(model: TracedModel, block: int) -> list[str]:
     names = [
         model.spec.resid_hook(block),
         model.spec.pattern_hook(block),
-        model.spec.attn_values.format(layer=block),
+        model.spec.attn_values.format(block=block),
     ]
     norm = _attention_norm(model, block)
     names += [f"{norm[0]}.hook_scale"] if norm is not None else []
@@ -402,7 +403,7 @@ def block_mixing_hooks(model: TracedModel, block: int) -> list[str]:
 
 def mixing_hooks(model: TracedModel) -> list[str]:
     """Hooks :func:`mixing_batch` reads: :func:`block_mixing_hooks` of every block."""
-    return [name for block in range(model.n_layers) for name in block_mixing_hooks(model, block)]
+    return [name for block in range(model.n_blocks) for name in block_mixing_hooks(model, block)]
 
 
 def _attention_norm(model: TracedModel, block: int) -> tuple[str, bool] | None:
@@ -441,13 +442,13 @@ class MixingStream:
         self.model, self.batch, self.pair_text = model, batch, pair_text
         self.pair_blocks = pair_blocks
         self.vz_max_tokens = vz_max_tokens
-        self.rests = [model.block_rest(block) for block in range(model.n_layers)]
+        self.rests = [model.block_rest(block) for block in range(model.n_blocks)]
         self.width = max(model.d_model, int(getattr(model.bridge.cfg, "d_mlp", 0) or 0))
         self.tolerance = reconstruction_tolerance(model.dtype)
-        self.weights = [model.output_weights(block) for block in range(model.n_layers)]
-        self.norms = [_attention_norm(model, block) for block in range(model.n_layers)]
+        self.weights = [model.output_weights(block) for block in range(model.n_blocks)]
+        self.norms = [_attention_norm(model, block) for block in range(model.n_blocks)]
         self.affines = [None if n is None else model.norm_affine(n[0]) for n in self.norms]
-        self.seconds = [_second_norm(model, block) for block in range(model.n_layers)]
+        self.seconds = [_second_norm(model, block) for block in range(model.n_blocks)]
         self.second_affines = [None if p is None else model.norm_affine(p) for p in self.seconds]
         device = model.device
         self.rollouts = [torch.eye(len(item.ids), device=device) for item in batch.texts]
@@ -476,7 +477,7 @@ class MixingStream:
     def reduce(self, block: int, tensors: dict[str, Tensor]) -> None:
         model, norm, affine = self.model, self.norms[block], self.affines[block]
         pattern_all = tensors[model.spec.pattern_hook(block)]
-        values_all = tensors[model.spec.attn_values.format(layer=block)]
+        values_all = tensors[model.spec.attn_values.format(block=block)]
         resid_all = tensors[model.spec.resid_hook(block)]
         scale_all = None
         if norm is not None:
@@ -658,7 +659,7 @@ def mixing_batch(
     before any rollout.
     """
     stream = MixingStream(model, batch, pair_text, vz_max_tokens=vz_max_tokens)
-    for block in range(model.n_layers):
+    for block in range(model.n_blocks):
         stream.reduce(block, {name: store[name] for name in stream.names(block)})
     return stream.frames()
 
@@ -666,7 +667,7 @@ def mixing_batch(
 def mixing_table(
     model: TracedModel,
     texts: list[str],
-    batch_size: int = 16,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     pair_text: int | None = None,
     vz_max_tokens: int = VZ_MAX_TOKENS,
 ) -> tuple[pd.DataFrame, pd.DataFrame | None]:

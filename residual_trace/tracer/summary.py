@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from residual_trace.defaults import DEFAULT_SEED
 from residual_trace.stats import bootstrap_ci, format_interval
 
 #: The measures summarised per layer, each as mean with ``_lo``/``_hi`` (95% bootstrap
@@ -30,7 +31,7 @@ SUMMARY_COLUMNS = (
 
 
 def layer_summary(
-    table: pd.DataFrame, include_special: bool = False, seed: int = 0
+    table: pd.DataFrame, include_special: bool = False, seed: int = DEFAULT_SEED
 ) -> pd.DataFrame:
     """One row per layer: means over tokens, a 95% bootstrap interval, the null beside it.
 

@@ -71,14 +71,14 @@ def test_minilm_matches_hugging_face(minilm, texts):
     ref = reference_drift(minilm.resolved.directory, "bert", texts, prepend_bos=False)
     _compare(ours, ref)
     # MiniLM is a 6-block BERT with the bert-base-uncased vocabulary
-    assert minilm.n_layers == 6 and minilm.d_model == 384 and minilm.d_vocab == 30522
+    assert minilm.n_blocks == 6 and minilm.d_model == 384 and minilm.d_vocab == 30522
 
 
 def test_smollm2_matches_hugging_face(smollm2, texts):
     ours = drift_table(smollm2, texts, DriftConfig(batch_size=3))
     ref = reference_drift(smollm2.resolved.directory, "llama", texts, prepend_bos=True)
     _compare(ours, ref)
-    assert smollm2.n_layers == 30 and smollm2.d_model == 576
+    assert smollm2.n_blocks == 30 and smollm2.d_model == 576
 
 
 def test_smollm2_is_the_real_model(smollm2):
@@ -161,7 +161,7 @@ def test_python_api_on_minilm_returns_tables_and_writes_nothing(minilm, tmp_path
         "mixing_pairs",
     }
     assert decomposed.tables["decompose"]["recon_error"].max() < RECONSTRUCTION_TOLERANCE
-    assert decomposed.tables["summary"]["block"].tolist() == list(range(minilm.n_layers))
+    assert decomposed.tables["summary"]["block"].tolist() == list(range(minilm.n_blocks))
 
     swapped = rt.perturb(minilm, texts, mode="swap", swap=("dog", "cat"), quiet=True)
     assert set(swapped.tables) == {"perturbations", "resid", "heads", "summary", "resid_summary"}
@@ -169,7 +169,7 @@ def test_python_api_on_minilm_returns_tables_and_writes_nothing(minilm, tmp_path
     rows = swapped.tables["perturbations"]
     moved = rows[rows["perturbation"] == "swap"]
     assert set(moved["label"]) == {"swap dog<->cat"}
-    assert len(moved) == len(texts) * minilm.n_layers * minilm.n_heads
+    assert len(moved) == len(texts) * minilm.n_blocks * minilm.n_heads
     heads = swapped.tables["heads"]
     heads = heads[heads["perturbation"] == "swap"].set_index(["block", "head"])
     assert (heads["n_texts"] == len(texts)).all()
@@ -213,8 +213,8 @@ def test_decomposition_reconstructs_real_models(name, minilm, smollm2, texts):
     W_E = model.W_E.numpy()
     unit = W_E[ids] / np.linalg.norm(W_E[ids], axis=1, keepdims=True)
     # rows are per block (0..L-1); the last block's output is the last layer's state
-    assert sorted(local["block"].unique()) == list(range(model.n_layers))
-    last = local[(local["text_id"] == 0) & (local["block"] == model.n_layers - 1)]
+    assert sorted(local["block"].unique()) == list(range(model.n_blocks))
+    last = local[(local["text_id"] == 0) & (local["block"] == model.n_blocks - 1)]
     np.testing.assert_allclose(
         last.sort_values("position")["proj_post"], (states[-1] * unit).sum(1), rtol=1e-4, atol=1e-3
     )
@@ -281,7 +281,7 @@ def test_perturb_previous_and_next_token_heads_come_out_positional(name, minilm,
     result = options.run(model, texts, warn=lambda m: None)
     table = result.tables["heads"]
     heads = table[table["perturbation"] == "shuffle"].set_index(["block", "head"])
-    assert len(heads) == model.n_layers * model.n_heads
+    assert len(heads) == model.n_blocks * model.n_heads
     assert (heads["head_name"] == [f"L{b}H{h}" for b, h in heads.index]).all()
     # the structure measures equal an independent computation from HF attentions
     reference = _hf_structure(model, texts)
@@ -375,15 +375,15 @@ def test_report_on_full_size_bert_and_gpt2_architectures(tmp_path):
     as the report runs them by name where the hub is reachable."""
     from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel
 
-    from tests.conftest import _minilm_dir, _tiny_bpe_tokenizer
+    from tests.helpers import minilm_dir, tiny_bpe_tokenizer
 
     bert_dir, gpt2_dir = tmp_path / "bert-base-random", tmp_path / "gpt2-random"
     torch.manual_seed(5)
     BertModel(BertConfig()).save_pretrained(bert_dir)
     for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        (bert_dir / name).write_bytes((_minilm_dir() / name).read_bytes())
+        (bert_dir / name).write_bytes((minilm_dir() / name).read_bytes())
     gpt2_dir.mkdir()
-    vocab = _tiny_bpe_tokenizer(gpt2_dir)
+    vocab = tiny_bpe_tokenizer(gpt2_dir)
     torch.manual_seed(5)
     GPT2LMHeadModel(GPT2Config(vocab_size=vocab, bos_token_id=0, eos_token_id=0)).save_pretrained(
         gpt2_dir

@@ -216,7 +216,7 @@ def test_one_vocabulary_blocks_heads_and_layers(tiny_models):
     """Residual-state tables count ``layer`` 0..L; block and head tables count ``block``
     0..L-1 and name heads ``L{block}H{head}``."""
     model = tiny_models["bert"]
-    n = model.n_layers
+    n = model.n_blocks
     drift = rt.layers(model, TEXTS).tables
     assert sorted(drift["drift"]["layer"].unique()) == list(range(n + 1))
     decomposed = rt.decompose(model, TEXTS, per_head=True).tables

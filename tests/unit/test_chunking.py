@@ -86,9 +86,9 @@ def test_a_long_mixing_text_keeps_its_pair_map_at_the_drawn_block_only(tiny_mode
     model = tiny_models["llama"]
     full = rt.decompose(model, TEXTS, mixing_block=1, quiet=True).tables["mixing_pairs"]
     n = int(np.sqrt((full["block"] == 0).sum()))
-    assert sorted(full["block"].unique()) == list(range(model.n_layers))
+    assert sorted(full["block"].unique()) == list(range(model.n_blocks))
     # a row budget below the map of every block, above the map of one
-    monkeypatch.setattr(decompose, "MAX_PAIR_ROWS", n * n * model.n_layers - 1)
+    monkeypatch.setattr(decompose, "MAX_PAIR_ROWS", n * n * model.n_blocks - 1)
     with pytest.warns(UserWarning, match=r"mixing_pairs: text 0 has \d+ tokens.*block 1 only"):
         result = rt.decompose(model, TEXTS, mixing_block=1, quiet=True)
     kept = result.tables["mixing_pairs"]

@@ -37,8 +37,8 @@ def test_parts_reconstruct_every_layer(kind, tiny_models, tiny_dirs):
         states, _ = hidden_states(tiny_dirs[kind], kind, ids)
         unit = W_E[ids] / np.linalg.norm(W_E[ids], axis=1, keepdims=True)
         rows = local[local["text_id"] == text_id]
-        assert sorted(rows["block"].unique()) == list(range(model.n_layers))
-        for block in range(model.n_layers):
+        assert sorted(rows["block"].unique()) == list(range(model.n_blocks))
+        for block in range(model.n_blocks):
             # block b reads residual layer b and writes layer b + 1
             got = rows[rows["block"] == block].sort_values("position")
             np.testing.assert_allclose(
@@ -49,9 +49,9 @@ def test_parts_reconstruct_every_layer(kind, tiny_models, tiny_dirs):
             )
     # cumulative shares of the squared norm add up to one at every layer
     np.testing.assert_allclose(cumulative.groupby("layer")["share"].sum(), 1.0, atol=1e-4)
-    assert sorted(cumulative["layer"].unique()) == list(range(1, model.n_layers + 1))
+    assert sorted(cumulative["layer"].unique()) == list(range(1, model.n_blocks + 1))
     assert set(cumulative["source"]) == {"embed", "bias"} | {
-        f"L{b}_{kind}" for kind in ("attn", "mlp") for b in range(model.n_layers)
+        f"L{b}_{kind}" for kind in ("attn", "mlp") for b in range(model.n_blocks)
     }
     # source_block: the block of an L{b}_attn / L{b}_mlp source, missing for embed and bias
     for source, block in zip(cumulative["source"], cumulative["source_block"], strict=True):
@@ -72,14 +72,14 @@ def test_pre_ln_split_equals_transformer_lens_decompose_resid(kind, tiny_models)
     ids = torch.tensor([model.encode(text)])
     with torch.inference_mode():
         _, cache = model.bridge.run_with_cache(ids)
-    stack, labels = cache.decompose_resid(layer=model.n_layers, return_labels=True)
+    stack, labels = cache.decompose_resid(layer=model.n_blocks, return_labels=True)
     special = torch.isin(ids[0], torch.tensor(sorted(model.special_ids)))
     unit = torch.nn.functional.normalize(model.W_E[ids[0]], dim=-1)
     theirs = {label: stack[i, 0] for i, label in enumerate(labels)}
     embedding = sum(v for k, v in theirs.items() if "embed" in k)
-    ours = cumulative[cumulative["layer"] == model.n_layers].set_index("source")
+    ours = cumulative[cumulative["layer"] == model.n_blocks].set_index("source")
     expected = {"embed": embedding}
-    for block in range(model.n_layers):
+    for block in range(model.n_blocks):
         expected[f"L{block}_attn"] = theirs[f"{block}_attn_out"]
         expected[f"L{block}_mlp"] = theirs[f"{block}_mlp_out"]
     for source, part in expected.items():
@@ -95,8 +95,8 @@ def test_transformer_lens_decompose_resid_misses_post_ln_bert_and_ours_does_not(
     ids = torch.tensor([model.encode(TEXTS[1])])
     with torch.inference_mode():
         _, cache = model.bridge.run_with_cache(ids)
-    stack = cache.decompose_resid(layer=model.n_layers)
-    final = cache[f"blocks.{model.n_layers - 1}.hook_resid_post"]
+    stack = cache.decompose_resid(layer=model.n_blocks)
+    final = cache[f"blocks.{model.n_blocks - 1}.hook_resid_post"]
     their_error = ((stack.sum(0) - final).norm(dim=-1) / final.norm(dim=-1)).max().item()
     assert their_error > 0.1  # silently wrong: no warning, a large miss
     local, _ = decompose_table(model, [TEXTS[1]])
@@ -158,7 +158,7 @@ def test_heads_add_up_to_the_attention_part(kind, tiny_models):
     heads, local = result.heads, result.local
     assert heads is not None
     assert sorted(heads["head"].unique()) == [-1, *range(model.n_heads)]  # -1: output bias
-    assert sorted(heads["block"].unique()) == list(range(model.n_layers))
+    assert sorted(heads["block"].unique()) == list(range(model.n_blocks))
     # TransformerLens naming: L{block}H{head}, and L{block}b_O for the output bias
     expected_names = [
         f"L{b}b_O" if h == -1 else f"L{b}H{h}"

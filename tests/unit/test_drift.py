@@ -47,7 +47,7 @@ def test_drift_matches_hugging_face(kind, tiny_models, tiny_dirs, sentences):
     assert (merged["vocab_rank"] == merged["vocab_rank_ref"]).all()
     assert (merged["vocab_rank_normed"] == merged["vocab_rank_normed_ref"]).all()
     # the layer count is n_blocks + 1 and layer 0 is the embedding output
-    assert sorted(ours["layer"].unique()) == list(range(model.n_layers + 1))
+    assert sorted(ours["layer"].unique()) == list(range(model.n_blocks + 1))
     assert np.allclose(ours.loc[ours["layer"] == 0, "cos_layer0"], 1.0, atol=1e-5)
 
 
@@ -86,7 +86,7 @@ def test_padding_is_never_measured(kind, tiny_models, sentences):
     lengths = [len(e.ids) for e in encode_texts(model, sentences, 64)]
     assert len(set(lengths)) > 1, "the texts must need padding for this test to mean anything"
     table = drift_table(model, sentences, DriftConfig(batch_size=len(sentences)))
-    assert len(table) == sum(lengths) * (model.n_layers + 1)
+    assert len(table) == sum(lengths) * (model.n_blocks + 1)
     for text_id, length in enumerate(lengths):
         positions = table.loc[table["text_id"] == text_id, "position"].unique()
         assert sorted(positions) == list(range(length))
@@ -128,7 +128,7 @@ def test_capture_equals_hugging_face_states_and_patterns(kind, tiny_models, tiny
     mask = torch.tensor([[1] * len(ids) + [0] * 3])
     captured = model.capture(batch, mask, patterns=True)
     states, attentions = hidden_states(tiny_dirs[kind], kind, ids)
-    assert captured.resid.shape[0] == len(states) == model.n_layers + 1
+    assert captured.resid.shape[0] == len(states) == model.n_blocks + 1
     for layer, state in enumerate(states):
         np.testing.assert_allclose(
             captured.resid[layer, 0, : len(ids)].numpy(), state, atol=1e-5, rtol=1e-4

@@ -199,7 +199,7 @@ def test_states_patterns_and_drift_match_hugging_face(name, family_model, family
             np.testing.assert_allclose(at["cos_input"], _cos(state, e), atol=1e-4)
             np.testing.assert_allclose(at["cos_layer0"], _cos(state, ref["states"][0]), atol=1e-4)
             norm = _reader_norm(hf, ref, layer)
-            assert (norm is None) == (model.spec.reader_norm(layer, model.n_layers) is None)
+            assert (norm is None) == (model.spec.reader_norm(layer, model.n_blocks) is None)
             expected = (
                 _cos(state, e) if norm is None else _cos(_normed(norm, state), _normed(norm, e))
             )
@@ -366,7 +366,7 @@ def test_every_verb_runs(name, family_model, family_dirs, tmp_path):
 
     model = family_model
     perturb = rt.perturb(model, TEXTS, mode="shuffle", samples=1, quiet=True)
-    assert sorted(perturb.tables["summary"]["block"].unique()) == list(range(model.n_layers))
+    assert sorted(perturb.tables["summary"]["block"].unique()) == list(range(model.n_blocks))
     heads = perturb.tables["heads"]
     assert heads["head_name"].str.fullmatch(r"L\d+H\d+").all()
     # perturb's structure measures of the original patterns, against HF's attentions
@@ -395,7 +395,7 @@ def test_every_verb_runs(name, family_model, family_dirs, tmp_path):
     probe = rt.probe(
         model,
         norms=f"wide:{norms}",
-        layers=(0, model.n_layers),
+        layers=(0, model.n_blocks),
         mappers=("ridge",),
         folds=2,
         conditions=("system", "random-init"),
@@ -443,7 +443,7 @@ def _save_other(root: Path, name: str) -> Path:
     """Architectures outside the matrix, built the same way (seeded, tiny, BPE tokenizer)."""
     import transformers
 
-    from tests.conftest import _tiny_bpe_tokenizer
+    from tests.helpers import tiny_bpe_tokenizer
 
     configs: dict[str, tuple[str, str, dict[str, Any]]] = {
         "falcon": ("FalconConfig", "FalconForCausalLM", {"parallel_attn": True}),
@@ -461,7 +461,7 @@ def _save_other(root: Path, name: str) -> Path:
     config_name, model_name, extra = configs[name]
     target = root / f"other-{name}"
     target.mkdir()
-    vocab = _tiny_bpe_tokenizer(target)
+    vocab = tiny_bpe_tokenizer(target)
     torch.manual_seed(3)
     config = getattr(transformers, config_name)(
         vocab_size=vocab,

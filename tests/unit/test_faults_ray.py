@@ -40,6 +40,12 @@ def _layers(tiny_dirs, text: str) -> list[str]:
     return ["layers", "--model", str(tiny_dirs["bert"]), "--text", text]
 
 
+def _on_ray_at(tiny_dirs, address: str, out: Path, *more: str):
+    """``trace layers`` on the tiny BERT with ``--engine ray --ray-address address``."""
+    args = [*_layers(tiny_dirs, "The dog ran."), "--engine", "ray", "--ray-address", address]
+    return CliRunner().invoke(trace, [*args, "--out", str(out), *more])
+
+
 # -- servers that are not a Ray cluster ------------------------------------------------------
 
 
@@ -144,19 +150,7 @@ def test_an_address_with_no_ray_cluster_fails_in_one_line_within_the_bound(
     out = tmp_path / "out"
     with _not_ray(kind) as address:
         start = time.monotonic()
-        result = CliRunner().invoke(
-            trace,
-            [
-                *_layers(tiny_dirs, "The dog ran."),
-                "--engine",
-                "ray",
-                "--ray-address",
-                address,
-                "--out",
-                str(out),
-                "--quiet",
-            ],
-        )
+        result = _on_ray_at(tiny_dirs, address, out, "--quiet")
         took = time.monotonic() - start
     assert result.exit_code == 1, result.output
     lines = result.output.strip().splitlines()
@@ -190,18 +184,7 @@ def test_the_api_refuses_such_an_address_before_loading_the_model(tiny_dirs):
     ],
 )
 def test_a_malformed_address_is_named(address, message, tiny_dirs, tmp_path):
-    result = CliRunner().invoke(
-        trace,
-        [
-            *_layers(tiny_dirs, "a"),
-            "--engine",
-            "ray",
-            "--ray-address",
-            address,
-            "--out",
-            str(tmp_path / "o"),
-        ],
-    )
+    result = _on_ray_at(tiny_dirs, address, tmp_path / "o")
     assert result.exit_code == 1 and message in result.output, result.output
     assert len(result.output.strip().splitlines()) == 1
 

@@ -182,13 +182,13 @@ def test_cache_dir_honours_environment(tmp_path, monkeypatch):
 def test_structure_is_derived_for_the_tiny_models(tiny_models):
     bert, gpt2, llama = (tiny_models[k] for k in ("bert", "gpt2", "llama"))
     assert (bert.spec.family, bert.spec.norm_placement) == ("encoder", "post")
-    assert bert.spec.reader_norm(0, n_layers=2) is None
+    assert bert.spec.reader_norm(0, n_blocks=2) is None
     assert bert.spec.attn_delta == "blocks.{layer}.attn.o.hook_out"
     for model, kind in ((gpt2, "layernorm"), (llama, "rmsnorm")):
         assert (model.spec.family, model.spec.norm_placement) == ("decoder", "pre")
         assert model.spec.norm_kind == kind
-        assert model.spec.reader_norm(0, n_layers=2) == "blocks.0.ln1"
-        assert model.spec.reader_norm(2, n_layers=2) == "ln_final"
+        assert model.spec.reader_norm(0, n_blocks=2) == "blocks.0.ln1"
+        assert model.spec.reader_norm(2, n_blocks=2) == "ln_final"
         assert not model.spec.parallel
 
 

@@ -168,7 +168,7 @@ def _reference(directory, kind, text):
 @pytest.mark.parametrize("kind", ["bert", "gpt2"])
 def test_mixing_matches_independent_reference(kind, tiny_models, tiny_dirs):
     table, _ = mixing_table(tiny_models[kind], TEXTS, batch_size=2)
-    assert sorted(table["block"].unique()) == list(range(tiny_models[kind].n_layers))
+    assert sorted(table["block"].unique()) == list(range(tiny_models[kind].n_blocks))
     for text_id, text in enumerate(TEXTS):
         reference = _reference(tiny_dirs[kind], kind, text)  # one entry per block, from 0
         for block, expected in enumerate(reference):
@@ -190,7 +190,7 @@ def test_grouped_query_model_and_pairs(tiny_models):
     columns = ["mix_raw", "mix_attn_n", "mix_attnres_n", "mix_rollout"]
     np.testing.assert_allclose(first[columns], 0.0, atol=1e-6)
     assert pairs is not None and set(pairs["text_id"]) == {1}
-    assert sorted(pairs["block"].unique()) == list(range(model.n_layers))
+    assert sorted(pairs["block"].unique()) == list(range(model.n_blocks))
     shares = pairs.groupby(["block", "target"])["share"].sum()
     np.testing.assert_allclose(shares, 1.0, atol=1e-5)
     assert (pairs.loc[pairs["source"] > pairs["target"], "contribution"] == 0).all()
@@ -220,7 +220,7 @@ def test_model_with_attention_forced_to_identity_does_not_mix(kind, tiny_models)
         n = pattern.shape[-1]
         return torch.eye(n, dtype=pattern.dtype).expand_as(pattern).clone()
 
-    points = [model.bridge.hook_dict[model.spec.pattern_hook(b)] for b in range(model.n_layers)]
+    points = [model.bridge.hook_dict[model.spec.pattern_hook(b)] for b in range(model.n_blocks)]
     for point in points:
         point.add_hook(identity, prepend=True)
     try:
@@ -384,17 +384,17 @@ def test_value_zeroing_of_a_token_nobody_attends_changes_nothing(kind, tiny_mode
         values[:, hidden] = 0.0
         return values
 
-    points = [model.bridge.hook_dict[model.spec.pattern_hook(b)] for b in range(model.n_layers)]
+    points = [model.bridge.hook_dict[model.spec.pattern_hook(b)] for b in range(model.n_blocks)]
     for point in points:
         point.add_hook(avoid, prepend=True)
     try:
         _, pairs = mixing_table(model, TEXTS[:1], pair_text=0)
         ids = torch.tensor([model.encode(TEXTS[0])])
-        last = model.spec.resid_hook(model.n_layers)
+        last = model.spec.resid_hook(model.n_blocks)
         plain = model.run_hooks(ids, torch.ones_like(ids), [last])[last]
         value_points = [
             model.bridge.hook_dict[model.spec.attn_values.format(layer=b)]
-            for b in range(model.n_layers)
+            for b in range(model.n_blocks)
         ]
         for point in value_points:
             point.add_hook(zero_values)

@@ -20,7 +20,7 @@ from residual_trace.cli import trace
 from residual_trace.experiments.options import PerturbOptions
 from residual_trace.experiments.perturb import PERTURBATION_COLUMNS, RESID_COLUMNS
 from residual_trace.tracer.alignment_summary import HEAD_COLUMNS
-from tests.conftest import _tiny_bpe_tokenizer
+from tests.helpers import tiny_bpe_tokenizer
 
 #: Rotation step of the constructed positional code (radians per position); sequences stay
 #: shorter than 2*pi / THETA so no two positions alias.
@@ -50,7 +50,7 @@ def _constructed_gpt2(root: Path) -> tuple[Path, int]:
 
     target = root / "constructed-gpt2"
     target.mkdir()
-    vocab = _tiny_bpe_tokenizer(target)
+    vocab = tiny_bpe_tokenizer(target)
     from transformers import AutoTokenizer
 
     dog = AutoTokenizer.from_pretrained(target)(" dog")["input_ids"]
@@ -251,7 +251,7 @@ def test_swap_matches_hugging_face_and_scipy(kind, tiny_dirs, tmp_path):
             assert row["sim_position"] == pytest.approx(sim_position, abs=1e-4, nan_ok=True)
             assert row["follow_index"] == pytest.approx(index, abs=1e-3, nan_ok=True)
             compared += int(np.isfinite(index))
-    assert compared >= model.n_layers * model.n_heads // 2  # most heads had evidence
+    assert compared >= model.n_blocks * model.n_heads // 2  # most heads had evidence
     # the residual stream: cosine to the same token's state (moved) vs the same position's
     resid = _resid(result, "swap").set_index("layer")
     moved = [first, second]
@@ -450,7 +450,7 @@ def test_perturb_tables_do_not_depend_on_how_runs_are_grouped(mode, tiny_models)
         .tables
         for size in (1, 16)
     ]
-    per_text = {"perturbations": model.n_layers * model.n_heads, "resid": model.n_layers + 1}
+    per_text = {"perturbations": model.n_blocks * model.n_heads, "resid": model.n_blocks + 1}
     for key, rows in per_text.items():
         one, many = tables[0][key], tables[1][key]
         keys = [c for c in one.columns if one[c].dtype == object or c in ("sample", "block")]

@@ -102,7 +102,7 @@ def test_random_init_copy_is_seeded_and_differs(tiny_models):
     assert torch.equal(torch.get_rng_state(), state)  # the global RNG is untouched
     torch.testing.assert_close(first.W_E, again.W_E)
     assert first.W_E.shape == model.W_E.shape and not torch.allclose(first.W_E, model.W_E)
-    assert first.n_layers == model.n_layers and "random init" in first.name
+    assert first.n_blocks == model.n_blocks and "random init" in first.name
 
 
 def _probe(args: list[str]):

@@ -15,6 +15,17 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
+from residual_trace.defaults import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_DEVICE,
+    DEFAULT_DTYPE,
+    DEFAULT_FIGURE_FORMAT,
+    DEFAULT_SEED,
+    Device,
+    DeviceMap,
+    Dtype,
+    FigureFormat,
+)
 from residual_trace.errors import OptionError, UserError
 from residual_trace.experiments.options import (
     DecomposeOptions,
@@ -74,15 +85,15 @@ class ReportOptions(Options):
     experiments: tuple[Experiment, ...] = option(
         EXPERIMENTS, "Experiments to run (repeatable; default: all four).", flag="--experiment"
     )
-    seed: int = option(0, "Seed of every experiment.")
-    device: Literal["auto", "cpu", "cuda"] = option("auto", "Where the models run.")
-    dtype: Literal["float32", "bfloat16", "float16"] = option(
-        "float32", "Precision of the weights and forward passes (measures stay float32)."
+    seed: int = option(DEFAULT_SEED, "Seed of every experiment.")
+    device: Device = option(DEFAULT_DEVICE, "Where the models run.")
+    dtype: Dtype = option(
+        DEFAULT_DTYPE, "Precision of the weights and forward passes (measures stay float32)."
     )
-    device_map: Literal["auto", "balanced", "balanced_low_0", "sequential"] | None = option(
+    device_map: DeviceMap | None = option(
         None, "Split each model over the visible devices (accelerate).", cli=False
     )
-    batch_size: int = option(16, "Texts per forward pass.", cli=False)
+    batch_size: int = option(DEFAULT_BATCH_SIZE, "Texts per forward pass.", cli=False)
     perturb_mode: Mode = option("shuffle", "The perturbation of the perturb part.", cli=False)
     perturb_samples: int = option(5, "Perturbations per text in the perturb part.", cli=False)
     probe_norms: Sequence[str] = option(("lancaster",), "Norm sets of the probe.", cli=False)
@@ -92,8 +103,8 @@ class ReportOptions(Options):
     probe_depths: tuple[float, ...] = option(
         (0.0, 0.5, 1.0), "Relative depths probed (layer / blocks).", cli=False
     )
-    figure_format: Literal["png", "svg", "pdf"] = option(
-        "png", "Figure format of the parts.", cli=False
+    figure_format: FigureFormat = option(
+        DEFAULT_FIGURE_FORMAT, "Figure format of the parts.", cli=False
     )
 
     def validate(self) -> None:

@@ -94,7 +94,7 @@ def run_parts(
             model = loaded[name]
             if progress is not None:
                 progress(f"report: {experiment} on {name}")
-            part_options = options.options_for(experiment, model.n_layers)
+            part_options = options.options_for(experiment, model.n_blocks)
             result: Result
             if isinstance(part_options, ProbeOptions):
                 result = part_options.run(model, warn=warn)
