@@ -17,8 +17,7 @@ import torch
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
-from residual_trace.experiments.common import load_inputs, resolve_model
-from residual_trace.experiments.contract import Experiment
+from residual_trace.experiments.contract import Experiment, open_run
 from residual_trace.experiments.engine import ShardPart, run_shards
 from residual_trace.experiments.options import (
     DecomposeOptions,
@@ -37,7 +36,7 @@ from residual_trace.figures.decompose import (
 )
 from residual_trace.models import TracedModel
 from residual_trace.stats import format_interval
-from residual_trace.tracer import iter_batches, prepare_texts
+from residual_trace.tracer import iter_batches
 from residual_trace.tracer.batching import EncodedText
 from residual_trace.tracer.decompose import decompose_batch, decompose_hooks, pool_cumulative
 from residual_trace.tracer.decompose_summary import decompose_summary, head_summary
@@ -206,23 +205,16 @@ def run_decompose(
         warn: receives one-line warnings.
     """
     options = options or DecomposeOptions()
-    texts_list, source = load_inputs(texts)
-    options.check_texts(texts_list)
-    notes: list[str] = []
 
-    def note(message: str) -> None:
-        notes.append(message)
-        warn(message)
+    def check_model(traced: TracedModel) -> None:
+        if options.mixing_block is not None and options.mixing_block >= traced.n_blocks:
+            raise options.fail(
+                "mixing_block",
+                f"{options.mixing_block}: {traced.name} has blocks 0..{traced.n_blocks - 1}",
+            )
 
-    traced = resolve_model(model, note)
-    if options.mixing_block is not None and options.mixing_block >= traced.n_blocks:
-        raise options.fail(
-            "mixing_block",
-            f"{options.mixing_block}: {traced.name} has blocks 0..{traced.n_blocks - 1}",
-        )
-    options.seed_torch()
-    encoded = prepare_texts(
-        traced, texts_list, options.max_length, warn=lambda m: note(f"warning: {m}")
+    texts_list, source, traced, encoded, notes, note = open_run(
+        model, texts, options, warn, check_model
     )
     n_pair = len(encoded[options.mixing_text].ids)
     kept = pair_blocks(traced, n_pair, options)

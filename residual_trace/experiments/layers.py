@@ -15,8 +15,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from residual_trace.experiments.common import load_inputs, resolve_model
-from residual_trace.experiments.contract import Experiment
+from residual_trace.experiments.contract import Experiment, open_run
 from residual_trace.experiments.engine import ShardPart, run_shards
 from residual_trace.experiments.options import (
     LayersOptions,
@@ -32,7 +31,7 @@ from residual_trace.figures import (
     token_drift_figure,
 )
 from residual_trace.models import TracedModel
-from residual_trace.tracer import DriftConfig, format_summary, layer_summary, prepare_texts
+from residual_trace.tracer import DriftConfig, format_summary, layer_summary
 from residual_trace.tracer.batching import EncodedText
 from residual_trace.tracer.drift import iter_drift_encoded
 
@@ -165,19 +164,7 @@ def run_layers(
         warn: receives one-line warnings (truncated texts, model conversion notes).
     """
     options = options or LayersOptions()
-    texts_list, source = load_inputs(texts)
-    options.check_texts(texts_list)
-    notes: list[str] = []
-
-    def note(message: str) -> None:
-        notes.append(message)
-        warn(message)
-
-    traced = resolve_model(model, note)
-    options.seed_torch()
-    encoded = prepare_texts(
-        traced, texts_list, options.max_length, warn=lambda m: note(f"warning: {m}")
-    )
+    texts_list, source, traced, encoded, notes, _ = open_run(model, texts, options, warn)
     rows = run_shards(EXPERIMENT, traced, encoded, options)
     drift = rows.tables["drift"]
     attention: dict[int, tuple[list[str], np.ndarray]] = rows.extra

@@ -263,6 +263,10 @@ class CorpusOptions(CommonOptions):
                     "ray_address", f"{self.ray_address.strip()!r}: no Ray cluster there: {error}"
                 ) from None
 
+    def check_texts(self, texts: list[str]) -> None:
+        """Options that refer to the texts, checked before any model loads (a text id that
+        names no text): none here; each experiment adds its own."""
+
 
 def check_text_id(name: str, value: int, texts: Sequence[str]) -> None:
     """A text id option (``--heatmap-text`` and the like) must name one of the texts."""

@@ -29,8 +29,7 @@ from tqdm.auto import tqdm
 
 from residual_trace._typing import Tensor
 from residual_trace.errors import UserError
-from residual_trace.experiments.common import load_inputs, resolve_model
-from residual_trace.experiments.contract import Experiment
+from residual_trace.experiments.contract import Experiment, open_run
 from residual_trace.experiments.engine import ShardPart, run_shards
 from residual_trace.experiments.options import (
     MODES,
@@ -52,7 +51,7 @@ from residual_trace.models import TracedModel
 from residual_trace.models.traced import BlockStream
 from residual_trace.naming import head_name, parse_head_name
 from residual_trace.stats import format_interval
-from residual_trace.tracer import iter_batches, prepare_texts
+from residual_trace.tracer import iter_batches
 from residual_trace.tracer.alignment import (
     align_patterns,
     position_similarity,
@@ -675,24 +674,18 @@ def run_perturb(
         warn: receives one-line warnings (skipped texts, truncation).
     """
     config = options or PerturbOptions()
-    texts_list, source = load_inputs(texts)
-    config.check_texts(texts_list)
-    notes: list[str] = []
+    shown_heads: list[tuple[int, int]] = []
 
-    def echo(message: str) -> None:
-        notes.append(message)
-        warn(message)
+    def check_model(traced: TracedModel) -> None:
+        try:
+            shown_heads.extend(
+                parse_head_name(spec, traced.n_blocks, traced.n_heads) for spec in config.show_heads
+            )
+        except UserError as error:
+            raise config.fail("show_heads", str(error)) from None
 
-    traced = resolve_model(model, echo)
-    config.seed_torch()
-    try:
-        shown_heads = [
-            parse_head_name(spec, traced.n_blocks, traced.n_heads) for spec in config.show_heads
-        ]
-    except UserError as error:
-        raise config.fail("show_heads", str(error)) from None
-    encoded = prepare_texts(
-        traced, texts_list, config.max_length, warn=lambda m: echo(f"warning: {m}")
+    texts_list, source, traced, encoded, notes, echo = open_run(
+        model, texts, config, warn, check_model
     )
     rows = run_shards(EXPERIMENT, traced, encoded, config)
     extra: _ShardFacts = rows.extra
