@@ -106,7 +106,7 @@ def test_transformer_lens_decompose_resid_misses_post_ln_bert_and_ours_does_not(
 def test_wrong_hook_site_fails_loudly(tiny_models, monkeypatch):
     """Using LN1's output as the attention delta (TransformerLens's reading) must raise."""
     model = tiny_models["bert"]
-    wrong = dataclasses.replace(model.spec, attn_delta="blocks.{layer}.hook_attn_out")
+    wrong = dataclasses.replace(model.spec, attn_delta="blocks.{block}.hook_attn_out")
     monkeypatch.setattr(model, "spec", wrong)
     with pytest.raises(ReconstructionError, match="misses resid_post"):
         decompose_table(model, TEXTS)

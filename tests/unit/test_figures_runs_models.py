@@ -183,7 +183,7 @@ def test_structure_is_derived_for_the_tiny_models(tiny_models):
     bert, gpt2, llama = (tiny_models[k] for k in ("bert", "gpt2", "llama"))
     assert (bert.spec.family, bert.spec.norm_placement) == ("encoder", "post")
     assert bert.spec.reader_norm(0, n_blocks=2) is None
-    assert bert.spec.attn_delta == "blocks.{layer}.attn.o.hook_out"
+    assert bert.spec.attn_delta == "blocks.{block}.attn.o.hook_out"
     for model, kind in ((gpt2, "layernorm"), (llama, "rmsnorm")):
         assert (model.spec.family, model.spec.norm_placement) == ("decoder", "pre")
         assert model.spec.norm_kind == kind
