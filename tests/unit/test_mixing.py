@@ -393,7 +393,7 @@ def test_value_zeroing_of_a_token_nobody_attends_changes_nothing(kind, tiny_mode
         last = model.spec.resid_hook(model.n_blocks)
         plain = model.run_hooks(ids, torch.ones_like(ids), [last])[last]
         value_points = [
-            model.bridge.hook_dict[model.spec.attn_values.format(layer=b)]
+            model.bridge.hook_dict[model.spec.attn_values.format(block=b)]
             for b in range(model.n_blocks)
         ]
         for point in value_points:
