@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from residual_trace import DriftConfig, load_model
+from residual_trace import load_model
 from residual_trace.experiments import bundled_sentences
 from residual_trace.models import TracedModel
 from residual_trace.tracer import encode_texts, iter_batches, iter_drift
@@ -37,8 +37,8 @@ BATCH_SIZE = 16
 
 def _ours(model: TracedModel, texts: list[str], patterns: bool) -> int:
     sink = (lambda text_id, tokens, pattern: None) if patterns else None
-    config = DriftConfig(batch_size=BATCH_SIZE)
-    return sum(len(frame) for frame in iter_drift(model, texts, config, patterns=sink))
+    frames = iter_drift(model, texts, batch_size=BATCH_SIZE, patterns=sink)
+    return sum(len(frame) for frame in frames)
 
 
 def _with_forward(

@@ -31,37 +31,28 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.2.0"
 
 if TYPE_CHECKING:  # the names below are imported on first use: `import residual_trace` is cheap
-    from residual_trace.api import decompose, layers, perturb, probe, report
+    from residual_trace.api import report
     from residual_trace.errors import UserError
     from residual_trace.experiments.common import bundled_sentences, read_texts
-    from residual_trace.experiments.decompose import DecomposeResult
-    from residual_trace.experiments.layers import LayersResult
-    from residual_trace.experiments.options import (
-        DecomposeOptions,
-        LayersOptions,
-        PerturbOptions,
-        ProbeOptions,
-    )
-    from residual_trace.experiments.perturb import PerturbResult
-    from residual_trace.experiments.probe import ProbeResult
+    from residual_trace.experiments.decompose import DecomposeOptions, DecomposeResult
+    from residual_trace.experiments.layers import LayersOptions, LayersResult
+    from residual_trace.experiments.perturb import PerturbOptions, PerturbResult
+    from residual_trace.experiments.probe import ProbeOptions, ProbeResult
+    from residual_trace.experiments.registry import *  # noqa: F403  (every verb's function)
     from residual_trace.experiments.report.config import ReportOptions
     from residual_trace.experiments.report.result import ReportResult
     from residual_trace.models import ALIASES, TracedModel, load_model
-    from residual_trace.tracer import DriftConfig, drift_table, iter_drift, layer_summary
+    from residual_trace.tracer import drift_table, iter_drift, layer_summary
 
 _EXPORTS = {
-    "layers": "residual_trace.api",
-    "decompose": "residual_trace.api",
-    "perturb": "residual_trace.api",
-    "probe": "residual_trace.api",
     "report": "residual_trace.api",
-    "LayersOptions": "residual_trace.experiments.options",
+    "LayersOptions": "residual_trace.experiments.layers",
     "LayersResult": "residual_trace.experiments.layers",
-    "DecomposeOptions": "residual_trace.experiments.options",
+    "DecomposeOptions": "residual_trace.experiments.decompose",
     "DecomposeResult": "residual_trace.experiments.decompose",
-    "PerturbOptions": "residual_trace.experiments.options",
+    "PerturbOptions": "residual_trace.experiments.perturb",
     "PerturbResult": "residual_trace.experiments.perturb",
-    "ProbeOptions": "residual_trace.experiments.options",
+    "ProbeOptions": "residual_trace.experiments.probe",
     "ProbeResult": "residual_trace.experiments.probe",
     "ReportOptions": "residual_trace.experiments.report.config",
     "ReportResult": "residual_trace.experiments.report.result",
@@ -70,21 +61,30 @@ _EXPORTS = {
     "TracedModel": "residual_trace.models",
     "load_model": "residual_trace.models",
     "ALIASES": "residual_trace.models",
-    "DriftConfig": "residual_trace.tracer",
     "drift_table": "residual_trace.tracer",
     "iter_drift": "residual_trace.tracer",
     "layer_summary": "residual_trace.tracer",
     "UserError": "residual_trace.errors",
 }
 
-__all__ = sorted(_EXPORTS)
+
+def _verbs() -> tuple[str, ...]:
+    """The verbs' names (``layers``, ...), read from the registry (which imports nothing
+    heavy)."""
+    from residual_trace.experiments.registry import VERB_NAMES
+
+    return VERB_NAMES
 
 
 def __getattr__(name: str) -> Any:
+    if name == "__all__":  # `from residual_trace import *`, and readers of __all__
+        return sorted([*_EXPORTS, *_verbs()])
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
+    if name in _verbs():
+        return getattr(importlib.import_module("residual_trace.api"), name)
     raise AttributeError(f"module 'residual_trace' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted([*__all__, "__version__"])
+    return sorted([*_EXPORTS, *_verbs(), "__version__"])

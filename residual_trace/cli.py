@@ -16,24 +16,10 @@ from typing import Any, TypeVar
 import click
 
 from residual_trace import __version__
-from residual_trace.defaults import (
-    DEFAULT_DEVICE,
-    DEFAULT_DTYPE,
-    DEFAULT_FIGURE_FORMAT,
-    DEFAULT_MODEL,
-    DEVICE_MAPS,
-    DEVICES,
-    DTYPES,
-    FIGURE_FORMATS,
-)
 from residual_trace.errors import UserError
-from residual_trace.experiments.options import (
-    DecomposeOptions,
-    LayersOptions,
-    PerturbOptions,
-    ProbeOptions,
-    Texts,
-)
+from residual_trace.experiments.contract import Experiment
+from residual_trace.experiments.options import CommonOptions, ModelOptions, OutputOptions, Texts
+from residual_trace.experiments.registry import EXPERIMENTS
 from residual_trace.experiments.report.config import ReportOptions
 from residual_trace.options import Options, click_options
 
@@ -42,14 +28,6 @@ F = TypeVar("F", bound=Callable[..., Any])
 #: ``click`` context key: a function saying what an interrupted command kept (default:
 #: nothing written).
 INTERRUPT_KEPT = "residual_trace.interrupt_kept"
-
-_EPILOG_LAYERS = """\b
-Examples:
-  trace layers                                   # minilm, bundled sentences
-  trace layers --model bert-base-uncased --text "The dog chased the cat." --out runs/bert
-  trace layers --model smollm2 --file my_sentences.txt --out runs/smol
-  trace layers --model ./path/to/local/hf/checkpoint --format svg --save-attention
-"""
 
 
 def _one_line(message: str) -> str:
@@ -151,30 +129,6 @@ def trace() -> None:
     """
 
 
-_MODEL_OPTIONS = [
-    click.option(
-        "--model",
-        "-m",
-        "model_name",
-        default=DEFAULT_MODEL,
-        show_default=True,
-        help="Packaged alias (minilm, smollm2), Hugging Face name, or local checkpoint dir.",
-    ),
-    click.option("--device", type=click.Choice(DEVICES), default=DEFAULT_DEVICE, show_default=True),
-    click.option(
-        "--dtype",
-        type=click.Choice(DTYPES),
-        default=DEFAULT_DTYPE,
-        show_default=True,
-        help="Weights and forward pass in this precision; the measures stay float32.",
-    ),
-    click.option(
-        "--device-map",
-        type=click.Choice(DEVICE_MAPS),
-        default=None,
-        help="Split the model over the visible devices (accelerate).",
-    ),
-]
 _TEXT_OPTIONS = [
     click.option(
         "--text",
@@ -188,29 +142,6 @@ _TEXT_OPTIONS = [
         "-f",
         type=click.Path(path_type=Path),
         help="UTF-8 file with one text per non-blank line.",
-    ),
-]
-_OUTPUT_OPTIONS = [
-    click.option(
-        "--out",
-        "-o",
-        type=str,
-        help="Output directory (default: runs/<model>-<UTC timestamp>); it must be new or "
-        "empty (see --overwrite).",
-    ),
-    click.option(
-        "--overwrite",
-        is_flag=True,
-        help="Replace --out if it holds an earlier output of this command (wholly: no file "
-        "of the earlier run survives). Without it, a non-empty --out is refused.",
-    ),
-    click.option(
-        "--format",
-        "figure_format",
-        type=click.Choice(FIGURE_FORMATS),
-        default=DEFAULT_FIGURE_FORMAT,
-        show_default=True,
-        help="Figure file format.",
     ),
 ]
 
@@ -237,61 +168,63 @@ def _texts(texts: tuple[str, ...], file: Path | None) -> Texts:
     return list(texts) if texts else None
 
 
-def _run(options: Options, raw: dict[str, Any], command: str, takes_texts: bool = True) -> None:
+def _run(
+    experiment: Experiment[Any, Any],
+    options: CommonOptions,
+    model: ModelOptions,
+    output: OutputOptions,
+    inputs: Texts,
+) -> None:
     """Check the cheap things (--out, --text/--file) before anything heavy is imported, claim
     --out, load the model (after the inputs are checked), call the API, save, report."""
-    out = _out(raw["out"])
-    inputs = _texts(raw["texts"], raw["file"])
     from residual_trace.runs import check_out, claim_out
 
+    out = output.out_path
     if out is not None:
-        check_out(out, command, raw["overwrite"])
-    if takes_texts and isinstance(inputs, Path):
+        check_out(out, experiment.name, output.overwrite)
+    if experiment.inputs == "texts" and isinstance(inputs, Path):
         from residual_trace.experiments.common import read_texts
 
         read_texts(inputs)  # a missing or empty file fails before the heavy imports
     from residual_trace.models.resolve import resolve
 
-    resolve(raw["model_name"], on_convert=lambda m: _echo_err(f"note: {m}"))  # a bad name: now
-    out, claim = claim_out(out, raw["model_name"], raw["overwrite"], _echo_err)
+    resolve(model.model, on_convert=lambda m: _echo_err(f"note: {m}"))  # a bad name: now
+    out, claim = claim_out(out, model.model, output.overwrite, _echo_err)
     try:
-        _measure_and_save(options, raw, command, takes_texts, out, inputs)
+        _measure_and_save(experiment, options, model, output, out, inputs)
     finally:
         if claim is not None:
             claim.release()
 
 
 def _measure_and_save(
-    options: Options,
-    raw: dict[str, Any],
-    command: str,
-    takes_texts: bool,
+    experiment: Experiment[Any, Any],
+    options: CommonOptions,
+    model: ModelOptions,
+    output: OutputOptions,
     out: Path,
     inputs: Texts,
 ) -> None:
     from residual_trace.experiments.common import load_inputs
+    from residual_trace.experiments.options import texts_argument
     from residual_trace.models import load_model
-
-    model_name, device = raw["model_name"], raw["device"]
-    dtype, device_map = raw["dtype"], raw["device_map"]
 
     def loader() -> Any:
         return load_model(
-            model_name,
-            device,
+            model.model,
+            model.device,
             on_convert=lambda m: _echo_err(f"note: {m}"),
-            dtype=dtype,
-            device_map=device_map,
+            dtype=model.dtype,
+            device_map=model.device_map,
         )
 
-    if takes_texts:
+    if experiment.inputs == "texts":
         texts, _ = load_inputs(inputs)  # bad input fails before the model loads
-        options.check_texts(texts)  # type: ignore[attr-defined]
-        result = options.run(loader, inputs, warn=_echo_err)  # type: ignore[attr-defined]
-    else:
-        result = options.run(loader, warn=_echo_err)  # type: ignore[attr-defined]
+        options.check_texts(texts)
+        inputs = texts_argument(inputs)
+    result = experiment.run(loader, inputs, options, _echo_err)
     files = result.save(
-        out, figure_format=raw["figure_format"], overwrite=raw["overwrite"], warn=_echo_err
+        out, figure_format=output.figure_format, overwrite=output.overwrite, warn=_echo_err
     )
     if not getattr(options, "quiet", False):
         click.echo(result.describe())
@@ -307,104 +240,36 @@ def _out(value: str | None) -> Path | None:
     return Path(value)
 
 
-def _split(raw: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(the experiment's options, the command line's own: model, texts, output)."""
-    own = {"model_name", "device", "dtype", "device_map", "texts", "file", "out", "figure_format"}
-    own |= {"overwrite"}
-    return {k: v for k, v in raw.items() if k not in own}, {k: raw.get(k) for k in own}
+def _fields(options_type: type[Options], raw: dict[str, Any]) -> dict[str, Any]:
+    """The values in ``raw`` that are fields of ``options_type`` (taken out of ``raw``)."""
+    from dataclasses import fields
+
+    return {f.name: raw.pop(f.name) for f in fields(options_type) if f.name in raw}
 
 
-@trace.command("layers", epilog=_EPILOG_LAYERS)
-@_with(_MODEL_OPTIONS + _TEXT_OPTIONS + _OUTPUT_OPTIONS)
-@click_options(LayersOptions)
-def layers(**raw: Any) -> None:
-    """Capture every layer's residual stream and measure token drift.
+def _command(experiment: Experiment[Any, Any]) -> click.Command:
+    """The ``trace`` command of ``experiment``: the model and text options, the output
+    options, then the experiment's own, all read from their options classes."""
 
-    Prints a per-layer summary and writes drift.csv (one row per text x position x
-    layer), summary.csv, texts.csv, run.json and three figures into --out.
-    """
-    options, own = _split(raw)
-    _run(LayersOptions(**options), own, "layers")
+    def command(**raw: Any) -> None:
+        model = ModelOptions(**_fields(ModelOptions, raw))
+        output = OutputOptions(**_fields(OutputOptions, raw))
+        inputs = _texts(raw.pop("texts"), raw.pop("file"))
+        if experiment.texts_option is not None and inputs is not None:
+            raw[experiment.texts_option] = tuple(inputs) if isinstance(inputs, list) else inputs
+        options = experiment.options(**raw)
+        _run(experiment, options, model, output, inputs)
 
-
-_EPILOG_DECOMPOSE = """\b
-Examples:
-  trace decompose --model minilm --text "The dog chased the cat." --out runs/dec
-  trace decompose --model smollm2 --file sentences.txt
-  trace decompose --model minilm --per-head --mixing-text 3 --mixing-block 2
-"""
-
-
-@trace.command("decompose", epilog=_EPILOG_DECOMPOSE)
-@_with(_MODEL_OPTIONS + _TEXT_OPTIONS + _OUTPUT_OPTIONS)
-@click_options(DecomposeOptions)
-def decompose(**raw: Any) -> None:
-    """Split every block exactly into attention, MLP, carried-residual and norm-bias parts.
-
-    Exact also for post-LN BERT (where TransformerLens's decompose_resid misses): each
-    part is carried through the LayerNorms linearly and the parts are checked, at run time,
-    to add up to the model's own block output. Also measures context mixing (raw attention,
-    attention rollout, norm-based with residual and LayerNorm). Writes decompose.csv and
-    mixing.csv (one row per text x position x block), summary.csv, cumulative.csv,
-    mixing_pairs.csv, run.json and four figures.
-    """
-    options, own = _split(raw)
-    _run(DecomposeOptions(**options), own, "decompose")
+    command.__doc__ = experiment.help
+    command = click_options(experiment.options_class)(command)
+    command = click_options(OutputOptions)(command)
+    command = _with(_TEXT_OPTIONS)(command)
+    command = click_options(ModelOptions)(command)
+    return click.command(experiment.name, epilog=experiment.epilog)(command)
 
 
-_EPILOG_PERTURB = """\b
-Examples:
-  trace perturb --model minilm --text "The dog chased the cat." --swap dog cat --out runs/swap
-  trace perturb --model minilm --mode shuffle --samples 20 --seed 0     # bundled sentences
-  trace perturb --model smollm2 --mode embed-shuffle
-  trace perturb --model minilm --mode random-token --show-head L0H3 --show-head L5H0
-"""
-
-
-@trace.command("perturb", epilog=_EPILOG_PERTURB)
-@_with(_MODEL_OPTIONS + _TEXT_OPTIONS + _OUTPUT_OPTIONS)
-@click_options(PerturbOptions)
-def perturb(**raw: Any) -> None:
-    """Does attention follow tokens or positions? Perturb the input and compare.
-
-    For each text and perturbation, compares every head's pattern with the original's
-    aligned by token (moved with the tokens) and by position, giving a token-following
-    index in [-1, 1] with a 95% interval over texts and a noise floor from re-running the
-    unperturbed text; does the same for the residual stream. Writes perturbations.csv (one
-    row per perturbation x block x head), heads.csv, summary.csv (per block), resid.csv,
-    resid_summary.csv (per layer), run.json and figures.
-    """
-    options, own = _split(raw)
-    _run(PerturbOptions(**options), own, "perturb")
-
-
-_EPILOG_PROBE = """\b
-Examples:
-  trace probe --model minilm                        # bundled Lancaster sensorimotor norms
-  trace probe --model minilm --norms mcrae:CONCS_FEATS_concstats_brm.txt --layers 0,3,6
-  trace probe --model bert-base-uncased --norms binder:WordSet1_Ratings.csv --mapper ridge
-  trace probe --model smollm2 --embedding contextual --file corpus.txt --layers 0,15,30
-"""
-
-
-@trace.command("probe", epilog=_EPILOG_PROBE)
-@_with(_MODEL_OPTIONS + _TEXT_OPTIONS + _OUTPUT_OPTIONS)
-@click_options(ProbeOptions)
-def probe(**raw: Any) -> None:
-    """Probe type-level embeddings for feature norms, with every control beside the score.
-
-    Maps each concept's vector to its norm vector (PLSR, a tanh FFNN, ridge; capacity chosen
-    inside each training fold), k-fold cross-validated, under the system condition and its
-    controls: upper bound, shuffled, shuffled upper, random features, taxonomic corruption,
-    structured nonsense and a random-initialised model. Writes scores.csv, summary.csv (the
-    paper-style table with 95% intervals), verdicts.csv, concepts.csv, run.json and figures.
-    --text/--file give the corpus of --embedding contextual.
-    """
-    options, own = _split(raw)
-    inputs = _texts(own["texts"], own["file"])
-    if inputs is not None:
-        options["corpus"] = tuple(inputs) if isinstance(inputs, list) else inputs
-    _run(ProbeOptions(**options), own, "probe", takes_texts=False)
+for _experiment in EXPERIMENTS:
+    trace.add_command(_command(_experiment))
 
 
 _EPILOG_REPORT = """\b

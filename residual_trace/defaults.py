@@ -24,10 +24,13 @@ __all__ = [
     "DEVICE_MAPS",
     "DTYPES",
     "FIGURE_FORMATS",
+    "MOVING_MODES",
+    "PERTURB_MODES",
     "Device",
     "DeviceMap",
     "Dtype",
     "FigureFormat",
+    "PerturbMode",
 ]
 
 #: Where a model runs (``auto``: CUDA when available, else the CPU).
@@ -38,11 +41,18 @@ Dtype = Literal["float32", "bfloat16", "float16"]
 DeviceMap = Literal["auto", "balanced", "balanced_low_0", "sequential"]
 #: The file format of saved figures.
 FigureFormat = Literal["png", "svg", "pdf"]
+#: How ``trace perturb`` perturbs a text (the first two move tokens; the others change them
+#: in place).
+PerturbMode = Literal["swap", "shuffle", "embed-shuffle", "random-token"]
 
 DEVICES: tuple[Device, ...] = get_args(Device)
 DTYPES: tuple[Dtype, ...] = get_args(Dtype)
 DEVICE_MAPS: tuple[DeviceMap, ...] = get_args(DeviceMap)
 FIGURE_FORMATS: tuple[FigureFormat, ...] = get_args(FigureFormat)
+PERTURB_MODES: tuple[PerturbMode, ...] = get_args(PerturbMode)
+#: The perturbation modes that move tokens to other positions (the token-following index is
+#: defined for them only).
+MOVING_MODES: tuple[PerturbMode, ...] = ("swap", "shuffle")
 
 #: The packaged model every command runs on unless told otherwise.
 DEFAULT_MODEL = "minilm"

@@ -1,45 +1,110 @@
-"""What an experiment declares so that the engines can run it: the contract's first part.
+"""The experiment contract: what one verb declares, and what is derived from it.
 
-An experiment is one object (an :class:`Experiment`), defined in its own module next to the
-functions it names, and handed to the engine as it is: the engine never finds an experiment
-by a name built at run time. For now the object declares what the engines need:
+A verb (``trace layers``, ``rt.layers``) is one :class:`Experiment` object, defined in its own
+module of :mod:`residual_trace.experiments` next to its options class, its result class and
+the functions it names. From that one object:
 
-* ``name``: the verb (``layers``), for progress bars and messages;
-* ``shard_rows(model, encoded, options) -> ShardPart``: the per-text rows of some encoded
-  texts (one shard; the whole input when the engine is local), computed by the measures of
-  :mod:`residual_trace.tracer`;
-* ``merge_extras(extras) -> extra``: how the shards' small per-shard facts (``ShardPart.extra``)
-  merge, in shard order (tables are concatenated by the engine itself).
+* the ``trace`` command line builds the command (:mod:`residual_trace.cli`): its options
+  from the options class, its help and examples from ``help`` and ``epilog``;
+* the Python API builds the function (:func:`on_texts`, :func:`on_model`): the same typed
+  keywords as the options class, the docstring ``doc``;
+* the engines (:mod:`residual_trace.experiments.engine`) run ``shard_rows`` on a shard of
+  encoded texts, locally or on a Ray worker, and ``merge_extras`` joins the shards;
+* the report (:mod:`residual_trace.experiments.report`) runs ``run`` and reads
+  ``report_tables`` from the result.
 
-Both callables must be module-level functions, so that the object pickles by reference to a
-Ray worker. Every experiment on texts opens with :func:`open_run` (the inputs read and
-checked, the notes collected, the model resolved and checked, the seed set, the texts
-encoded), so that opening is written once. This module imports nothing heavy at import time.
+The verbs are listed once, in :mod:`residual_trace.experiments.registry`; adding a verb is
+its experiment module, its measures in :mod:`residual_trace.tracer`, its figures, its tests,
+its docs page and one import line there (see ``docs/contributing.md``).
+
+Inputs. ``inputs`` says what the second positional argument of the API function is:
+``"texts"`` (a list of texts, one text, a ``Path``, or ``None`` for the bundled sentences;
+the command line's ``--text``/``--file``) or ``"model"`` (none: the verb reads only the
+model; with ``texts_option`` set, ``--text``/``--file`` fill that option instead, as the
+probe's corpus). A verb on pairs of texts or one that trains an artefact fits the same
+object: its ``run`` receives whatever its inputs are, and its options check them
+(``check_inputs``) before the model loads.
+
+Every callable of an experiment is a module-level function, so that the object pickles by
+reference to a Ray worker, and every experiment module imports nothing heavy at import time
+(torch, pandas and matplotlib on first use), so that ``trace --help`` stays fast. Every run
+on texts opens with :func:`open_run`.
 
 Examples:
-    >>> def rows(model, encoded, options): ...
-    >>> Experiment("demo", rows).merge_extras([None, None]) is None
-    True
+    >>> from residual_trace.experiments.options import CorpusOptions
+    >>> def run(model, texts, options, warn): ...
+    >>> from residual_trace.experiments.result import Result
+    >>> demo = Experiment("demo", CorpusOptions, run, Result, help="Demo.", doc="Demo.")
+    >>> demo.merge_extras([None, None]) is None, demo.inputs
+    (True, 'texts')
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NamedTuple
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Concatenate, Generic, Literal, NamedTuple, ParamSpec, TypeVar
 
 from residual_trace.experiments.common import load_inputs, resolve_model
-from residual_trace.experiments.options import CorpusOptions, ModelArg, Texts, Warn
+from residual_trace.experiments.options import (
+    CorpusOptions,
+    ModelArg,
+    Texts,
+    Warn,
+    python_warning,
+    texts_argument,
+)
+from residual_trace.experiments.result import Result
+from residual_trace.options import Options
 
 if TYPE_CHECKING:
-    from residual_trace.experiments.engine import ShardPart
+    import pandas as pd
+
     from residual_trace.models import TracedModel
     from residual_trace.tracer.batching import EncodedText
 
-__all__ = ["Experiment", "Opening", "ShardRows", "no_extras", "open_run"]
+__all__ = [
+    "Experiment",
+    "Inputs",
+    "Opening",
+    "ShardPart",
+    "ShardRows",
+    "no_extras",
+    "on_model",
+    "on_texts",
+    "open_run",
+]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+#: What the API function's second positional argument is (see the module docstring).
+Inputs = Literal["texts", "model"]
+
+
+@dataclass
+class ShardPart:
+    """What one shard (or the merge of several) produced.
+
+    Attributes:
+        tables: row tables keyed like the experiment's tables (``drift``, ``heads`` ...);
+            a key may be missing from a shard that has no rows for it.
+        extra: the experiment's other per-shard facts (a small picklable value).
+        engine: how the rows were computed, for ``run.json`` (engine, workers, shards).
+    """
+
+    tables: dict[str, pd.DataFrame] = field(default_factory=dict)
+    extra: Any = None
+    engine: dict[str, Any] = field(default_factory=dict)
+
 
 #: ``shard_rows(model, encoded, options)``: one shard's rows.
-ShardRows = Callable[["TracedModel", "Sequence[EncodedText]", Any], "ShardPart"]
+ShardRows = Callable[["TracedModel", "Sequence[EncodedText]", Any], ShardPart]
+
+#: ``run(model, inputs, options, warn)``: the whole experiment, in memory.
+Run = Callable[[ModelArg, Any, Any, Warn], R]
 
 
 def no_extras(extras: list[Any]) -> None:
@@ -48,12 +113,98 @@ def no_extras(extras: list[Any]) -> None:
 
 
 @dataclass(frozen=True)
-class Experiment:
-    """One verb, as the engines see it (see the module docstring)."""
+class Experiment(Generic[P, R]):
+    """One verb (see the module docstring).
+
+    Attributes:
+        name: the verb as the user types it (``layers``); also the ``command`` in
+            ``run.json`` and the folder of the report's part.
+        options: the options class (an :class:`~residual_trace.options.Options` dataclass):
+            the command line's options and the API's keywords.
+        run: ``run(model, inputs, options, warn) -> result``: the experiment in memory.
+        result: the result class ``run`` returns (its tables, ``figures()``, ``describe()``
+            and ``save()``).
+        help: the command's help (first line: the summary ``trace --help`` lists).
+        doc: the API function's docstring.
+        epilog: the command's examples (click's ``\\b`` paragraph).
+        inputs: ``"texts"`` or ``"model"``.
+        texts_option: for ``inputs="model"``, the option ``--text``/``--file`` fill.
+        shard_rows: the per-text work the engines shard (``None``: not sharded).
+        merge_extras: how the shards' extra facts merge, in shard order.
+        report_tables: the tables of its result the report reads (empty: not in reports).
+    """
 
     name: str
-    shard_rows: ShardRows
+    options: Callable[P, Any]
+    run: Run[R]
+    result: type[Result]
+    help: str
+    doc: str
+    epilog: str = ""
+    inputs: Inputs = "texts"
+    texts_option: str | None = None
+    shard_rows: ShardRows | None = None
     merge_extras: Callable[[list[Any]], Any] = no_extras
+    report_tables: tuple[str, ...] = ()
+
+    @property
+    def options_class(self) -> type[Options]:
+        """``options`` as the class it is (``options`` is typed as its constructor, so that
+        the API function takes its keywords)."""
+        if not (isinstance(self.options, type) and issubclass(self.options, Options)):
+            raise TypeError(f"experiment {self.name}: options must be an Options class")
+        return self.options
+
+    def rows(self, model: TracedModel, encoded: Sequence[EncodedText], options: Any) -> ShardPart:
+        """``shard_rows`` on one shard (what the engines call)."""
+        if self.shard_rows is None:
+            raise TypeError(f"experiment {self.name} declares no shard_rows: it is not sharded")
+        return self.shard_rows(model, encoded, options)
+
+
+def _signature(experiment: Experiment[Any, Any], leading: list[str]) -> inspect.Signature:
+    defaults = {"texts": None}
+    params = [
+        inspect.Parameter(
+            name, inspect.Parameter.POSITIONAL_ONLY, default=defaults.get(name, inspect._empty)
+        )
+        for name in leading
+    ]
+    options = [
+        p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
+        for p in inspect.signature(experiment.options).parameters.values()
+    ]
+    return inspect.Signature([*params, *options])
+
+
+def _dress(call: Callable[..., Any], experiment: Experiment[Any, Any], leading: list[str]) -> None:
+    functools.update_wrapper(call, experiment.run, assigned=("__module__",), updated=())
+    call.__name__ = call.__qualname__ = experiment.name.replace("-", "_")
+    call.__doc__ = experiment.doc
+    # inspect.signature (help(), the docs) shows the options' keywords; `experiment` lets
+    # the registry and the tests reach the object behind the function
+    vars(call).update(__signature__=_signature(experiment, leading), experiment=experiment)
+
+
+def on_texts(experiment: Experiment[P, R]) -> Callable[Concatenate[ModelArg, Texts, P], R]:
+    """The API function of a verb on texts: ``f(model, texts=None, /, **options)``."""
+
+    def call(model: ModelArg, texts: Texts = None, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        options = experiment.options(*args, **kwargs)
+        return experiment.run(model, texts_argument(texts), options, python_warning)
+
+    _dress(call, experiment, ["model", "texts"])
+    return call
+
+
+def on_model(experiment: Experiment[P, R]) -> Callable[Concatenate[ModelArg, P], R]:
+    """The API function of a verb that reads only the model: ``f(model, /, **options)``."""
+
+    def call(model: ModelArg, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        return experiment.run(model, None, experiment.options(*args, **kwargs), python_warning)
+
+    _dress(call, experiment, ["model"])
+    return call
 
 
 class Opening(NamedTuple):

@@ -11,38 +11,73 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import pandas as pd
-import torch
-from matplotlib.figure import Figure
-from tqdm.auto import tqdm
-
-from residual_trace.experiments.contract import Experiment, open_run
-from residual_trace.experiments.engine import ShardPart, run_shards
+from residual_trace.experiments.contract import Experiment, ShardPart, on_texts, open_run
 from residual_trace.experiments.options import (
-    DecomposeOptions,
+    CorpusOptions,
     ModelArg,
     Texts,
     Warn,
+    check_text_id,
     python_warning,
+    texts_argument,
 )
 from residual_trace.experiments.result import Result
-from residual_trace.figures.decompose import (
-    cumulative_figure,
-    heads_figure,
-    mixing_figure,
-    mixing_heatmap_figure,
-    sublayer_figure,
-)
-from residual_trace.models import TracedModel
-from residual_trace.stats import format_interval
-from residual_trace.tracer import iter_batches
-from residual_trace.tracer.batching import EncodedText
-from residual_trace.tracer.decompose import decompose_batch, decompose_hooks, pool_cumulative
-from residual_trace.tracer.decompose_summary import decompose_summary, head_summary
-from residual_trace.tracer.mixing import MixingStream
+from residual_trace.options import no_type_check, option
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from matplotlib.figure import Figure
+
+    from residual_trace.models import TracedModel
+    from residual_trace.tracer.batching import EncodedText
 
 __all__ = ["EXPERIMENT", "DecomposeOptions", "DecomposeResult", "run_decompose", "shard_rows"]
+
+
+@no_type_check
+@dataclass(kw_only=True)
+class DecomposeOptions(CorpusOptions):
+    """Options of ``decompose`` (and ``trace decompose``)."""
+
+    mixing_text: int = option(
+        0, "text_id whose per-pair mixing map is kept (mixing_pairs, mixing_heatmap)."
+    )
+    per_head: bool = option(
+        False, "Also split the attention part by head (heads, head_summary, heads figure)."
+    )
+    mixing_block: int | None = option(
+        None, "Block drawn in mixing_heatmap (from 0; default: the middle block)."
+    )
+    include_special: bool = option(
+        False,
+        "Keep [CLS]/[SEP]/BOS/EOS in the summaries and figures (always in the per-token tables).",
+    )
+    vz_max_tokens: int = option(
+        256,  # tracer.mixing.VZ_MAX_TOKENS (a test keeps them equal)
+        "Value Zeroing re-runs each block's MLP once per (token, source) pair: texts longer "
+        "than this get NaN in mix_vz, mix_vz_rollout and vz, with a warning (0: never).",
+        metavar="N",
+    )
+
+    def validate(self) -> None:
+        super().validate()
+        if self.mixing_text < 0:
+            raise self.fail("mixing_text", f"must be a text id >= 0, got {self.mixing_text}")
+        if self.mixing_block is not None and self.mixing_block < 0:
+            raise self.fail("mixing_block", f"blocks count from 0, got {self.mixing_block}")
+        if self.vz_max_tokens < 0:
+            raise self.fail("vz_max_tokens", f"must be 0 or more, got {self.vz_max_tokens}")
+
+    def check_texts(self, texts: list[str]) -> None:
+        check_text_id("mixing_text", self.mixing_text, texts)
+
+    def run(
+        self, model: ModelArg, texts: Texts = None, warn: Warn = python_warning
+    ) -> DecomposeResult:
+        """Run on ``model`` and ``texts``; see :func:`residual_trace.decompose`."""
+        return run_decompose(model, texts_argument(texts), self, warn)
 
 
 @dataclass(repr=False)
@@ -58,6 +93,14 @@ class DecomposeResult(Result):
         return self.tables["summary"]
 
     def figures(self) -> dict[str, Figure]:
+        from residual_trace.figures.decompose import (
+            cumulative_figure,
+            heads_figure,
+            mixing_figure,
+            mixing_heatmap_figure,
+            sublayer_figure,
+        )
+
         figures = {
             "sublayers": sublayer_figure(self.summary),
             "cumulative": cumulative_figure(self.tables["cumulative"]),
@@ -75,6 +118,9 @@ class DecomposeResult(Result):
         )
 
     def describe(self) -> str:
+        from residual_trace.stats import format_interval
+        from residual_trace.tracer.mixing_measures import DISPLAYED
+
         model, summary = self.model, self.summary
         lines = [
             f"{model.name}: {model.model_type} {model.spec.family} "
@@ -83,8 +129,7 @@ class DecomposeResult(Result):
             f"{summary['max_recon_error'].max():.1e})",
             f"{'block':>5}  {'|attn|/|x|':>10}  {'|mlp|/|x|':>10}  {'attn → token':>19}  "
             f"{'mlp → token':>19}  {'carried':>8}  {'net change':>10}  "
-            f"{'Attn-W':>6}  {'rollout':>7}  {'Attn-N':>6}  {'AttnRes-N':>9}  {'AttnResLn-N':>11}"
-            f"  {'GlobEnc':>7}  {'ALTI':>5}  {'VZ':>5}  {'VZ roll':>7}",
+            + "  ".join(f"{m.short:>{m.width}}" for m in DISPLAYED),
         ]
         for row in summary.itertuples(index=False):
             lines.append(
@@ -94,10 +139,7 @@ class DecomposeResult(Result):
                 f"{row.proj_mlp:>+7.3f} "
                 f"{format_interval(row.proj_mlp_lo, row.proj_mlp_hi, '+.2f'):<12}  "
                 f"{row.proj_carried_change:>+8.3f}  {row.proj_change:>+10.3f}  "
-                f"{row.mix_raw:>6.3f}  {row.mix_rollout:>7.3f}  {row.mix_attn_n:>6.3f}  "
-                f"{row.mix_attnres_n:>9.3f}  {_ratio(row.mix_attnresln_n):>11}  "
-                f"{row.mix_globenc:>7.3f}  {row.mix_alti:>5.3f}  {_ratio(row.mix_vz):>5}  "
-                f"{_ratio(row.mix_vz_rollout):>7}"
+                + "  ".join(f"{_ratio(getattr(row, m.column)):>{m.width}}" for m in DISPLAYED)
             )
         lines += [
             "block b's output is layer b+1. x → token: signed change of the state's projection "
@@ -137,35 +179,32 @@ def shard_rows(
     """The per-token split and mixing rows of some texts, with the per-batch sums that
     :func:`pool_cumulative` pools (table ``pooled``) and, for the shard holding
     ``mixing_text``, its per-pair map."""
-    names = decompose_hooks(traced, options.per_head)
+    import pandas as pd
+
+    from residual_trace.tracer.decompose_batches import iter_decompose_encoded
+
     lengths = {item.text_id: len(item.ids) for item in encoded}
     blocks = None
     if options.mixing_text in lengths:
         blocks = pair_blocks(traced, lengths[options.mixing_text], options)
     local, pooled, mixes, pair_frames, head_frames = [], [], [], [], []
-    n_batches = -(-len(encoded) // options.batch_size)
-    with torch.inference_mode():
-        for batch in tqdm(
-            iter_batches(encoded, options.batch_size, traced.pad_id),
-            total=n_batches,
-            desc=f"decomposing {traced.name}",
-            unit="batch",
-            disable=not options.progress,
-            leave=False,
-        ):
-            # mixing is reduced block by block inside the forward pass: one block's
-            # attention patterns are all that is ever held
-            stream = MixingStream(traced, batch, options.mixing_text, blocks, options.vz_max_tokens)
-            store = traced.run_hooks(batch.ids, batch.mask, names, stream=stream)
-            split = decompose_batch(traced, batch, store, per_head=options.per_head)
-            local.append(split.local)
-            pooled.append(split.cumulative)
-            if split.heads is not None:
-                head_frames.append(split.heads)
-            mixing, pairs = stream.frames()
-            mixes.append(mixing)
-            if pairs is not None:
-                pair_frames.append(pairs)
+    for rows in iter_decompose_encoded(
+        traced,
+        encoded,
+        batch_size=options.batch_size,
+        per_head=options.per_head,
+        pair_text=options.mixing_text,
+        pair_blocks=blocks,
+        vz_max_tokens=options.vz_max_tokens,
+        progress=options.progress,
+    ):
+        local.append(rows.local)
+        pooled.append(rows.cumulative)
+        mixes.append(rows.mixing)
+        if rows.heads is not None:
+            head_frames.append(rows.heads)
+        if rows.pairs is not None:
+            pair_frames.append(rows.pairs)
     tables = {
         "decompose": pd.concat(local, ignore_index=True),
         "mixing": pd.concat(mixes, ignore_index=True),
@@ -178,12 +217,29 @@ def shard_rows(
     return ShardPart(tables)
 
 
-#: ``trace decompose`` as the engines run it (its shards carry nothing beside their tables).
-EXPERIMENT = Experiment("decompose", shard_rows)
-
-
 def _ratio(value: float) -> str:
     return "n/a" if value != value else f"{value:.3f}"
+
+
+def _note_sizes(
+    traced: TracedModel, encoded: Sequence[EncodedText], options: DecomposeOptions, note: Warn
+) -> None:
+    """Warn, before the run, where the mixing text's map or Value Zeroing will be cut short
+    by the texts' lengths."""
+    n_pair = len(encoded[options.mixing_text].ids)
+    kept = pair_blocks(traced, n_pair, options)
+    if len(kept) < traced.n_blocks:
+        note(
+            f"warning: mixing_pairs: text {options.mixing_text} has {n_pair} tokens, so its map "
+            f"at every block would take {n_pair * n_pair * traced.n_blocks:,} rows; kept at "
+            f"block {kept[0]} only (--mixing-block)"
+        )
+    too_long = sum(len(item.ids) > options.vz_max_tokens for item in encoded)
+    if too_long and options.vz_max_tokens > 0:
+        note(
+            f"warning: value zeroing: {too_long} of {len(encoded)} texts have more than "
+            f"{options.vz_max_tokens} tokens (--vz-max-tokens); their mix_vz columns are NaN"
+        )
 
 
 def run_decompose(
@@ -204,6 +260,10 @@ def run_decompose(
         options: :class:`DecomposeOptions` (defaults when ``None``).
         warn: receives one-line warnings.
     """
+    from residual_trace.experiments.engine import run_shards
+    from residual_trace.tracer.decompose import pool_cumulative
+    from residual_trace.tracer.decompose_summary import decompose_summary, head_summary
+
     options = options or DecomposeOptions()
 
     def check_model(traced: TracedModel) -> None:
@@ -216,20 +276,7 @@ def run_decompose(
     texts_list, source, traced, encoded, notes, note = open_run(
         model, texts, options, warn, check_model
     )
-    n_pair = len(encoded[options.mixing_text].ids)
-    kept = pair_blocks(traced, n_pair, options)
-    if len(kept) < traced.n_blocks:
-        note(
-            f"warning: mixing_pairs: text {options.mixing_text} has {n_pair} tokens, so its map "
-            f"at every block would take {n_pair * n_pair * traced.n_blocks:,} rows; kept at "
-            f"block {kept[0]} only (--mixing-block)"
-        )
-    too_long = sum(len(item.ids) > options.vz_max_tokens for item in encoded)
-    if too_long and options.vz_max_tokens > 0:
-        note(
-            f"warning: value zeroing: {too_long} of {len(encoded)} texts have more than "
-            f"{options.vz_max_tokens} tokens (--vz-max-tokens); their mix_vz columns are NaN"
-        )
+    _note_sizes(traced, encoded, options, note)
     rows = run_shards(EXPERIMENT, traced, encoded, options)
     table, mixing_table = rows.tables["decompose"], rows.tables["mixing"]
     seed, special = options.seed, options.include_special
@@ -255,3 +302,40 @@ def run_decompose(
         record={"max_recon_error": float(table["recon_error"].max()), "engine": rows.engine},
         mixing_block=mixing_block,
     )
+
+
+EXPERIMENT = Experiment(
+    name="decompose",
+    options=DecomposeOptions,
+    run=run_decompose,
+    result=DecomposeResult,
+    help="""Split every block exactly into attention, MLP, carried-residual and norm-bias parts.
+
+    Exact also for post-LN BERT (where TransformerLens's decompose_resid misses): each
+    part is carried through the LayerNorms linearly and the parts are checked, at run time,
+    to add up to the model's own block output. Also measures context mixing (raw attention,
+    attention rollout, norm-based with residual and LayerNorm). Writes decompose.csv and
+    mixing.csv (one row per text x position x block), summary.csv, cumulative.csv,
+    mixing_pairs.csv, run.json and four figures.
+    """,
+    epilog="""\b
+Examples:
+  trace decompose --model minilm --text "The dog chased the cat." --out runs/dec
+  trace decompose --model smollm2 --file sentences.txt
+  trace decompose --model minilm --per-head --mixing-text 3 --mixing-block 2
+""",
+    doc="""The exact attention / MLP / residual / bias split of every block, and context mixing
+    (``trace decompose``).
+
+    ``decompose(model, texts=None, **options)`` with the options of
+    :class:`DecomposeOptions`. Returns a :class:`DecomposeResult` (tables ``decompose``,
+    ``mixing``, ``summary``, ``cumulative``, ``mixing_pairs``; ``heads`` and
+    ``head_summary`` with ``per_head=True``).
+    """,
+    shard_rows=shard_rows,
+    report_tables=("summary",),
+)
+
+
+#: ``residual_trace.decompose``: the Python function of this verb.
+decompose = on_texts(EXPERIMENT)

@@ -42,9 +42,9 @@ import threading
 import time
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, get_args
 
 import pandas as pd
 from tqdm.auto import tqdm
@@ -52,6 +52,8 @@ from tqdm.auto import tqdm
 from residual_trace import settings
 from residual_trace.errors import UserError
 from residual_trace.experiments import ray_guard
+from residual_trace.experiments.contract import ShardPart
+from residual_trace.experiments.options import Engine
 
 if TYPE_CHECKING:
     from residual_trace.experiments.contract import Experiment
@@ -67,7 +69,7 @@ __all__ = [
 ]
 
 #: The ``engine`` choices.
-ENGINES = ("local", "ray")
+ENGINES: tuple[str, ...] = get_args(Engine)
 
 #: Shards per worker (more shards: finer progress and load balance, more Parquet files).
 SHARDS_PER_WORKER = 4
@@ -83,22 +85,6 @@ KILL_SHARD_ENV = "RESIDUAL_TRACE_TEST_KILL_SHARD"
 #: sleep for :data:`STALL_S` seconds, so that a test can stop the driver mid-run.
 STALL_SHARD_ENV = "RESIDUAL_TRACE_TEST_STALL_SHARD"
 STALL_S = 600.0
-
-
-@dataclass
-class ShardPart:
-    """What one shard (or the merge of several) produced.
-
-    Attributes:
-        tables: row tables keyed like the experiment's tables (``drift``, ``heads`` ...);
-            a key may be missing from a shard that has no rows for it.
-        extra: the experiment's other per-shard facts (a small picklable value).
-        engine: how the rows were computed, for ``run.json`` (engine, workers, shards).
-    """
-
-    tables: dict[str, pd.DataFrame] = field(default_factory=dict)
-    extra: Any = None
-    engine: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -150,7 +136,7 @@ def run_shards(
 ) -> ShardPart:
     """Run ``experiment``'s per-text work on ``encoded`` with ``options.engine``."""
     if options.engine == "local":
-        part = experiment.shard_rows(model, encoded, options)
+        part = experiment.rows(model, encoded, options)
         part.engine = {"engine": "local"}
         return part
     return _RayRun(experiment, model, encoded, options).run()
@@ -213,7 +199,7 @@ class ShardWorker:
             time.sleep(STALL_S)  # a shard that takes long (tests stop the driver meanwhile)
         if self.failure is not None:
             raise self.failure
-        return experiment.shard_rows(self.model, encoded, options)
+        return experiment.rows(self.model, encoded, options)
 
 
 def _test_request(name: str = KILL_SHARD_ENV) -> tuple[int, str] | None:
@@ -401,20 +387,24 @@ class _RayRun:
         threads = None if gpus else max(1, min(cpus // workers, largest))
         return workers, threads, bool(gpus)
 
-    def _run(self, ray: Any, spool: _Spool) -> ShardPart:
-        options = self.options
-        n_batches = math.ceil(len(self.encoded) / options.batch_size)
-        workers, threads, use_gpu = self._workers(ray, n_batches)
-        shards = plan_shards(len(self.encoded), options.batch_size, workers)
-        cpus = threads if threads else 1
+    def _actors(self, ray: Any, workers: int, threads: int | None, use_gpu: bool) -> list[Any]:
+        """``workers`` Ray actors, each loading the driver's model once (restarted by Ray
+        up to ``MAX_RETRIES`` times if it dies)."""
         actor_type = ray.remote(
-            num_cpus=1 if use_gpu else cpus,
+            num_cpus=1 if use_gpu else (threads if threads else 1),
             num_gpus=1 if use_gpu else 0,
             max_restarts=MAX_RETRIES,
             max_task_retries=MAX_RETRIES,
         )(ShardWorker)
         request = ModelRequest.of(self.model)
-        actors = [actor_type.remote(request, threads, use_gpu) for _ in range(workers)]
+        return [actor_type.remote(request, threads, use_gpu) for _ in range(workers)]
+
+    def _run(self, ray: Any, spool: _Spool) -> ShardPart:
+        options = self.options
+        n_batches = math.ceil(len(self.encoded) / options.batch_size)
+        workers, threads, use_gpu = self._workers(ray, n_batches)
+        shards = plan_shards(len(self.encoded), options.batch_size, workers)
+        actors = self._actors(ray, workers, threads, use_gpu)
         kill = _test_request(KILL_SHARD_ENV)
         stall = _test_request(STALL_SHARD_ENV)
         pending = list(enumerate(shards))

@@ -2,7 +2,9 @@
 
 ``residual_trace.layers(model, texts)`` returns a :class:`LayersResult` whose tables are
 ``drift`` (one row per text x position x layer), ``summary`` (one row per layer) and
-``texts``; ``trace layers`` is that call followed by :meth:`LayersResult.save`.
+``texts``; ``trace layers`` is that call followed by :meth:`LayersResult.save`. The
+measures are :mod:`residual_trace.tracer.drift`'s; this module is glue, and imports
+nothing heavy until a run starts.
 """
 
 from __future__ import annotations
@@ -10,30 +12,28 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import pandas as pd
-from matplotlib.figure import Figure
-
-from residual_trace.experiments.contract import Experiment, open_run
-from residual_trace.experiments.engine import ShardPart, run_shards
+from residual_trace.experiments.contract import Experiment, ShardPart, on_texts, open_run
 from residual_trace.experiments.options import (
-    LayersOptions,
+    CorpusOptions,
     ModelArg,
     Texts,
     Warn,
+    check_text_id,
     python_warning,
+    texts_argument,
 )
 from residual_trace.experiments.result import Result
-from residual_trace.figures import (
-    drift_heatmap_figure,
-    identifiable_share_figure,
-    token_drift_figure,
-)
-from residual_trace.models import TracedModel
-from residual_trace.tracer import DriftConfig, format_summary, layer_summary
-from residual_trace.tracer.batching import EncodedText
-from residual_trace.tracer.drift import iter_drift_encoded
+from residual_trace.options import no_type_check, option
+
+if TYPE_CHECKING:
+    import numpy as np
+    import pandas as pd
+    from matplotlib.figure import Figure
+
+    from residual_trace.models import TracedModel
+    from residual_trace.tracer.batching import EncodedText
 
 __all__ = [
     "EXPERIMENT",
@@ -43,6 +43,41 @@ __all__ = [
     "run_layers",
     "shard_rows",
 ]
+
+
+@no_type_check
+@dataclass(kw_only=True)
+class LayersOptions(CorpusOptions):
+    """Options of ``layers`` (and ``trace layers``)."""
+
+    save_attention: bool = option(
+        False,
+        "Also keep every attention pattern (in memory, float16) and write one compressed "
+        ".npz per text.",
+    )
+    heatmap_text: int = option(0, "text_id drawn in the drift_heatmap figure.")
+    include_special: bool = option(
+        False,
+        "Keep [CLS]/[SEP]/BOS/EOS in the summaries and figures (always in the per-token tables).",
+    )
+    normed: bool = option(
+        True, "Also measure after the model's own norm (the *_normed columns).", cli=False
+    )
+
+    def validate(self) -> None:
+        super().validate()
+        if self.heatmap_text < 0:
+            raise self.fail("heatmap_text", f"must be a text id >= 0, got {self.heatmap_text}")
+
+    def check_texts(self, texts: list[str]) -> None:
+        """Options that refer to the texts (before any model loads)."""
+        check_text_id("heatmap_text", self.heatmap_text, texts)
+
+    def run(
+        self, model: ModelArg, texts: Texts = None, warn: Warn = python_warning
+    ) -> LayersResult:
+        """Run on ``model`` and ``texts``; see :func:`residual_trace.layers`."""
+        return run_layers(model, texts_argument(texts), self, warn)
 
 
 @dataclass(repr=False)
@@ -66,6 +101,12 @@ class LayersResult(Result):
         return ("", "_normed") if self.model.spec.reads_normalised else ("",)
 
     def figures(self) -> dict[str, Figure]:
+        from residual_trace.figures import (
+            drift_heatmap_figure,
+            identifiable_share_figure,
+            token_drift_figure,
+        )
+
         options = self.options
         assert isinstance(options, LayersOptions)
         table, summary = self.drift, self.summary
@@ -89,6 +130,8 @@ class LayersResult(Result):
         )
 
     def describe(self) -> str:
+        from residual_trace.tracer import format_summary
+
         model = self.model
         tokens = int(self.summary["n_tokens"].iloc[0]) if len(self.summary) else 0
         unknown = int(self.summary["n_unk"].iloc[0]) if len(self.summary) else 0
@@ -107,6 +150,8 @@ class LayersResult(Result):
     def _save_extra(self, folder: Path) -> list[str]:
         if not self.attention:
             return []
+        import numpy as np
+
         target = folder / "attention"
         target.mkdir()
         for text_id, (tokens, pattern) in self.attention.items():
@@ -122,19 +167,23 @@ def shard_rows(
     traced: TracedModel, encoded: Sequence[EncodedText], options: LayersOptions
 ) -> ShardPart:
     """The drift rows of some texts (and their patterns with ``save_attention``)."""
-    drift_options = DriftConfig(
-        batch_size=options.batch_size,
-        max_length=options.max_length,
-        normed=options.normed,
-        progress=options.progress,
-    )
+    import numpy as np
+    import pandas as pd
+
+    from residual_trace.tracer.drift import iter_drift_encoded
+
     attention: dict[int, tuple[list[str], np.ndarray]] = {}
 
     def keep_pattern(text_id: int, tokens: list[str], pattern: np.ndarray) -> None:
         attention[text_id] = (tokens, pattern.astype(np.float16))
 
     frames = iter_drift_encoded(
-        traced, encoded, drift_options, patterns=keep_pattern if options.save_attention else None
+        traced,
+        encoded,
+        batch_size=options.batch_size,
+        normed=options.normed,
+        progress=options.progress,
+        patterns=keep_pattern if options.save_attention else None,
     )
     return ShardPart({"drift": pd.concat(list(frames), ignore_index=True)}, attention)
 
@@ -142,10 +191,6 @@ def shard_rows(
 def merge_extras(extras: list[dict[int, tuple[list[str], np.ndarray]]]) -> dict:
     """The shards' attention patterns, in text order."""
     return {k: v for extra in extras for k, v in extra.items()}
-
-
-#: ``trace layers`` as the engines run it.
-EXPERIMENT = Experiment("layers", shard_rows, merge_extras)
 
 
 def run_layers(
@@ -163,6 +208,12 @@ def run_layers(
         options: :class:`LayersOptions` (defaults when ``None``).
         warn: receives one-line warnings (truncated texts, model conversion notes).
     """
+    import numpy as np
+    import pandas as pd
+
+    from residual_trace.experiments.engine import run_shards
+    from residual_trace.tracer import layer_summary
+
     options = options or LayersOptions()
     texts_list, source, traced, encoded, notes, _ = open_run(model, texts, options, warn)
     rows = run_shards(EXPERIMENT, traced, encoded, options)
@@ -190,3 +241,37 @@ def run_layers(
         record={"engine": rows.engine},
         attention=attention,
     )
+
+
+EXPERIMENT = Experiment(
+    name="layers",
+    options=LayersOptions,
+    run=run_layers,
+    result=LayersResult,
+    help="""Capture every layer's residual stream and measure token drift.
+
+    Prints a per-layer summary and writes drift.csv (one row per text x position x
+    layer), summary.csv, texts.csv, run.json and three figures into --out.
+    """,
+    epilog="""\b
+Examples:
+  trace layers                                   # minilm, bundled sentences
+  trace layers --model bert-base-uncased --text "The dog chased the cat." --out runs/bert
+  trace layers --model smollm2 --file my_sentences.txt --out runs/smol
+  trace layers --model ./path/to/local/hf/checkpoint --format svg --save-attention
+""",
+    doc="""Token drift of every token at every layer (``trace layers``).
+
+    ``layers(model, texts=None, **options)`` with the options of :class:`LayersOptions`.
+    Returns a :class:`LayersResult`: ``tables["drift"]`` (one row per text x position x
+    layer: ``cos_input``, ``baseline``, ``vocab_rank``, ...), ``tables["summary"]`` (one row
+    per layer, with 95% intervals), ``tables["texts"]``; ``figures()``; ``save(out)``.
+    """,
+    shard_rows=shard_rows,
+    merge_extras=merge_extras,
+    report_tables=("summary",),
+)
+
+
+#: ``residual_trace.layers``: the Python function of this verb.
+layers = on_texts(EXPERIMENT)

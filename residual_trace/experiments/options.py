@@ -1,9 +1,11 @@
-"""Every experiment's options: defaults, types, help text and checks, in one place.
+"""The options every experiment shares, and how an experiment takes its texts.
 
-The Python API (``residual_trace.layers(model, texts, batch_size=8)``), the ``trace``
-command line (built from these fields by :func:`residual_trace.options.click_options`) and
-the report's TOML all go through these classes. This module imports nothing heavy, so that
-``trace --help`` stays fast.
+Each experiment's options class (``LayersOptions`` in :mod:`residual_trace.experiments.layers`,
+...) extends :class:`CommonOptions` or :class:`CorpusOptions`; the Python API
+(``residual_trace.layers(model, texts, batch_size=8)``), the ``trace`` command line (built
+from the fields by :func:`residual_trace.options.click_options`) and the report's TOML all
+go through those classes. This module imports nothing heavy, so that ``trace --help`` stays
+fast.
 """
 
 from __future__ import annotations
@@ -17,18 +19,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
-from residual_trace.defaults import DEFAULT_BATCH_SIZE, DEFAULT_SEED
+from residual_trace.defaults import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_DEVICE,
+    DEFAULT_DTYPE,
+    DEFAULT_FIGURE_FORMAT,
+    DEFAULT_MODEL,
+    DEFAULT_SEED,
+    Device,
+    DeviceMap,
+    Dtype,
+    FigureFormat,
+)
 from residual_trace.errors import UserError
-from residual_trace.naming import parse_head_name
 from residual_trace.options import Options, no_type_check, option
-from residual_trace.probes import CONDITIONS
 from residual_trace.settings import check_environment
 
 if TYPE_CHECKING:
-    from residual_trace.experiments.decompose import DecomposeResult
-    from residual_trace.experiments.layers import LayersResult
-    from residual_trace.experiments.perturb import PerturbResult
-    from residual_trace.experiments.probe import ProbeResult
     from residual_trace.models import TracedModel
 
 #: What an experiment takes as its texts: a list of texts, one text, a file with one text
@@ -176,6 +183,74 @@ def python_warning(message: str) -> None:
     warnings.warn(message, UserWarning, stacklevel=4)
 
 
+def device_option() -> Any:
+    """The ``device`` option (every verb, and the report)."""
+    return option(DEFAULT_DEVICE, "Where the model runs (auto: CUDA when available, else the CPU).")
+
+
+def dtype_option() -> Any:
+    """The ``dtype`` option (every verb, and the report)."""
+    return option(
+        DEFAULT_DTYPE, "Weights and forward pass in this precision; the measures stay float32."
+    )
+
+
+def device_map_option(cli: bool = True) -> Any:
+    """The ``device_map`` option (every verb, and the report)."""
+    return option(None, "Split the model over the visible devices (accelerate).", cli=cli)
+
+
+def figure_format_option(cli: bool = True) -> Any:
+    """The ``figure_format`` option (every verb's ``--format``, and the report's parts)."""
+    return option(DEFAULT_FIGURE_FORMAT, "Figure file format.", flag="--format", cli=cli)
+
+
+@no_type_check
+@dataclass(kw_only=True)
+class ModelOptions(Options):
+    """Which model a command runs, where and in which precision (the command line's
+    ``--model``, ``--device``, ``--dtype``, ``--device-map``; the API takes a model or its
+    name as its first argument and these as :func:`~residual_trace.load_model`'s)."""
+
+    model: str = option(
+        DEFAULT_MODEL,
+        "Packaged alias (minilm, smollm2), Hugging Face name, or local checkpoint dir.",
+        short="-m",
+    )
+    device: Device = device_option()
+    dtype: Dtype = dtype_option()
+    device_map: DeviceMap | None = device_map_option()
+
+
+@no_type_check
+@dataclass(kw_only=True)
+class OutputOptions(Options):
+    """Where a command writes (the command line's ``--out``, ``--overwrite``, ``--format``;
+    the API's ``result.save(out, figure_format=..., overwrite=...)``)."""
+
+    out: str | None = option(
+        None,
+        "Output directory (default: runs/<model>-<UTC timestamp>); it must be new or empty "
+        "(see --overwrite).",
+        short="-o",
+    )
+    overwrite: bool = option(
+        False,
+        "Replace --out if it holds an earlier output of this command (wholly: no file of the "
+        "earlier run survives). Without it, a non-empty --out is refused.",
+    )
+    figure_format: FigureFormat = figure_format_option()
+
+    def validate(self) -> None:
+        if self.out is not None and not self.out.strip():
+            raise UserError("--out: give a directory name, not an empty string")
+
+    @property
+    def out_path(self) -> Path | None:
+        """``out`` as a path (``None`` when not given)."""
+        return None if self.out is None else Path(self.out)
+
+
 @no_type_check
 @dataclass(kw_only=True)
 class CommonOptions(Options):
@@ -202,6 +277,10 @@ class CommonOptions(Options):
     def progress(self) -> bool:
         """Show progress bars: not when quiet, and only when stderr is a terminal."""
         return not self.quiet and sys.stderr.isatty()
+
+    def check_texts(self, texts: list[str]) -> None:
+        """Options that refer to the texts, checked before any model loads (a text id that
+        names no text): none here; each experiment adds its own."""
 
     def seed_torch(self) -> None:
         import torch
@@ -263,304 +342,9 @@ class CorpusOptions(CommonOptions):
                     "ray_address", f"{self.ray_address.strip()!r}: no Ray cluster there: {error}"
                 ) from None
 
-    def check_texts(self, texts: list[str]) -> None:
-        """Options that refer to the texts, checked before any model loads (a text id that
-        names no text): none here; each experiment adds its own."""
-
 
 def check_text_id(name: str, value: int, texts: Sequence[str]) -> None:
     """A text id option (``--heatmap-text`` and the like) must name one of the texts."""
     if value >= len(texts):
         flag = "--" + name.replace("_", "-")
         raise UserError(f"{name} ({flag}) {value}: only {len(texts)} text(s) given")
-
-
-@no_type_check
-@dataclass(kw_only=True)
-class LayersOptions(CorpusOptions):
-    """Options of ``layers`` (and ``trace layers``)."""
-
-    save_attention: bool = option(
-        False,
-        "Also keep every attention pattern (in memory, float16) and write one compressed "
-        ".npz per text.",
-    )
-    heatmap_text: int = option(0, "text_id drawn in the drift_heatmap figure.")
-    include_special: bool = option(
-        False,
-        "Keep [CLS]/[SEP]/BOS/EOS in the summaries and figures (always in the per-token tables).",
-    )
-    normed: bool = option(
-        True, "Also measure after the model's own norm (the *_normed columns).", cli=False
-    )
-
-    def validate(self) -> None:
-        super().validate()
-        if self.heatmap_text < 0:
-            raise self.fail("heatmap_text", f"must be a text id >= 0, got {self.heatmap_text}")
-
-    def check_texts(self, texts: list[str]) -> None:
-        """Options that refer to the texts (before any model loads)."""
-        check_text_id("heatmap_text", self.heatmap_text, texts)
-
-    def run(
-        self, model: ModelArg, texts: Texts = None, warn: Warn = python_warning
-    ) -> LayersResult:
-        """Run on ``model`` and ``texts``; see :func:`residual_trace.layers`."""
-        from residual_trace.experiments.layers import run_layers
-
-        return run_layers(model, texts_argument(texts), self, warn)
-
-
-@no_type_check
-@dataclass(kw_only=True)
-class DecomposeOptions(CorpusOptions):
-    """Options of ``decompose`` (and ``trace decompose``)."""
-
-    mixing_text: int = option(
-        0, "text_id whose per-pair mixing map is kept (mixing_pairs, mixing_heatmap)."
-    )
-    per_head: bool = option(
-        False, "Also split the attention part by head (heads, head_summary, heads figure)."
-    )
-    mixing_block: int | None = option(
-        None, "Block drawn in mixing_heatmap (from 0; default: the middle block)."
-    )
-    include_special: bool = option(
-        False,
-        "Keep [CLS]/[SEP]/BOS/EOS in the summaries and figures (always in the per-token tables).",
-    )
-    vz_max_tokens: int = option(
-        256,  # tracer.mixing.VZ_MAX_TOKENS (a test keeps them equal)
-        "Value Zeroing re-runs each block's MLP once per (token, source) pair: texts longer "
-        "than this get NaN in mix_vz, mix_vz_rollout and vz, with a warning (0: never).",
-        metavar="N",
-    )
-
-    def validate(self) -> None:
-        super().validate()
-        if self.mixing_text < 0:
-            raise self.fail("mixing_text", f"must be a text id >= 0, got {self.mixing_text}")
-        if self.mixing_block is not None and self.mixing_block < 0:
-            raise self.fail("mixing_block", f"blocks count from 0, got {self.mixing_block}")
-        if self.vz_max_tokens < 0:
-            raise self.fail("vz_max_tokens", f"must be 0 or more, got {self.vz_max_tokens}")
-
-    def check_texts(self, texts: list[str]) -> None:
-        check_text_id("mixing_text", self.mixing_text, texts)
-
-    def run(
-        self, model: ModelArg, texts: Texts = None, warn: Warn = python_warning
-    ) -> DecomposeResult:
-        """Run on ``model`` and ``texts``; see :func:`residual_trace.decompose`."""
-        from residual_trace.experiments.decompose import run_decompose
-
-        return run_decompose(model, texts_argument(texts), self, warn)
-
-
-#: Most perturbations per text (each is a forward pass) and most cross-validation repeats:
-#: beyond, a typo (an extra digit or two) would run for days.
-MAX_SAMPLES = 100_000
-MAX_SEEDS = 1_000
-
-#: The ``mode`` choices.
-MODES = ("swap", "shuffle", "embed-shuffle", "random-token")
-Mode = Literal["swap", "shuffle", "embed-shuffle", "random-token"]
-
-
-@no_type_check
-@dataclass(kw_only=True)
-class PerturbOptions(CorpusOptions):
-    """Options of ``perturb`` (and ``trace perturb``).
-
-    ``samples`` is the number of perturbations per text (pair swaps, shuffles, random-token
-    draws) or, for ``embed-shuffle``, the number of embedding permutations.
-    """
-
-    mode: Mode = option(
-        "swap",
-        "swap: exchange two tokens (swap=) or sampled pairs; shuffle: permute the non-special "
-        "tokens; embed-shuffle: permute the embedding rows (tokens meaningless, positions "
-        "intact); random-token: replace tokens by random ones (control).",
-    )
-    swap: tuple[str, str] | None = option(
-        None,
-        "Exchange these two words (their subword spans, lengths may differ).",
-        metavar="WORD1 WORD2",
-    )
-    samples: int | None = option(
-        None,
-        "Perturbations per text (pair swaps, shuffles, random-token draws), or the number of "
-        "embedding shuffles (default 10; not with swap words or all_pairs).",
-    )
-    all_pairs: bool = option(False, "mode swap: every pair of non-special tokens.")
-    show_text: int = option(0, "text_id drawn in the side-by-side attention figure.")
-    show_heads: tuple[str, ...] = option(
-        (),
-        "Head drawn in the attention figure, named L<block>H<head> (TransformerLens naming, "
-        "from 0), e.g. L0H2; repeatable. Default: the most token- and most "
-        "position-following head.",
-        flag="--show-head",
-        metavar="LxHy",
-    )
-
-    def validate(self) -> None:
-        super().validate()
-        if self.swap is not None:
-            if self.mode != "swap":
-                raise self.fail("swap", f"goes with mode swap, not mode {self.mode}")
-            if self.swap[0] == self.swap[1]:
-                raise self.fail("swap", "needs two different words")
-        if self.all_pairs and (self.mode != "swap" or self.swap is not None):
-            raise self.fail("all_pairs", "goes with mode swap and no swap words")
-        if self.samples is not None:
-            if not 1 <= self.samples <= MAX_SAMPLES:
-                raise self.fail(
-                    "samples", f"must be between 1 and {MAX_SAMPLES:,}, got {self.samples}"
-                )
-            if self.swap is not None or self.all_pairs:
-                what = "swap words (one swap per text)" if self.swap else "all_pairs"
-                raise self.fail("samples", f"is not used with {what}: leave it out")
-        if self.show_text < 0:
-            raise self.fail("show_text", f"must be a text id >= 0, got {self.show_text}")
-        for spec in self.show_heads:
-            try:
-                parse_head_name(spec)
-            except UserError as error:
-                raise self.fail("show_heads", str(error)) from None
-
-    @property
-    def n_samples(self) -> int:
-        """``samples``, or its default of 10."""
-        return 10 if self.samples is None else self.samples
-
-    def check_texts(self, texts: list[str]) -> None:
-        check_text_id("show_text", self.show_text, texts)
-
-    def run(
-        self, model: ModelArg, texts: Texts = None, warn: Warn = python_warning
-    ) -> PerturbResult:
-        """Run on ``model`` and ``texts``; see :func:`residual_trace.perturb`."""
-        from residual_trace.experiments.perturb import run_perturb
-
-        return run_perturb(model, texts_argument(texts), self, warn)
-
-
-Mapper = Literal["plsr", "ffnn", "ridge"]
-Condition = Literal[
-    "system",
-    "upper",
-    "shuffled",
-    "shuffled-upper",
-    "random",
-    "taxonomic",
-    "nonsense",
-    "random-init",
-]
-
-
-def parse_layers(spec: str) -> tuple[int, ...]:
-    """``"0,3,6"`` -> ``(0, 3, 6)`` (a clear error otherwise)."""
-    try:
-        layers = tuple(int(part) for part in spec.split(",") if part.strip())
-    except ValueError:
-        raise UserError(
-            f"layers (--layers) {spec}: expected comma-separated layer numbers, e.g. 0,3,6"
-        ) from None
-    if not layers:
-        raise UserError("layers (--layers): no layer given")
-    return layers
-
-
-@no_type_check
-@dataclass(kw_only=True)
-class ProbeOptions(CommonOptions):
-    """Options of ``probe`` (and ``trace probe``).
-
-    ``corpus`` is the text of ``embedding="contextual"`` (a list of texts or a file; on the
-    command line ``--text``/``--file``), unused otherwise.
-    """
-
-    norms: Sequence[str] = option(
-        ("lancaster",),
-        "lancaster, concreteness, lancaster+concreteness (bundled), or LAYOUT:PATH with LAYOUT "
-        "mcrae, buchanan, binder, wide or long; repeatable.",
-    )
-    layers: tuple[int, ...] | None = option(
-        None,
-        "Residual layers to probe, comma-separated on the command line (default: 0, the "
-        "middle and the last).",
-        parse=parse_layers,
-    )
-    mappers: tuple[Mapper, ...] = option(("plsr", "ffnn"), "Mappers; repeatable.", flag="--mapper")
-    embedding: Literal["static", "isolated", "contextual"] = option(
-        "isolated",
-        "static: mean of the word's W_E rows (layer 0 only); isolated: the word alone through "
-        "the model; contextual: mean over its occurrences in the corpus (--file/--text).",
-    )
-    folds: int = option(10, "Cross-validation folds.")
-    seeds: int = option(1, "Cross-validation repeats (seeds seed, seed+1, ...).")
-    max_concepts: int = option(
-        500, "Probe at most this many concepts per norm set (a seeded sample)."
-    )
-    conditions: tuple[Condition, ...] = option(
-        CONDITIONS, "Conditions to run; repeatable (default: all that apply).", flag="--condition"
-    )
-    per_feature: bool = option(False, "Also Spearman rho per feature, across concepts.")
-    use_cache: bool = option(
-        True, "Recompute embeddings instead of reading the cache.", negate="--no-cache"
-    )
-    corpus: Sequence[str] | Path | None = option(
-        None,
-        "The corpus of embedding=contextual: what texts= takes elsewhere (a list of texts, "
-        "one text, a Path to a file with one text per line); stored as a tuple or a Path.",
-        cli=False,
-    )
-
-    def __post_init__(self) -> None:
-        # the corpus is checked like every experiment's texts (before the type checks of
-        # the other options, which would name a set or a generator only by its repr)
-        corpus = texts_argument(self.corpus, "corpus")
-        self.corpus = tuple(corpus) if isinstance(corpus, list) else corpus
-        super().__post_init__()
-
-    def validate(self) -> None:
-        super().validate()
-        if not self.norms:
-            raise self.fail("norms", "give at least one norm set")
-        if not self.mappers:
-            raise self.fail("mappers", "give at least one mapper")
-        if "system" not in self.conditions:
-            raise self.fail("conditions", "the system condition cannot be left out")
-        if self.folds < 2:
-            raise self.fail("folds", f"must be at least 2, got {self.folds}")
-        if not 1 <= self.seeds <= MAX_SEEDS:
-            raise self.fail("seeds", f"must be between 1 and {MAX_SEEDS}, got {self.seeds}")
-        if self.max_concepts < 20:
-            raise self.fail("max_concepts", f"must be at least 20, got {self.max_concepts}")
-        if self.layers is not None and any(layer < 0 for layer in self.layers):
-            raise self.fail("layers", "layers count from 0 (the embeddings)")
-        if self.folds > self.max_concepts:
-            raise self.fail(
-                "folds",
-                f"{self.folds} folds need as many concepts; max_concepts is {self.max_concepts}",
-            )
-        if self.embedding == "static" and self.layers not in (None, (0,)):
-            raise self.fail("layers", "embedding static has layer 0 only (the W_E rows)")
-        if self.corpus is not None and self.embedding != "contextual":
-            raise UserError(
-                f"a corpus (--text/--file) goes with --embedding contextual, not "
-                f"{self.embedding}: leave it out"
-            )
-
-    def to_dict(self) -> dict[str, Any]:
-        data = super().to_dict()
-        if isinstance(self.corpus, tuple):
-            data["corpus"] = f"{len(self.corpus)} texts"
-        return data
-
-    def run(self, model: ModelArg, warn: Warn = python_warning) -> ProbeResult:
-        """Run on ``model``; see :func:`residual_trace.probe`."""
-        from residual_trace.experiments.probe import run_probe
-
-        return run_probe(model, self, warn)

@@ -9,18 +9,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
-
-import pandas as pd
-from matplotlib.figure import Figure
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from residual_trace.defaults import DEFAULT_FIGURE_FORMAT, FIGURE_FORMATS
 from residual_trace.errors import UserError
 from residual_trace.experiments.common import inputs_record, model_record
 from residual_trace.experiments.options import Warn, python_warning
-from residual_trace.models import TracedModel
 from residual_trace.options import Options
 from residual_trace.runs import RunDir, write_run_json, write_table
+
+if TYPE_CHECKING:  # the experiment modules import this one; they stay light until a run starts
+    import pandas as pd
+    from matplotlib.figure import Figure
+
+    from residual_trace.models import TracedModel
 
 
 @dataclass(repr=False)

@@ -8,6 +8,8 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from residual_trace.tracer.mixing_measures import DISPLAYED
+
 _PAIRS = {
     "norms": (
         ("attn_norm_rel", "attention: |Δ_attn| / |resid_pre|", "C0"),
@@ -95,17 +97,20 @@ def cumulative_figure(cumulative: pd.DataFrame) -> Figure:
     return fig
 
 
-_MEASURES = (
-    ("mix_raw", "raw attention on other tokens", "0.5", "--"),
-    ("mix_rollout", "attention rollout (Abnar & Zuidema)", "C2", "-."),
-    ("mix_attn_n", "Attn-N (Kobayashi 2020)", "C0", ":"),
-    ("mix_attnres_n", "AttnRes-N (Kobayashi 2021)", "C1", "-"),
-    ("mix_attnresln_n", "AttnResLn-N (Kobayashi 2021)", "C3", "-"),
-    ("mix_globenc", "GlobEnc, rolled out (Modarressi 2022)", "C4", "-."),
-    ("mix_alti", "ALTI, rolled out (Ferrando 2022)", "C5", "--"),
-    ("mix_vz", "Value Zeroing (Mohebbi 2023)", "C6", "-"),
-    ("mix_vz_rollout", "Value Zeroing, rolled out", "C6", ":"),
-)
+#: How each mixing measure is drawn (colour, line style); names and order from the table
+#: of measures (:data:`residual_trace.tracer.mixing_measures.DISPLAYED`).
+_STYLES = {
+    "mix_raw": ("0.5", "--"),
+    "mix_rollout": ("C2", "-."),
+    "mix_attn_n": ("C0", ":"),
+    "mix_attnres_n": ("C1", "-"),
+    "mix_attnresln_n": ("C3", "-"),
+    "mix_globenc": ("C4", "-."),
+    "mix_alti": ("C5", "--"),
+    "mix_vz": ("C6", "-"),
+    "mix_vz_rollout": ("C6", ":"),
+}
+_MEASURES = tuple((m.column, m.legend, *_STYLES[m.column]) for m in DISPLAYED)
 
 
 def mixing_figure(summary: pd.DataFrame) -> Figure:

@@ -11,8 +11,10 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from residual_trace.defaults import MOVING_MODES
+
 #: Perturbations that move tokens: their heads have a token-following index.
-_MOVING = ("swap", "shuffle")
+_MOVING = MOVING_MODES
 
 
 @dataclass

@@ -8,6 +8,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from residual_trace.probes import CONDITIONS
+from residual_trace.tracer.mixing_measures import measure
 
 DEPTH_LABEL = "relative depth (layer / number of blocks)"
 _STYLES = ("-", "--", "-.", ":")
@@ -99,14 +100,9 @@ def mixing_figure(depth: pd.DataFrame) -> Figure:
     attention rollout, GlobEnc, ALTI and Value Zeroing mixing per model."""
     fig = Figure(figsize=(18, 3.8), layout="constrained")
     axes = fig.subplots(1, 6, sharey=True)
-    titles = {
-        "mix_raw": "raw attention",
-        "mix_attnres_n": "AttnRes-N (norms, residual)",
-        "mix_rollout": "attention rollout",
-        "mix_globenc": "GlobEnc (rolled out)",
-        "mix_alti": "ALTI (rolled out)",
-        "mix_vz": "Value Zeroing (per layer)",
-    }
+    # one measure of each kind, defined for every family; names from the table of measures
+    shown = ("mix_raw", "mix_attnres_n", "mix_rollout", "mix_globenc", "mix_alti", "mix_vz")
+    titles = {column: measure(column).legend for column in shown}
     for ax, (column, title) in zip(axes, titles.items(), strict=True):
         for k, (model, rows, style) in enumerate(_models(depth)):
             rows = rows[rows["layer"] > 0]

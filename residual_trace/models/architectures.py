@@ -192,32 +192,20 @@ REQUIRED_HOOKS = {
 }
 
 
-def derive_spec(bridge: Any, probe: Probe, dtype: torch.dtype) -> ArchSpec:
-    """The :class:`ArchSpec` of a booted bridge, checked on one probe forward.
-
-    Raises:
-        UserError: one line naming what is not supported and why.
-    """
-    hf_config = bridge.original_model.config
-    cfg = bridge.cfg
-    model_type = str(getattr(hf_config, "model_type", "unknown"))
-    if getattr(hf_config, "is_encoder_decoder", False):
+def _refuse_unsupported(bridge: Any, model_type: str) -> None:
+    """Refuse, in one line, what cannot be traced at all: two residual streams, no blocks,
+    or a hook the decomposition needs that the bridge does not expose."""
+    if getattr(bridge.original_model.config, "is_encoder_decoder", False):
         raise _refuse(model_type, "encoder-decoder models have two residual streams")
-    if int(getattr(cfg, "n_layers", 0) or 0) < 1:
+    if int(getattr(bridge.cfg, "n_layers", 0) or 0) < 1:
         raise _refuse(model_type, "the bridge found no transformer blocks")
-    hooks = bridge.hook_dict
     for name, what in REQUIRED_HOOKS.items():
-        if name not in hooks:
+        if name not in bridge.hook_dict:
             raise _refuse(model_type, f"TransformerLens's bridge exposes no {what} hook ({name})")
-    block = bridge.blocks[0]
-    has = {name: name in dict(block.named_children()) for name in ("ln1", "ln2")}
-    has_output_norms = all(n in dict(block.named_children()) for n in ("ln1_post", "ln2_post"))
-    family: Literal["encoder", "decoder"] = (
-        "encoder" if getattr(cfg, "attention_dir", "causal") == "bidirectional" else "decoder"
-    )
-    rms = str(getattr(cfg, "normalization_type", "LN")).startswith("RMS")
-    norm_kind: Literal["layernorm", "rmsnorm"] = "rmsnorm" if rms else "layernorm"
-    tolerance = PROBE_TOLERANCE.get(dtype, PROBE_TOLERANCE_LOW_PRECISION)
+
+
+def _probe_hooks(hooks: Any) -> list[str]:
+    """The hooks of block 0 that the probe forward reads (those the bridge has)."""
     names = [
         "embed.hook_out",
         "blocks.0.hook_resid_pre",
@@ -229,7 +217,49 @@ def derive_spec(bridge: Any, probe: Probe, dtype: torch.dtype) -> ArchSpec:
     for norm in ("ln1", "ln2", "ln1_post", "ln2_post"):
         if f"blocks.0.{norm}.hook_in" in hooks:
             names += [f"blocks.0.{norm}.hook_in", f"blocks.0.{norm}.hook_out"]
-    got = probe([n for n in names if n in hooks])
+    return [n for n in names if n in hooks]
+
+
+def _output_norm_spec(
+    got: dict[str, Tensor], has_ln1: bool, tolerance: float, common: dict[str, Any]
+) -> ArchSpec:
+    """The spec of blocks whose sublayer outputs pass through their own norms (Gemma 2/3's
+    sandwich, OLMo 2's output norms), once the probe shows each sublayer output is its
+    norm's output."""
+    deltas = (("ln1_post", "blocks.0.hook_attn_out"), ("ln2_post", "blocks.0.hook_mlp_out"))
+    for norm, delta in deltas:
+        out = got.get(f"blocks.0.{norm}.hook_out")
+        if out is None or _relative(out, got[delta]) >= tolerance:
+            raise _refuse(common["model_type"], f"the sublayer output is not the {norm} output")
+    return ArchSpec(
+        norm_placement="sandwich" if has_ln1 else "output",
+        reader_norm_template="blocks.{block}.ln1" if has_ln1 else None,
+        output_norms=("blocks.{block}.ln1_post", "blocks.{block}.ln2_post"),
+        **common,
+    )
+
+
+def derive_spec(bridge: Any, probe: Probe, dtype: torch.dtype) -> ArchSpec:
+    """The :class:`ArchSpec` of a booted bridge, checked on one probe forward.
+
+    Raises:
+        UserError: one line naming what is not supported and why.
+    """
+    hf_config = bridge.original_model.config
+    cfg = bridge.cfg
+    model_type = str(getattr(hf_config, "model_type", "unknown"))
+    _refuse_unsupported(bridge, model_type)
+    hooks = bridge.hook_dict
+    block = bridge.blocks[0]
+    has = {name: name in dict(block.named_children()) for name in ("ln1", "ln2")}
+    has_output_norms = all(n in dict(block.named_children()) for n in ("ln1_post", "ln2_post"))
+    family: Literal["encoder", "decoder"] = (
+        "encoder" if getattr(cfg, "attention_dir", "causal") == "bidirectional" else "decoder"
+    )
+    rms = str(getattr(cfg, "normalization_type", "LN")).startswith("RMS")
+    norm_kind: Literal["layernorm", "rmsnorm"] = "rmsnorm" if rms else "layernorm"
+    tolerance = PROBE_TOLERANCE.get(dtype, PROBE_TOLERANCE_LOW_PRECISION)
+    got = probe(_probe_hooks(hooks))
     pre, post = got["blocks.0.hook_resid_pre"], got["blocks.0.hook_resid_post"]
     attn, mlp = got["blocks.0.hook_attn_out"], got["blocks.0.hook_mlp_out"]
     common: dict[str, Any] = {
@@ -243,16 +273,7 @@ def derive_spec(bridge: Any, probe: Probe, dtype: torch.dtype) -> ArchSpec:
     }
     if _relative(pre + attn + mlp, post) < tolerance:
         if has_output_norms:
-            for norm, delta in (("ln1_post", attn), ("ln2_post", mlp)):
-                out = got.get(f"blocks.0.{norm}.hook_out")
-                if out is None or _relative(out, delta) >= tolerance:
-                    raise _refuse(model_type, f"the sublayer output is not the {norm} output")
-            return ArchSpec(
-                norm_placement="sandwich" if has["ln1"] else "output",
-                reader_norm_template="blocks.{block}.ln1" if has["ln1"] else None,
-                output_norms=("blocks.{block}.ln1_post", "blocks.{block}.ln2_post"),
-                **common,
-            )
+            return _output_norm_spec(got, has["ln1"], tolerance, common)
         if not has["ln1"]:
             raise _refuse(model_type, "its blocks have no norm the bridge names ln1")
         return ArchSpec(norm_placement="pre", **common)

@@ -16,6 +16,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from residual_trace import defaults
 from residual_trace._typing import (
     AttentionMask,
     EmbeddingMatrix,
@@ -91,7 +92,7 @@ DTYPES: dict[str, torch.dtype] = {
 }
 
 #: Device maps ``--device-map`` accepts (accelerate's strategies).
-DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+DEVICE_MAPS = defaults.DEVICE_MAPS
 
 
 def pick_device(device: str) -> torch.device:
@@ -103,6 +104,20 @@ def pick_device(device: str) -> torch.device:
     if device not in {"cpu", "cuda"}:
         raise UserError(f"--device {device}: expected auto, cpu or cuda")
     return torch.device(device)
+
+
+def _stream_groups(
+    stream: BlockStream | None, n_blocks: int
+) -> tuple[dict[int, list[str]], dict[str, list[int]]]:
+    """The hooks ``stream`` wants per block, and the blocks that want each hook."""
+    groups: dict[int, list[str]] = {}
+    if stream is not None:
+        groups = {b: list(dict.fromkeys(stream.names(b))) for b in range(n_blocks)}
+    members: dict[str, list[int]] = {}
+    for block, group in groups.items():
+        for name in group:
+            members.setdefault(name, []).append(block)
+    return groups, members
 
 
 class TracedModel:
@@ -332,14 +347,8 @@ class TracedModel:
         last = stop_at or self.spec.resid_hook(self.n_blocks)
         wanted = list(dict.fromkeys([*names, last]))
         store: dict[str, Tensor] = {}
-        groups: dict[int, list[str]] = {}
         pending: dict[int, dict[str, Tensor]] = {}
-        if stream is not None:
-            groups = {b: list(dict.fromkeys(stream.names(b))) for b in range(self.n_blocks)}
-        members: dict[str, list[int]] = {}
-        for block, group in groups.items():
-            for name in group:
-                members.setdefault(name, []).append(block)
+        groups, members = _stream_groups(stream, self.n_blocks)
 
         def as_float(tensor: Tensor) -> Tensor:
             return tensor.to(device=self.device, dtype=torch.float32)

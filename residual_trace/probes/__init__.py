@@ -11,11 +11,10 @@ loading numpy, scipy or pandas.
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import Any, Literal, get_args
 
-#: The conditions a probe score is read against, in table order (see
-#: :mod:`residual_trace.probes.controls`).
-CONDITIONS = (
+#: A condition a probe score is read against (see :mod:`residual_trace.probes.controls`).
+Condition = Literal[
     "system",
     "upper",
     "shuffled",
@@ -24,7 +23,18 @@ CONDITIONS = (
     "taxonomic",
     "nonsense",
     "random-init",
-)
+]
+
+#: Every condition, in table order.
+CONDITIONS: tuple[str, ...] = get_args(Condition)
+
+#: How a concept's word becomes one vector (see :mod:`residual_trace.probes.embeddings`).
+Embedding = Literal["static", "isolated", "contextual"]
+EMBEDDINGS: tuple[str, ...] = get_args(Embedding)
+
+#: A mapper from embeddings to norm vectors (see :mod:`residual_trace.probes.mappers`).
+Mapper = Literal["plsr", "ffnn", "ridge"]
+MAPPERS: tuple[str, ...] = get_args(Mapper)
 
 _EXPORTS = {
     "Norms": "residual_trace.probes.norms",
@@ -35,7 +45,9 @@ _EXPORTS = {
     "spearman_per_feature": "residual_trace.probes.metrics",
 }
 
-__all__ = sorted([*_EXPORTS, "CONDITIONS"])
+__all__ = sorted(
+    [*_EXPORTS, "CONDITIONS", "Condition", "EMBEDDINGS", "Embedding", "MAPPERS", "Mapper"]
+)
 
 
 def __getattr__(name: str) -> Any:

@@ -31,11 +31,12 @@ import torch
 from residual_trace.errors import UserError, write_fault
 from residual_trace.models import TracedModel, cache_dir
 from residual_trace.models.resolve import cache_setting
+from residual_trace.probes import EMBEDDINGS
 from residual_trace.tracer import iter_batches, prepare_texts
 from residual_trace.tracer.batching import EncodedText
 from residual_trace.tracer.words import is_whole_word
 
-MODES = ("static", "isolated", "contextual")
+MODES = EMBEDDINGS
 
 
 @dataclass

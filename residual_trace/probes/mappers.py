@@ -19,8 +19,9 @@ import torch
 
 from residual_trace.defaults import DEFAULT_SEED
 from residual_trace.errors import UserError
+from residual_trace.probes import MAPPERS as _MAPPERS
 
-MAPPERS = ("plsr", "ffnn", "ridge")
+MAPPERS = _MAPPERS
 
 PLSR_SIZES = (1, 2, 4, 8, 16, 32, 64)
 FFNN_SIZES = (16, 64, 256)

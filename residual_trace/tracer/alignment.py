@@ -93,6 +93,18 @@ class Alignment:
     n_rows: Int[Tensor, " head_index"]
 
 
+def _allowed(permutation: Int[Tensor, " n"], causal: bool) -> Bool[Tensor, "n n"]:
+    """Which (target, source) pairs both readings can attend to: all of them, or for a
+    causal model the pairs whose source precedes the target in both orders."""
+    n = permutation.shape[0]
+    if not causal:
+        return torch.ones(n, n, dtype=torch.bool, device=permutation.device)
+    positions = torch.arange(n, device=permutation.device)
+    return (positions[None, :] <= positions[:, None]) & (
+        permutation[None, :] <= permutation[:, None]
+    )
+
+
 def align_patterns(
     original: Float[Tensor, "head_index n n"],
     perturbed: Float[Tensor, "head_index n n"],
@@ -112,15 +124,9 @@ def align_patterns(
         >>> align_patterns(eye, eye, swap, causal=False).follow_index.isnan().item()  # no evidence
         True
     """
-    n = permutation.shape[0]
-    positions = torch.arange(n, device=permutation.device)
     # token alignment: perturbed[h, pi(i), pi(j)] for every (i, j)
     token_view = perturbed[:, permutation][:, :, permutation]
-    allowed = torch.ones(n, n, dtype=torch.bool, device=permutation.device)
-    if causal:
-        allowed = (positions[None, :] <= positions[:, None]) & (
-            permutation[None, :] <= permutation[:, None]
-        )
+    allowed = _allowed(permutation, causal)
     candidates = allowed.sum(-1) >= 2
     heads = original.shape[0]
     nan = torch.full((heads,), float("nan"), device=original.device)

@@ -13,13 +13,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from residual_trace.defaults import DEFAULT_SEED
+from residual_trace.defaults import DEFAULT_SEED, MOVING_MODES
 from residual_trace.naming import head_name
 from residual_trace.stats import bootstrap_ci, cluster_bootstrap_ci
 from residual_trace.tracer.structure import STRUCTURE_COLUMNS
 
 #: Perturbation kinds that move tokens (and so get a token-following index).
-MOVING = ("swap", "shuffle")
+MOVING = MOVING_MODES
 
 #: Verdicts a head can get.
 VERDICTS = ("token", "position", "undecided", "n/a")

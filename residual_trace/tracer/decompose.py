@@ -304,6 +304,179 @@ def split_heads(
     )
 
 
+@dataclass(frozen=True)
+class _Tokens:
+    """What every block of one batch is measured against: the real (unpadded) tokens, their
+    unit input-token directions, which are special, and the reconstruction tolerance."""
+
+    valid: Tensor
+    ids: Tensor
+    e_hat: Tensor
+    special: Tensor
+    content: Tensor
+    tolerance: float
+
+    @classmethod
+    def of(cls, model: TracedModel, batch: Batch) -> _Tokens:
+        valid = batch.mask.bool().to(model.device)
+        ids = batch.ids.to(model.device)
+        e_hat = F.normalize(model.W_E[ids], dim=-1)  # unit input-token direction [b, p, d]
+        special = torch.isin(ids, torch.tensor(sorted(model.special_ids), device=model.device))
+        content = valid & ~special
+        return cls(valid, ids, e_hat, special, content, reconstruction_tolerance(model.dtype))
+
+    def proj(self, x: Tensor) -> Tensor:
+        """The projection of ``x`` on the unit input-token direction."""
+        return (x * self.e_hat).sum(-1)
+
+
+def _block_values(
+    model: TracedModel,
+    tokens: _Tokens,
+    block: int,
+    states: tuple[Tensor, Tensor, Tensor, Tensor],
+    norms: tuple[PostNorm, PostNorm] | None,
+    parts: BlockParts,
+) -> dict[str, Tensor]:
+    """``decompose.csv``'s measures of one block (every position, padded)."""
+    x, a, m, post = states
+    if norms is not None:
+        mlp_input = norms[0].carry(x + a) + norms[0].bias
+    else:
+        mlp_input = x if model.spec.parallel else x + a
+    proj = tokens.proj
+    return {
+        "attn_norm_rel": a.norm(dim=-1) / x.norm(dim=-1).clamp_min(1e-12),
+        "mlp_norm_rel": m.norm(dim=-1) / mlp_input.norm(dim=-1).clamp_min(1e-12),
+        "proj_pre": proj(x),
+        "proj_resid": proj(parts.resid),
+        "proj_attn": proj(parts.attn),
+        "proj_mlp": proj(parts.mlp),
+        "proj_bias": proj(parts.bias),
+        "proj_post": proj(post),
+        "recon_error": relative_error(parts.total(), post),
+    }
+
+
+def _head_values(
+    model: TracedModel,
+    tokens: _Tokens,
+    block: int,
+    store: dict[str, Tensor],
+    norms: tuple[PostNorm, PostNorm] | None,
+    x_and_a: tuple[Tensor, Tensor],
+) -> tuple[Tensor, Tensor]:
+    """``(head_norm_rel, proj_head)`` of one block's heads, ``[n, head + 1]`` over the
+    real tokens; the output bias b_O, attributed to no head, is the last column (head -1)."""
+    x, a = x_and_a
+    valid = tokens.valid
+    z = store[model.spec.attn_z.format(block=block)]
+    raw = store[model.spec.raw_attn_hook(block)]
+    output_norm = _attn_output_norm(model, block, store)
+    split = split_heads(model, block, z, raw, norms, valid, output_norm)
+    if output_norm is not None:
+        carried = split.carried.sum(2) + split.carried_bias
+        where = f"{model.name} ({model.model_type}), block {block} heads through the norm"
+        check_reconstruction(carried, a, valid, where, tokens.tolerance)
+    x_norm = x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    raw_norms = [split.raw.norm(dim=-1), split.raw_bias.norm(dim=-1)[..., None]]
+    projected = [
+        (split.carried * tokens.e_hat[:, :, None]).sum(-1),
+        tokens.proj(split.carried_bias)[..., None],
+    ]
+    return (torch.cat(raw_norms, -1) / x_norm)[valid], torch.cat(projected, -1)[valid]
+
+
+def _cumulative_rows(
+    tokens: _Tokens, layer: int, labelled: list[tuple[str, Tensor]], post: Tensor
+) -> list[dict[str, object]]:
+    """``cumulative``'s per-batch sums at residual layer ``layer``: one row per source."""
+    content = tokens.content
+    squared = (post * post).sum(-1).clamp_min(1e-12)
+    return [
+        {
+            "layer": layer,
+            "source": label,
+            "source_block": _source_block(label),
+            "n_tokens": int(content.sum()),
+            "sum_proj": float(tokens.proj(part)[content].sum()),
+            "sum_share": float(((part * post).sum(-1) / squared)[content].sum()),
+            "sum_norm": float(part.norm(dim=-1)[content].sum()),
+        }
+        for label, part in labelled
+    ]
+
+
+def _token_keys(model: TracedModel, batch: Batch, tokens: _Tokens) -> dict[str, np.ndarray]:
+    """The key columns of the real tokens, in (text, position) order, for one block."""
+    valid = tokens.valid
+    token_ids = tokens.ids[valid]
+    text_rows = torch.arange(valid.shape[0], device=valid.device)[:, None].expand_as(valid)[valid]
+    positions = torch.arange(valid.shape[1], device=valid.device)[None, :].expand_as(valid)[valid]
+    text_ids = np.array([t.text_id for t in batch.texts], dtype=np.int64)
+    ids_np = token_ids.cpu().numpy()
+    return {
+        "text_id": text_ids[text_rows.cpu().numpy()],
+        "position": positions.cpu().numpy(),
+        "token": np.array(model.token_strings(ids_np.tolist()), dtype=object),
+        "token_id": ids_np,
+        "is_special": tokens.special[valid].cpu().numpy(),
+        "is_unk": np.array(model.is_unk(ids_np.tolist()), dtype=bool),
+    }
+
+
+def _local_frame(
+    model: TracedModel, keys: dict[str, np.ndarray], local: dict[str, list[Tensor]]
+) -> pd.DataFrame:
+    """``decompose.csv``'s rows of one batch."""
+    n_blocks, n_tokens = model.n_blocks, len(keys["token_id"])
+    frame = pd.DataFrame(
+        {
+            "model": model.name,
+            "text_id": np.tile(keys["text_id"], n_blocks),
+            "position": np.tile(keys["position"], n_blocks),
+            "block": np.repeat(np.arange(n_blocks, dtype=np.int64), n_tokens),
+            **{k: np.tile(keys[k], n_blocks) for k in ("token", "token_id", "is_special")},
+            "is_unk": np.tile(keys["is_unk"], n_blocks),
+            **{name: torch.cat(parts).cpu().numpy() for name, parts in local.items()},
+        }
+    )
+    frame = frame.sort_values(["text_id", "position", "block"], kind="stable")
+    return frame.reset_index(drop=True)[list(DECOMPOSE_COLUMNS)]
+
+
+def _heads_frame(
+    model: TracedModel, keys: dict[str, np.ndarray], head_values: dict[str, list[Tensor]]
+) -> pd.DataFrame:
+    """``heads.csv``'s rows of one batch."""
+    n_blocks, n_tokens = model.n_blocks, len(keys["token_id"])
+    per_layer = torch.stack([torch.stack(head_values[k]) for k in head_values])  # [2, L, n, H+1]
+    n_heads = per_layer.shape[-1]
+    head_ids = np.array([*range(n_heads - 1), -1])
+
+    def per_head(values: np.ndarray) -> np.ndarray:
+        return np.repeat(np.tile(values, n_blocks), n_heads)
+
+    frame = pd.DataFrame(
+        {
+            "model": model.name,
+            "text_id": per_head(keys["text_id"]),
+            "position": per_head(keys["position"]),
+            "block": np.repeat(np.arange(n_blocks), n_tokens * n_heads),
+            "head": np.tile(head_ids, n_tokens * n_blocks),
+            **{k: per_head(keys[k]) for k in ("token", "token_id", "is_special", "is_unk")},
+            "head_norm_rel": per_layer[0].reshape(-1).cpu().numpy(),
+            "proj_head": per_layer[1].reshape(-1).cpu().numpy(),
+        }
+    )
+    assert len(frame) == n_tokens * n_blocks * n_heads
+    frame = frame.sort_values(["text_id", "position", "block", "head"], kind="stable")
+    frame = frame.reset_index(drop=True)
+    names = {(b, h): head_name(b, int(h)) for b in range(n_blocks) for h in head_ids}
+    frame["head_name"] = [names[key] for key in zip(frame["block"], frame["head"], strict=True)]
+    return frame[list(HEAD_COLUMNS)]
+
+
 def decompose_batch(
     model: TracedModel,
     batch: Batch,
@@ -317,16 +490,8 @@ def decompose_batch(
     """
     if store is None:
         store = model.run_hooks(batch.ids, batch.mask, decompose_hooks(model, per_head))
-    valid = batch.mask.bool().to(model.device)
-    ids = batch.ids.to(model.device)
-    e_hat = F.normalize(model.W_E[ids], dim=-1)  # unit input-token direction [b, p, d]
-    special = torch.isin(ids, torch.tensor(sorted(model.special_ids), device=model.device))
-    content = valid & ~special
-    tolerance = reconstruction_tolerance(model.dtype)
-
-    def proj(x: Tensor) -> Tensor:
-        return (x * e_hat).sum(-1)
-
+    tokens = _Tokens.of(model, batch)
+    valid, tolerance = tokens.valid, tokens.tolerance
     resid = [store[model.spec.resid_hook(k)] for k in range(model.n_blocks + 1)]
     sources, labels = resid[0][None], ["embed"]
     bias = torch.zeros_like(resid[0])
@@ -334,133 +499,35 @@ def decompose_batch(
         name: [] for name in DECOMPOSE_COLUMNS[len(BLOCK_TOKEN_KEYS) :]
     }
     head_values: dict[str, list[Tensor]] = {"head_norm_rel": [], "proj_head": []}
-    cumulative_rows = []
+    cumulative_rows: list[dict[str, object]] = []
     for block in range(model.n_blocks):
         attn_name, mlp_name = model.spec.delta_hooks(block)
         x, a, m, post = resid[block], store[attn_name], store[mlp_name], resid[block + 1]
         norms = _post_norms(model, block, store)
         parts = split_block(x, a, m, norms)
         where = f"{model.name} ({model.model_type}), block {block}"
-        error = relative_error(parts.total(), post)
         check_reconstruction(parts.total(), post, valid, where, tolerance)
-        if norms is not None:
-            mlp_input = norms[0].carry(x + a) + norms[0].bias
-        else:
-            mlp_input = x if model.spec.parallel else x + a
-        values = {
-            "attn_norm_rel": a.norm(dim=-1) / x.norm(dim=-1).clamp_min(1e-12),
-            "mlp_norm_rel": m.norm(dim=-1) / mlp_input.norm(dim=-1).clamp_min(1e-12),
-            "proj_pre": proj(x),
-            "proj_resid": proj(parts.resid),
-            "proj_attn": proj(parts.attn),
-            "proj_mlp": proj(parts.mlp),
-            "proj_bias": proj(parts.bias),
-            "proj_post": proj(post),
-            "recon_error": error,
-        }
-        for name, tensor in values.items():
+        for name, tensor in _block_values(
+            model, tokens, block, (x, a, m, post), norms, parts
+        ).items():
             local[name].append(tensor[valid])
         if per_head:
-            z = store[model.spec.attn_z.format(block=block)]
-            raw = store[model.spec.raw_attn_hook(block)]
-            output_norm = _attn_output_norm(model, block, store)
-            split = split_heads(model, block, z, raw, norms, valid, output_norm)
-            if output_norm is not None:
-                carried = split.carried.sum(2) + split.carried_bias
-                check_reconstruction(
-                    carried, a, valid, f"{where} heads through the norm", tolerance
-                )
-            x_norm = x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-            # the output bias b_O, attributed to no head, is listed as head -1
-            raw_norms = [split.raw.norm(dim=-1), split.raw_bias.norm(dim=-1)[..., None]]
-            head_values["head_norm_rel"].append((torch.cat(raw_norms, -1) / x_norm)[valid])
-            projected = [
-                (split.carried * e_hat[:, :, None]).sum(-1),
-                proj(split.carried_bias)[..., None],
-            ]
-            head_values["proj_head"].append(torch.cat(projected, -1)[valid])
+            norm_rel, projected = _head_values(model, tokens, block, store, norms, (x, a))
+            head_values["head_norm_rel"].append(norm_rel)
+            head_values["proj_head"].append(projected)
         sources = torch.cat(
             [carry_through_block(sources, norms), parts.attn[None], parts.mlp[None]]
         )
         labels += [f"L{block}_attn", f"L{block}_mlp"]
         bias = (carry_through_block(bias[None], norms)[0] if norms else bias) + parts.bias
         check_reconstruction(sources.sum(0) + bias, post, valid, f"{where}, cumulative", tolerance)
-        squared = (post * post).sum(-1).clamp_min(1e-12)
-        for label, part in zip([*labels, "bias"], [*sources, bias], strict=True):
-            cumulative_rows.append(
-                {
-                    "layer": block + 1,
-                    "source": label,
-                    "source_block": _source_block(label),
-                    "n_tokens": int(content.sum()),
-                    "sum_proj": float(proj(part)[content].sum()),
-                    "sum_share": float(((part * post).sum(-1) / squared)[content].sum()),
-                    "sum_norm": float(part.norm(dim=-1)[content].sum()),
-                }
-            )
-    n_blocks, token_ids = model.n_blocks, ids[valid]
-    text_rows = torch.arange(valid.shape[0], device=valid.device)[:, None].expand_as(valid)[valid]
-    positions = torch.arange(valid.shape[1], device=valid.device)[None, :].expand_as(valid)[valid]
-    text_ids = np.array([t.text_id for t in batch.texts], dtype=np.int64)
-    ids_np = token_ids.cpu().numpy()
-    frame = pd.DataFrame(
-        {
-            "model": model.name,
-            "text_id": np.tile(text_ids[text_rows.cpu().numpy()], n_blocks),
-            "position": np.tile(positions.cpu().numpy(), n_blocks),
-            "block": np.repeat(np.arange(n_blocks, dtype=np.int64), len(ids_np)),
-            "token": np.tile(
-                np.array(model.token_strings(ids_np.tolist()), dtype=object), n_blocks
-            ),
-            "token_id": np.tile(ids_np, n_blocks),
-            "is_special": np.tile(special[valid].cpu().numpy(), n_blocks),
-            "is_unk": np.tile(np.array(model.is_unk(ids_np.tolist()), dtype=bool), n_blocks),
-            **{name: torch.cat(parts).cpu().numpy() for name, parts in local.items()},
-        }
-    )
-    frame = frame.sort_values(["text_id", "position", "block"], kind="stable")
-    heads_frame = None
-    if per_head:
-        per_layer = torch.stack(
-            [torch.stack(head_values[k]) for k in head_values]
-        )  # [2, L, n, H+1]
-        n_heads = per_layer.shape[-1]
-        head_ids = np.array([*range(n_heads - 1), -1])
-        repeat = n_blocks * n_heads
-        heads_frame = pd.DataFrame(
-            {
-                "model": model.name,
-                "text_id": np.repeat(np.tile(text_ids[text_rows.cpu().numpy()], n_blocks), n_heads),
-                "position": np.repeat(np.tile(positions.cpu().numpy(), n_blocks), n_heads),
-                "block": np.repeat(np.arange(n_blocks), len(ids_np) * n_heads),
-                "head": np.tile(head_ids, len(ids_np) * n_blocks),
-                "token": np.repeat(
-                    np.tile(np.array(model.token_strings(ids_np.tolist()), dtype=object), n_blocks),
-                    n_heads,
-                ),
-                "token_id": np.repeat(np.tile(ids_np, n_blocks), n_heads),
-                "is_special": np.repeat(np.tile(special[valid].cpu().numpy(), n_blocks), n_heads),
-                "is_unk": np.repeat(
-                    np.tile(np.array(model.is_unk(ids_np.tolist()), dtype=bool), n_blocks),
-                    n_heads,
-                ),
-                "head_norm_rel": per_layer[0].reshape(-1).cpu().numpy(),
-                "proj_head": per_layer[1].reshape(-1).cpu().numpy(),
-            }
-        )
-        assert len(heads_frame) == len(ids_np) * repeat
-        heads_frame = heads_frame.sort_values(
-            ["text_id", "position", "block", "head"], kind="stable"
-        ).reset_index(drop=True)
-        names = {(b, h): head_name(b, int(h)) for b in range(n_blocks) for h in head_ids}
-        heads_frame["head_name"] = [
-            names[key] for key in zip(heads_frame["block"], heads_frame["head"], strict=True)
-        ]
-        heads_frame = heads_frame[list(HEAD_COLUMNS)]
+        labelled = list(zip([*labels, "bias"], [*sources, bias], strict=True))
+        cumulative_rows += _cumulative_rows(tokens, block + 1, labelled, post)
+    keys = _token_keys(model, batch, tokens)
     return BatchDecomposition(
-        local=frame.reset_index(drop=True)[list(DECOMPOSE_COLUMNS)],
+        local=_local_frame(model, keys, local),
         cumulative=pd.DataFrame(cumulative_rows),
-        heads=heads_frame,
+        heads=_heads_frame(model, keys, head_values) if per_head else None,
     )
 
 

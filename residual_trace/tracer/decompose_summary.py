@@ -8,6 +8,7 @@ import pandas as pd
 from residual_trace.defaults import DEFAULT_SEED
 from residual_trace.naming import head_name
 from residual_trace.stats import mean_with_ci
+from residual_trace.tracer.mixing_measures import MIXING
 
 #: Per-block measures of the local split, each with ``_lo``/``_hi`` (95% bootstrap interval).
 SPLIT_MEASURES = (
@@ -19,17 +20,7 @@ SPLIT_MEASURES = (
 )
 
 #: Per-block context-mixing measures, each with ``_lo``/``_hi``.
-MIXING_MEASURES = (
-    "mix_raw",
-    "mix_attn_n",
-    "mix_attnres_n",
-    "mix_attnresln_n",
-    "mix_rollout",
-    "mix_globenc",
-    "mix_alti",
-    "mix_vz",
-    "mix_vz_rollout",
-)
+MIXING_MEASURES = tuple(m.column for m in MIXING)
 
 
 def _tokens(table: pd.DataFrame, include_special: bool) -> pd.DataFrame:

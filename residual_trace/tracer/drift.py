@@ -32,8 +32,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, fields
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -73,39 +72,6 @@ DRIFT_COLUMNS = (
 _SCORE_TEMPORARIES = 3
 
 PatternSink = Callable[[int, list[str], np.ndarray], None]
-
-
-@dataclass
-class DriftConfig:
-    """Options of a drift run (recorded in ``run.json``).
-
-    Attributes:
-        batch_size: texts per forward pass; results do not depend on it.
-        max_length: longest input in tokens, special tokens included; longer texts are
-            truncated with a warning (``None``: the model's own limit, at most 512).
-        normed: also compute the ``*_normed`` columns (free for post-LN models).
-        progress: show a progress bar on stderr (only when stderr is a terminal).
-    """
-
-    batch_size: int = DEFAULT_BATCH_SIZE
-    max_length: int | None = None
-    normed: bool = True
-    progress: bool = False
-
-    def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise UserError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if self.max_length is not None and self.max_length < 2:
-            raise UserError(f"--max-length must be at least 2, got {self.max_length}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> DriftConfig:
-        """Build from a saved dict, ignoring keys this version does not know."""
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
 
 
 @dataclass(frozen=True)
@@ -232,41 +198,59 @@ def _scorers(model: TracedModel, normed: bool) -> list[tuple[_Scorer, _Scorer | 
 def iter_drift(
     model: TracedModel,
     texts: Sequence[str],
-    config: DriftConfig | None = None,
+    *,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    max_length: int | None = None,
+    normed: bool = True,
+    progress: bool = False,
     patterns: PatternSink | None = None,
     warn: Callable[[str], None] | None = None,
 ) -> Iterator[pd.DataFrame]:
     """Yield the drift table batch by batch (each batch is reduced before the next runs).
 
+    The keywords mean what the options of :class:`~residual_trace.LayersOptions` of the
+    same names mean (``trace layers`` passes them on).
+
     Args:
         model: from :func:`residual_trace.load_model`.
         texts: the inputs, one string each; ``text_id`` is the index in this sequence.
-        config: batch size, length limit, variant, progress.
+        batch_size: texts per forward pass; results do not depend on it.
+        max_length: longest input in tokens, special tokens included; longer texts are
+            truncated with a warning (``None``: the model's own limit, at most 512).
+        normed: also compute the ``*_normed`` columns (free for post-LN models).
+        progress: show a progress bar on stderr.
         patterns: if given, called per text with ``(text_id, tokens, pattern)`` where
             ``pattern`` is ``[n_blocks, head, n_tokens, n_tokens]`` float32 without padding.
         warn: receives a one-line warning when texts are truncated.
     """
-    config = config or DriftConfig()
-    encoded = prepare_texts(model, texts, config.max_length, warn)
-    yield from iter_drift_encoded(model, encoded, config, patterns)
+    if max_length is not None and max_length < 2:
+        raise UserError(f"max_length (--max-length): must be at least 2, got {max_length}")
+    encoded = prepare_texts(model, texts, max_length, warn)
+    yield from iter_drift_encoded(
+        model, encoded, batch_size=batch_size, normed=normed, progress=progress, patterns=patterns
+    )
 
 
 def iter_drift_encoded(
     model: TracedModel,
     encoded: Sequence[EncodedText],
-    config: DriftConfig | None = None,
+    *,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    normed: bool = True,
+    progress: bool = False,
     patterns: PatternSink | None = None,
 ) -> Iterator[pd.DataFrame]:
     """:func:`iter_drift` on texts already tokenised (their ``text_id`` is kept)."""
-    config = config or DriftConfig()
-    scorers = _scorers(model, config.normed)
-    n_batches = math.ceil(len(encoded) / config.batch_size)
+    if batch_size < 1:
+        raise UserError(f"batch_size (--batch-size): must be at least 1, got {batch_size}")
+    scorers = _scorers(model, normed)
+    n_batches = math.ceil(len(encoded) / batch_size)
     bar = tqdm(
-        iter_batches(encoded, config.batch_size, model.pad_id),
+        iter_batches(encoded, batch_size, model.pad_id),
         total=n_batches,
         desc=f"tracing {model.name}",
         unit="batch",
-        disable=not config.progress,
+        disable=not progress,
         leave=False,
     )
     with torch.inference_mode():
@@ -281,11 +265,27 @@ def iter_drift_encoded(
 
 
 def drift_table(
-    model: TracedModel, texts: Sequence[str], config: DriftConfig | None = None
+    model: TracedModel,
+    texts: Sequence[str],
+    *,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    max_length: int | None = None,
+    normed: bool = True,
+    progress: bool = False,
 ) -> pd.DataFrame:
-    """The whole drift table for ``texts`` (one row per text x position x layer).
+    """The whole drift table for ``texts`` (one row per text x position x layer); the
+    keywords are :func:`iter_drift`'s.
 
     For a corpus too large to hold, iterate :func:`iter_drift` and write each batch.
     """
-    frames = list(iter_drift(model, texts, config))
+    frames = list(
+        iter_drift(
+            model,
+            texts,
+            batch_size=batch_size,
+            max_length=max_length,
+            normed=normed,
+            progress=progress,
+        )
+    )
     return pd.concat(frames, ignore_index=True)

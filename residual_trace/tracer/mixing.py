@@ -31,9 +31,16 @@ import torch
 from residual_trace._typing import Float, Tensor
 from residual_trace.defaults import DEFAULT_BATCH_SIZE
 from residual_trace.models import TracedModel
-from residual_trace.tracer.batching import BLOCK_TOKEN_KEYS, Batch, iter_batches, prepare_texts
+from residual_trace.tracer.batching import (
+    BLOCK_TOKEN_KEYS,
+    Batch,
+    EncodedText,
+    iter_batches,
+    prepare_texts,
+)
 from residual_trace.tracer.chunking import chunks, items_per_chunk
 from residual_trace.tracer.decompose import ReconstructionError, reconstruction_tolerance
+from residual_trace.tracer.mixing_measures import MIXING
 
 #: Live (key x d_model) temporaries per query row of the contribution tensor.
 _ROW_TEMPORARIES = 4
@@ -72,6 +79,20 @@ def _ratio(context: Tensor, own: Tensor) -> Tensor:
     return c / (c + o).clamp_min(1e-12)
 
 
+def _attnresln_n(
+    context: Tensor, own: Tensor, residual: Tensor, norm: TermNorm, residual_normed: bool
+) -> Tensor:
+    """AttnResLn-N: context and self term carried through the norm (the residual too when
+    it passes through it; else added after it)."""
+
+    def carry(x: Tensor) -> Tensor:
+        centred = x - x.mean(-1, keepdim=True) if norm.centres else x
+        return norm.gain * centred / norm.scale
+
+    own_res = carry(own + residual) if residual_normed else carry(own) + residual
+    return _ratio(carry(context), own_res)
+
+
 def norm_mixing(
     pattern: Float[Tensor, "head_index n n"],
     head_values: Float[Tensor, "n head_index d_model"],
@@ -107,38 +128,24 @@ def norm_mixing(
         pairs: also compute the per-pair map (n x n x d_model work, chunked over targets).
 
     Examples:
-        >>> n, h, d = 3, 2, 4
-        >>> eye = torch.eye(n).expand(h, n, n)
-        >>> mixing = norm_mixing(eye, torch.randn(n, h, d), torch.randn(n, d))
+        >>> eye = torch.eye(3).expand(2, 3, 3)  # 2 heads, 3 tokens, each attending to itself
+        >>> mixing = norm_mixing(eye, torch.randn(3, 2, 4), torch.randn(3, 4))
         >>> float(mixing.attn_n.abs().max()), float(mixing.attnres_n.abs().max())
         (0.0, 0.0)
     """
-    normed = ln_gamma is not None and ln_scale is not None
-
-    def carry(x: Tensor, scale: Tensor) -> Tensor:
-        assert ln_gamma is not None
-        return ln_gamma * (x - x.mean(-1, keepdim=True) if centres else x) / scale
-
-    total = torch.einsum("hij,jhm->im", pattern, head_values)  # sum_j a_ij
     own = torch.einsum("hi,ihm->im", pattern.diagonal(dim1=-2, dim2=-1), head_values)  # a_ii
-    context = total - own
+    context = torch.einsum("hij,jhm->im", pattern, head_values) - own  # sum_{j != i} a_ij
     attn_n = _ratio(context, own)
     attnres_n = _ratio(context, own + residual)
-    if normed:
-        assert ln_scale is not None
-        own_res = carry(own + residual, ln_scale) if residual_normed else None
-        if own_res is None:
-            own_res = carry(own, ln_scale) + residual
-        attnresln_n = _ratio(carry(context, ln_scale), own_res)
+    term_norm = None
+    if ln_gamma is not None and ln_scale is not None:
+        term_norm = TermNorm(ln_gamma, torch.zeros_like(ln_gamma), centres, ln_scale)
+        attnresln_n = _attnresln_n(context, own, residual, term_norm, residual_normed)
     else:
         attnresln_n = torch.full_like(attn_n, float("nan"))
-    contributions = None
-    if pairs:
-        term_norm = None
-        if normed:
-            assert ln_gamma is not None and ln_scale is not None
-            term_norm = TermNorm(ln_gamma, torch.zeros_like(ln_gamma), centres, ln_scale)
-        contributions = _pair_map(pattern, head_values, residual, term_norm, residual_normed)
+    contributions = (
+        _pair_map(pattern, head_values, residual, term_norm, residual_normed) if pairs else None
+    )
     return LayerMixing(
         raw_self=pattern.diagonal(dim1=-2, dim2=-1).mean(0),
         attn_n=attn_n,
@@ -360,17 +367,12 @@ def rollout_step(
 #: comes from other tokens.
 MIXING_COLUMNS = (
     *BLOCK_TOKEN_KEYS,
-    "raw_self",
-    "mix_raw",
-    "mix_attn_n",
-    "mix_attnres_n",
-    "mix_attnresln_n",
-    "rollout_self",
-    "mix_rollout",
-    "mix_globenc",
-    "mix_alti",
-    "mix_vz",
-    "mix_vz_rollout",
+    "raw_self",  # the weight on itself, averaged over heads (mix_raw is 1 minus it)
+    *(
+        column
+        for m in MIXING
+        for column in (("rollout_self", m.column) if m.column == "mix_rollout" else (m.column,))
+    ),
 )
 
 #: Value Zeroing re-runs the rest of each block once per (target, source) pair, n^2 rows
@@ -421,6 +423,20 @@ def _second_norm(model: TracedModel, block: int) -> str | None:
     term through; ``None`` where the stream is not normalised after the MLP."""
     paths = model.spec.post_norm_modules(block)
     return None if paths is None else paths[1]
+
+
+@dataclass(frozen=True)
+class _BlockTensors:
+    """One block's hook tensors of a padded batch, as :class:`MixingStream` reads them:
+    patterns ``[batch, head, pos, pos]``, values ``[batch, pos, kv_head, d_head]``, the
+    block input ``[batch, pos, d_model]`` and the divisors of its norms ``[batch, pos, 1]``
+    (``None`` where the block has no such norm)."""
+
+    pattern: Tensor
+    values: Tensor
+    resid: Tensor
+    scale: Tensor | None
+    second_scale: Tensor | None
 
 
 class MixingStream:
@@ -475,96 +491,125 @@ class MixingStream:
         return block_mixing_hooks(self.model, block)
 
     def reduce(self, block: int, tensors: dict[str, Tensor]) -> None:
-        model, norm, affine = self.model, self.norms[block], self.affines[block]
-        pattern_all = tensors[model.spec.pattern_hook(block)]
-        values_all = tensors[model.spec.attn_values.format(block=block)]
-        resid_all = tensors[model.spec.resid_hook(block)]
-        scale_all = None
-        if norm is not None:
-            scale_all = tensors[f"{norm[0]}.hook_scale"].reshape(*self.shape, 1)
-        W_O, b_O = self.weights[block]
+        norm, second = self.norms[block], self.seconds[block]
+        inputs = _BlockTensors(
+            pattern=tensors[self.model.spec.pattern_hook(block)],
+            values=tensors[self.model.spec.attn_values.format(block=block)],
+            resid=tensors[self.model.spec.resid_hook(block)],
+            scale=None
+            if norm is None
+            else tensors[f"{norm[0]}.hook_scale"].reshape(*self.shape, 1),
+            second_scale=None
+            if second is None
+            else tensors[f"{second}.hook_scale"].reshape(*self.shape, 1),
+        )
         wanted = self.pair_blocks is None or block in self.pair_blocks
-        second, second_affine = self.seconds[block], self.second_affines[block]
-        second_scale = None
-        if second is not None:
-            second_scale = tensors[f"{second}.hook_scale"].reshape(*self.shape, 1)
         for row, item in enumerate(self.batch.texts):
-            n = len(item.ids)
-            pattern = pattern_all[row, :, :n, :n]
-            values = values_all[row, :n]
-            repeat = W_O.shape[0] // values.shape[1]  # grouped-query attention: share kv heads
-            values = values.repeat_interleave(repeat, dim=1)
-            head_values = torch.einsum("jhd,hdm->jhm", values, W_O)
-            mixing = norm_mixing(
-                pattern,
-                head_values,
-                resid_all[row, :n],
-                ln_gamma=None if affine is None else affine.gain,
-                ln_scale=None if scale_all is None else scale_all[row, :n],
-                centres=True if affine is None else affine.centres,
-                residual_normed=norm is not None and norm[1],
-                pairs=False,  # the pair map comes from attributions() below
+            self._reduce_text(block, row, item, inputs, tensors, wanted)
+
+    def _term_norms(
+        self, block: int, row: int, n: int, inputs: _BlockTensors
+    ) -> tuple[TermNorm | None, TermNorm | None]:
+        """The norms text ``row``'s terms pass through at ``block``: after attention, and
+        after the whole block (each ``None`` where the block has none)."""
+        affine, second_affine = self.affines[block], self.second_affines[block]
+        attention_norm = second_norm = None
+        if affine is not None and inputs.scale is not None:
+            attention_norm = TermNorm(
+                affine.gain, affine.bias, affine.centres, inputs.scale[row, :n]
             )
-            self.rollouts[row] = rollout_step(self.rollouts[row], pattern)
-            rollout_self = self.rollouts[row].diagonal()
-            attention_norm = second_norm = None
-            if affine is not None and scale_all is not None:
-                attention_norm = TermNorm(
-                    affine.gain, affine.bias, affine.centres, scale_all[row, :n]
-                )
-            if second_affine is not None and second_scale is not None:
-                second_norm = TermNorm(
-                    second_affine.gain,
-                    second_affine.bias,
-                    second_affine.centres,
-                    second_scale[row, :n],
-                )
-            found = attributions(
-                pattern,
-                head_values,
-                resid_all[row, :n],
-                b_O,
-                attention_norm,
-                norm is not None and norm[1],
-                second_norm,
+        if second_affine is not None and inputs.second_scale is not None:
+            second_norm = TermNorm(
+                second_affine.gain,
+                second_affine.bias,
+                second_affine.centres,
+                inputs.second_scale[row, :n],
             )
-            self.alti_rollouts[row] = rollout_product(self.alti_rollouts[row], found.alti)
-            self.globenc_rollouts[row] = rollout_product(self.globenc_rollouts[row], found.globenc)
-            vz = self._value_zeroing(block, row, n, tensors, pattern, values)
-            nan = np.full(n, np.nan)
-            vz_layer, vz_rolled = nan, nan
-            if vz is not None:
-                self.vz_rollouts[row] = rollout_product(self.vz_rollouts[row], vz)
-                vz_layer = (1.0 - vz.diagonal()).cpu().numpy()
-                vz_rolled = _mixed(self.vz_rollouts[row])
-            tokens = self.tokens[row]
-            self.rows.append(
-                pd.DataFrame(
-                    {
-                        "model": model.name,
-                        "text_id": item.text_id,
-                        "position": np.arange(n),
-                        "block": block,
-                        "token": tokens,
-                        "token_id": list(item.ids),
-                        "is_special": self.special[row],
-                        "is_unk": model.is_unk(item.ids),
-                        "raw_self": mixing.raw_self.cpu().numpy(),
-                        "mix_raw": (1.0 - mixing.raw_self).cpu().numpy(),
-                        "mix_attn_n": mixing.attn_n.cpu().numpy(),
-                        "mix_attnres_n": mixing.attnres_n.cpu().numpy(),
-                        "mix_attnresln_n": mixing.attnresln_n.cpu().numpy(),
-                        "rollout_self": rollout_self.cpu().numpy(),
-                        "mix_rollout": (1.0 - rollout_self).cpu().numpy(),
-                        "mix_globenc": _mixed(self.globenc_rollouts[row]),
-                        "mix_alti": _mixed(self.alti_rollouts[row]),
-                        "mix_vz": vz_layer,
-                        "mix_vz_rollout": vz_rolled,
-                    }
-                )
+        return attention_norm, second_norm
+
+    def _reduce_text(
+        self,
+        block: int,
+        row: int,
+        item: EncodedText,
+        inputs: _BlockTensors,
+        tensors: dict[str, Tensor],
+        wanted: bool,
+    ) -> None:
+        """Every mixing measure of text ``row`` at ``block``, appended as its rows."""
+        norm, affine = self.norms[block], self.affines[block]
+        W_O, b_O = self.weights[block]
+        n = len(item.ids)
+        pattern = inputs.pattern[row, :, :n, :n]
+        values = inputs.values[row, :n]
+        repeat = W_O.shape[0] // values.shape[1]  # grouped-query attention: share kv heads
+        values = values.repeat_interleave(repeat, dim=1)
+        head_values = torch.einsum("jhd,hdm->jhm", values, W_O)
+        residual_normed = norm is not None and norm[1]
+        mixing = norm_mixing(
+            pattern,
+            head_values,
+            inputs.resid[row, :n],
+            ln_gamma=None if affine is None else affine.gain,
+            ln_scale=None if inputs.scale is None else inputs.scale[row, :n],
+            centres=True if affine is None else affine.centres,
+            residual_normed=residual_normed,
+            pairs=False,  # the pair map comes from attributions() below
+        )
+        self.rollouts[row] = rollout_step(self.rollouts[row], pattern)
+        attention_norm, second_norm = self._term_norms(block, row, n, inputs)
+        found = attributions(
+            pattern,
+            head_values,
+            inputs.resid[row, :n],
+            b_O,
+            attention_norm,
+            residual_normed,
+            second_norm,
+        )
+        self.alti_rollouts[row] = rollout_product(self.alti_rollouts[row], found.alti)
+        self.globenc_rollouts[row] = rollout_product(self.globenc_rollouts[row], found.globenc)
+        vz = self._value_zeroing(block, row, n, tensors, pattern, values)
+        self.rows.append(self._text_frame(block, row, item, mixing, vz))
+        if item.text_id == self.pair_text and wanted:
+            self.pairs.append(
+                self._pairs(item.text_id, block, found, vz, pattern, self.tokens[row])
             )
-            if item.text_id == self.pair_text and wanted:
-                self.pairs.append(self._pairs(item.text_id, block, found, vz, pattern, tokens))
+
+    def _text_frame(
+        self, block: int, row: int, item: EncodedText, mixing: LayerMixing, vz: Tensor | None
+    ) -> pd.DataFrame:
+        """``mixing.csv``'s rows of text ``row`` at ``block`` (the rollouts updated)."""
+        n = len(item.ids)
+        rollout_self = self.rollouts[row].diagonal()
+        vz_layer = vz_rolled = np.full(n, np.nan)
+        if vz is not None:
+            self.vz_rollouts[row] = rollout_product(self.vz_rollouts[row], vz)
+            vz_layer = (1.0 - vz.diagonal()).cpu().numpy()
+            vz_rolled = _mixed(self.vz_rollouts[row])
+        return pd.DataFrame(
+            {
+                "model": self.model.name,
+                "text_id": item.text_id,
+                "position": np.arange(n),
+                "block": block,
+                "token": self.tokens[row],
+                "token_id": list(item.ids),
+                "is_special": self.special[row],
+                "is_unk": self.model.is_unk(item.ids),
+                "raw_self": mixing.raw_self.cpu().numpy(),
+                "mix_raw": (1.0 - mixing.raw_self).cpu().numpy(),
+                "mix_attn_n": mixing.attn_n.cpu().numpy(),
+                "mix_attnres_n": mixing.attnres_n.cpu().numpy(),
+                "mix_attnresln_n": mixing.attnresln_n.cpu().numpy(),
+                "rollout_self": rollout_self.cpu().numpy(),
+                "mix_rollout": (1.0 - rollout_self).cpu().numpy(),
+                "mix_globenc": _mixed(self.globenc_rollouts[row]),
+                "mix_alti": _mixed(self.alti_rollouts[row]),
+                "mix_vz": vz_layer,
+                "mix_vz_rollout": vz_rolled,
+            }
+        )
 
     def _value_zeroing(
         self,

@@ -13,10 +13,11 @@ import torch
 from click.testing import CliRunner
 
 import residual_trace as rt
-from residual_trace import DriftConfig, drift_table, load_model
+from residual_trace import drift_table, load_model
 from residual_trace.cli import trace
 from residual_trace.experiments import bundled_sentences
-from residual_trace.experiments.options import PerturbOptions, ProbeOptions
+from residual_trace.experiments.perturb import PerturbOptions
+from residual_trace.experiments.probe import ProbeOptions
 from residual_trace.experiments.report import ReportOptions, run_report
 from tests.reference import reference_drift
 
@@ -67,7 +68,7 @@ def _compare(ours: pd.DataFrame, ref: pd.DataFrame) -> None:
 
 
 def test_minilm_matches_hugging_face(minilm, texts):
-    ours = drift_table(minilm, texts, DriftConfig(batch_size=3))
+    ours = drift_table(minilm, texts, batch_size=3)
     ref = reference_drift(minilm.resolved.directory, "bert", texts, prepend_bos=False)
     _compare(ours, ref)
     # MiniLM is a 6-block BERT with the bert-base-uncased vocabulary
@@ -75,7 +76,7 @@ def test_minilm_matches_hugging_face(minilm, texts):
 
 
 def test_smollm2_matches_hugging_face(smollm2, texts):
-    ours = drift_table(smollm2, texts, DriftConfig(batch_size=3))
+    ours = drift_table(smollm2, texts, batch_size=3)
     ref = reference_drift(smollm2.resolved.directory, "llama", texts, prepend_bos=True)
     _compare(ours, ref)
     assert smollm2.n_blocks == 30 and smollm2.d_model == 576

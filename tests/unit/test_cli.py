@@ -228,16 +228,16 @@ def test_heatmap_text_out_of_range(tiny_dirs, tmp_path):
 
 def _crash_while_measuring(monkeypatch):
     """The drift stream yields its first batch, then fails (nothing saved yet)."""
-    import residual_trace.experiments.layers as layers
+    import residual_trace.tracer.drift as drift
 
-    real = layers.iter_drift_encoded
+    real = drift.iter_drift_encoded
 
     def failing(*args, **kwargs):
         frames = real(*args, **kwargs)
         yield next(frames)
         raise RuntimeError("disk full while measuring")
 
-    monkeypatch.setattr(layers, "iter_drift_encoded", failing)
+    monkeypatch.setattr(drift, "iter_drift_encoded", failing)
     return "disk full while measuring"
 
 
@@ -261,12 +261,12 @@ def _crash_while_writing_tables(monkeypatch):
 
 def _crash_while_drawing(monkeypatch):
     """Every table is written, then the last figure fails."""
-    import residual_trace.experiments.layers as layers
+    import residual_trace.figures as figures
 
     def explode(*args, **kwargs):
         raise RuntimeError("disk full while drawing")
 
-    monkeypatch.setattr(layers, "identifiable_share_figure", explode)
+    monkeypatch.setattr(figures, "identifiable_share_figure", explode)
     return "disk full while drawing"
 
 
@@ -463,7 +463,7 @@ def test_decompose_mixing_block_counts_from_zero(tiny_dirs, tmp_path, block):
 def test_decompose_value_zeroing_length_limit(tiny_dirs, tmp_path):
     """Texts beyond --vz-max-tokens get NaN Value Zeroing and one counted warning; the
     default limit is the library's."""
-    from residual_trace.experiments.options import DecomposeOptions
+    from residual_trace.experiments.decompose import DecomposeOptions
     from residual_trace.tracer.mixing import VZ_MAX_TOKENS
 
     assert DecomposeOptions().vz_max_tokens == VZ_MAX_TOKENS
@@ -482,12 +482,9 @@ def test_decompose_value_zeroing_length_limit(tiny_dirs, tmp_path):
 
 
 def test_readme_documents_every_perturb_column(tiny_models):
-    from residual_trace.experiments.perturb import (
-        PERTURBATION_COLUMNS,
-        RESID_COLUMNS,
-        PerturbOptions,
-    )
+    from residual_trace.experiments.perturb import PerturbOptions
     from residual_trace.tracer.alignment_summary import HEAD_COLUMNS
+    from residual_trace.tracer.perturb import PERTURBATION_COLUMNS, RESID_COLUMNS
 
     result = PerturbOptions(quiet=True).run(
         tiny_models["bert"], ["The dog chased the cat."], warn=lambda m: None

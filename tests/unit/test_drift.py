@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from residual_trace import DriftConfig, drift_table
+from residual_trace import drift_table
 from residual_trace.tracer import encode_texts, iter_drift
 from tests.reference import hidden_states, reference_drift
 
@@ -35,7 +35,7 @@ def _aligned(ours: pd.DataFrame, ref: pd.DataFrame) -> pd.DataFrame:
 @pytest.mark.parametrize("kind", KINDS)
 def test_drift_matches_hugging_face(kind, tiny_models, tiny_dirs, sentences):
     model = tiny_models[kind]
-    ours = drift_table(model, sentences, DriftConfig(batch_size=4))
+    ours = drift_table(model, sentences, batch_size=4)
     ref = reference_drift(tiny_dirs[kind], kind, sentences, prepend_bos=kind != "bert")
     merged = _aligned(ours, ref)
     assert (merged["token_id"] == merged["token_id_ref"]).all()
@@ -68,7 +68,7 @@ def test_post_ln_normed_equals_raw(tiny_models, sentences):
 @pytest.mark.parametrize("kind", KINDS)
 def test_batch_size_does_not_change_numbers(kind, tiny_models, sentences):
     model = tiny_models[kind]
-    tables = [drift_table(model, sentences, DriftConfig(batch_size=b)) for b in (1, 3, 16)]
+    tables = [drift_table(model, sentences, batch_size=b) for b in (1, 3, 16)]
     for other in tables[1:]:
         assert other[["text_id", "position", "layer", "token_id"]].equals(
             tables[0][["text_id", "position", "layer", "token_id"]]
@@ -85,7 +85,7 @@ def test_padding_is_never_measured(kind, tiny_models, sentences):
     model = tiny_models[kind]
     lengths = [len(e.ids) for e in encode_texts(model, sentences, 64)]
     assert len(set(lengths)) > 1, "the texts must need padding for this test to mean anything"
-    table = drift_table(model, sentences, DriftConfig(batch_size=len(sentences)))
+    table = drift_table(model, sentences, batch_size=len(sentences))
     assert len(table) == sum(lengths) * (model.n_blocks + 1)
     for text_id, length in enumerate(lengths):
         positions = table.loc[table["text_id"] == text_id, "position"].unique()
@@ -110,7 +110,7 @@ def test_truncation_warns_and_keeps_special_tokens(tiny_models, sentences):
         iter_drift(
             tiny_models["bert"],
             [long_text, "Yes."],
-            DriftConfig(max_length=6),
+            max_length=6,
             warn=warnings.append,
         )
     )
@@ -146,7 +146,13 @@ def test_empty_text_is_refused(tiny_models):
         drift_table(tiny_models["bert"], ["fine", "   "])
 
 
-def test_config_round_trip_tolerates_unknown_keys():
-    config = DriftConfig(batch_size=3, max_length=40)
-    again = DriftConfig.from_dict({**config.to_dict(), "from_the_future": 1})
-    assert again == config
+def test_the_measures_refuse_a_bad_batch_size_or_length_in_the_options_words(tiny_models):
+    """The tracer's keywords are the options of ``trace layers``: a bad value is refused
+    with the option's name and flag, as the options class refuses it."""
+    from residual_trace import UserError
+
+    model = tiny_models["bert"]
+    with pytest.raises(UserError, match=r"^batch_size \(--batch-size\): must be at least 1"):
+        drift_table(model, ["A text."], batch_size=0)
+    with pytest.raises(UserError, match=r"^max_length \(--max-length\): must be at least 2"):
+        drift_table(model, ["A text."], max_length=1)

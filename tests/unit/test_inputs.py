@@ -10,7 +10,7 @@ from click.testing import CliRunner
 import residual_trace as rt
 from residual_trace.cli import trace
 from residual_trace.experiments.common import load_inputs, normalise_text, read_texts
-from residual_trace.experiments.options import LayersOptions
+from residual_trace.experiments.layers import LayersOptions
 
 RAW = ["The dog\tran.", "  A cat\u2028sat.  ", "Rain\x0bfell.", "\ufeffStart here."]
 

@@ -17,9 +17,9 @@ from scipy.spatial.distance import jensenshannon
 
 from residual_trace import load_model
 from residual_trace.cli import trace
-from residual_trace.experiments.options import PerturbOptions
-from residual_trace.experiments.perturb import PERTURBATION_COLUMNS, RESID_COLUMNS
+from residual_trace.experiments.perturb import PerturbOptions
 from residual_trace.tracer.alignment_summary import HEAD_COLUMNS
+from residual_trace.tracer.perturb import PERTURBATION_COLUMNS, RESID_COLUMNS
 from tests.helpers import tiny_bpe_tokenizer
 
 #: Rotation step of the constructed positional code (radians per position); sequences stay

@@ -177,7 +177,7 @@ def test_probe_errors(tiny_dirs, norms_file, tmp_path, args, fragment):
 
 
 def test_readme_documents_every_probe_column(tiny_models, norms_file, tmp_path):
-    from residual_trace.experiments.options import ProbeOptions
+    from residual_trace.experiments.probe import ProbeOptions
 
     options = ProbeOptions(
         norms=(f"wide:{norms_file}",),

@@ -17,9 +17,6 @@ from typing import Any, Literal
 
 from residual_trace.defaults import (
     DEFAULT_BATCH_SIZE,
-    DEFAULT_DEVICE,
-    DEFAULT_DTYPE,
-    DEFAULT_FIGURE_FORMAT,
     DEFAULT_SEED,
     Device,
     DeviceMap,
@@ -27,18 +24,22 @@ from residual_trace.defaults import (
     FigureFormat,
 )
 from residual_trace.errors import OptionError, UserError
+from residual_trace.experiments.decompose import DecomposeOptions
+from residual_trace.experiments.layers import LayersOptions
 from residual_trace.experiments.options import (
-    DecomposeOptions,
-    LayersOptions,
-    Mapper,
-    Mode,
-    PerturbOptions,
-    ProbeOptions,
     Texts,
+    device_map_option,
+    device_option,
+    dtype_option,
+    figure_format_option,
 )
+from residual_trace.experiments.perturb import Mode, PerturbOptions
+from residual_trace.experiments.probe import Mapper, ProbeOptions
+from residual_trace.experiments.registry import EXPERIMENTS as REGISTERED
 from residual_trace.options import Options, no_type_check, option
 
-EXPERIMENTS = ("layers", "decompose", "perturb", "probe")
+#: The experiments a report runs: every registered one that names the tables it reads.
+EXPERIMENTS: tuple[str, ...] = tuple(e.name for e in REGISTERED if e.report_tables)
 
 #: The version of the parts' table layout: part of every fingerprint, so that a report
 #: directory written with other column names is run again, not resumed (2: ``block``,
@@ -86,13 +87,9 @@ class ReportOptions(Options):
         EXPERIMENTS, "Experiments to run (repeatable; default: all four).", flag="--experiment"
     )
     seed: int = option(DEFAULT_SEED, "Seed of every experiment.")
-    device: Device = option(DEFAULT_DEVICE, "Where the models run.")
-    dtype: Dtype = option(
-        DEFAULT_DTYPE, "Precision of the weights and forward passes (measures stay float32)."
-    )
-    device_map: DeviceMap | None = option(
-        None, "Split each model over the visible devices (accelerate).", cli=False
-    )
+    device: Device = device_option()
+    dtype: Dtype = dtype_option()
+    device_map: DeviceMap | None = device_map_option(cli=False)
     batch_size: int = option(DEFAULT_BATCH_SIZE, "Texts per forward pass.", cli=False)
     perturb_mode: Mode = option("shuffle", "The perturbation of the perturb part.", cli=False)
     perturb_samples: int = option(5, "Perturbations per text in the perturb part.", cli=False)
@@ -103,9 +100,7 @@ class ReportOptions(Options):
     probe_depths: tuple[float, ...] = option(
         (0.0, 0.5, 1.0), "Relative depths probed (layer / blocks).", cli=False
     )
-    figure_format: FigureFormat = option(
-        DEFAULT_FIGURE_FORMAT, "Figure format of the parts.", cli=False
-    )
+    figure_format: FigureFormat = figure_format_option(cli=False)
 
     def validate(self) -> None:
         if not self.models:

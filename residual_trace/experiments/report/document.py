@@ -11,6 +11,7 @@ import base64
 import html
 import io
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from residual_trace.figures.report import (
 )
 from residual_trace.probes import CONDITIONS
 from residual_trace.runs import package_versions, write_atomic
+from residual_trace.tracer.mixing_measures import MIXING
 
 #: Columns gathered from each experiment's summary table. Per-block measures are placed at
 #: the layer their block writes (layer = block + 1).
@@ -49,17 +51,15 @@ _FROM = {
         "proj_mlp",
         "proj_mlp_lo",
         "proj_mlp_hi",
-        "mix_raw",
-        "mix_attn_n",
-        "mix_attnres_n",
-        "mix_attnres_n_lo",
-        "mix_attnres_n_hi",
-        "mix_attnresln_n",
-        "mix_rollout",
-        "mix_globenc",
-        "mix_alti",
-        "mix_vz",
-        "mix_vz_rollout",
+        *(
+            column
+            for m in MIXING
+            for column in (
+                (m.column, f"{m.column}_lo", f"{m.column}_hi")
+                if m.column == "mix_attnres_n"  # the one drawn with its interval
+                else (m.column,)
+            )
+        ),
     ],
     "perturb": [
         "follow_index",
@@ -182,6 +182,46 @@ def _floor(value: float) -> str:
     return f"{value:.1e}" if np.isfinite(value) else "n/a"
 
 
+def _depth_lines(model: str, rows: pd.DataFrame) -> list[str]:
+    """The verdicts on token identity across depth of one model (its per-layer rows)."""
+    lines: list[str] = []
+    family = rows["family"].iloc[0]
+    if "identifiable" in rows and rows["identifiable"].notna().any():
+        reach = _identifiable_depth(rows)
+        top = rows.iloc[-1]
+        lines.append(
+            f"{model} ({family}): at least half of the tokens stay identifiable by nearest "
+            f"neighbour up to relative depth {reach:.2f}; at the top {top['identifiable']:.0%} "
+            f"are, with cos_input {top['cos_input']:.3f} "
+            f"[{top['cos_input_lo']:.3f}, {top['cos_input_hi']:.3f}] against a baseline of "
+            f"{top['baseline']:.3f}."
+        )
+        cos = rows["cos_input"].to_numpy()
+        lowest = int(np.argmin(cos))
+        recovery = float(cos[-1] - cos.min())
+        half_width = float((top["cos_input_hi"] - top["cos_input_lo"]) / 2)
+        if family == "encoder":
+            shows = recovery > max(0.05, 2 * half_width)
+            lines.append(
+                f"{model}: an MLM is expected to recover token identity near the top "
+                f"(Voita et al. 2019). This run {'shows' if shows else 'does not show'} it: "
+                f"cos_input is lowest at layer {lowest} of {len(cos) - 1} and ends "
+                f"{recovery:+.3f} above that minimum."
+            )
+        else:
+            drops = np.diff(cos)
+            first_share = float((cos[0] - cos[1]) / max(cos[0] - cos.min(), 1e-12))
+            steady = (drops < 0).mean() >= 0.7 and first_share < 0.5
+            lines.append(
+                f"{model}: a causal LM is expected to lose token identity steadily. This run "
+                f"{'shows' if steady else 'does not show'} a steady loss: block 0 alone "
+                f"removes {first_share:.0%} of the whole drop in cos_input "
+                f"({cos[0]:.3f} -> {cos[1]:.3f}), and {int((drops < 0).sum())} of "
+                f"{len(drops)} layers lower it further."
+            )
+    return lines
+
+
 def verdict_lines(
     config: ReportOptions,
     depth: pd.DataFrame,
@@ -191,41 +231,7 @@ def verdict_lines(
     """Plain-language verdicts with the numbers behind them."""
     lines = []
     for model in config.models:
-        rows = depth[depth["model"] == model].sort_values("layer")
-        family = rows["family"].iloc[0]
-        if "identifiable" in rows and rows["identifiable"].notna().any():
-            reach = _identifiable_depth(rows)
-            top = rows.iloc[-1]
-            lines.append(
-                f"{model} ({family}): at least half of the tokens stay identifiable by nearest "
-                f"neighbour up to relative depth {reach:.2f}; at the top {top['identifiable']:.0%} "
-                f"are, with cos_input {top['cos_input']:.3f} "
-                f"[{top['cos_input_lo']:.3f}, {top['cos_input_hi']:.3f}] against a baseline of "
-                f"{top['baseline']:.3f}."
-            )
-            cos = rows["cos_input"].to_numpy()
-            lowest = int(np.argmin(cos))
-            recovery = float(cos[-1] - cos.min())
-            half_width = float((top["cos_input_hi"] - top["cos_input_lo"]) / 2)
-            if family == "encoder":
-                shows = recovery > max(0.05, 2 * half_width)
-                lines.append(
-                    f"{model}: an MLM is expected to recover token identity near the top "
-                    f"(Voita et al. 2019). This run {'shows' if shows else 'does not show'} it: "
-                    f"cos_input is lowest at layer {lowest} of {len(cos) - 1} and ends "
-                    f"{recovery:+.3f} above that minimum."
-                )
-            else:
-                drops = np.diff(cos)
-                first_share = float((cos[0] - cos[1]) / max(cos[0] - cos.min(), 1e-12))
-                steady = (drops < 0).mean() >= 0.7 and first_share < 0.5
-                lines.append(
-                    f"{model}: a causal LM is expected to lose token identity steadily. This run "
-                    f"{'shows' if steady else 'does not show'} a steady loss: block 0 alone "
-                    f"removes {first_share:.0%} of the whole drop in cos_input "
-                    f"({cos[0]:.3f} -> {cos[1]:.3f}), and {int((drops < 0).sum())} of "
-                    f"{len(drops)} layers lower it further."
-                )
+        lines += _depth_lines(model, depth[depth["model"] == model].sort_values("layer"))
     for row in heads.itertuples(index=False):
         share = row.n_heads_position / row.n_heads if row.n_heads else float("nan")
         lines.append(
@@ -338,6 +344,84 @@ def report_figures(
     return figures
 
 
+@dataclass(frozen=True)
+class _Page:
+    """What both documents show: title, verdicts, figures, tables, parts, versions."""
+
+    models: str
+    verdicts: list[str]
+    figures: list[tuple[str, str, bytes]]
+    grid: pd.DataFrame
+    heads: pd.DataFrame
+    depth: pd.DataFrame
+    parts: str
+    versions: str
+
+
+def _markdown(page: _Page) -> str:
+    """``report.md``: figures linked from ``figures/``."""
+    md = [f"# residual-trace report: {page.models}", ""]
+    md += [f"- {line}" for line in page.verdicts] + [""]
+    for name, title, _ in page.figures:
+        md += [f"## {title}", "", f"![{title}](figures/{name}.png)", ""]
+    if not page.grid.empty:
+        md += [
+            "## Probe scores and their controls (mean [95% interval])",
+            "",
+            _markdown_table(page.grid),
+            "",
+        ]
+    if not page.heads.empty:
+        md += ["## Heads by verdict", "", _markdown_table(page.heads), ""]
+    md += ["## Per-layer measures (relative depth)", "", _markdown_table(page.depth), ""]
+    md += [
+        "---",
+        "Layer k is the output of block k-1 (layer 0: the input of block 0); heads are named "
+        "L<block>H<head>. Reproduce: `trace report --config config.toml`. Parts: "
+        + page.parts
+        + f". Versions: {page.versions}.",
+    ]
+    return "\n".join(md) + "\n"
+
+
+def _html(page: _Page) -> str:
+    """``report.html``: self-contained, the figures embedded."""
+    models = html.escape(page.models)
+    body = [
+        f"<h1>residual-trace report: {models}</h1>",
+        "<h2>Verdicts</h2>",
+        "<ul class='verdicts'>"
+        + "".join(f"<li>{html.escape(v)}</li>" for v in page.verdicts)
+        + "</ul>",
+    ]
+    for _, title, data in page.figures:
+        encoded = base64.b64encode(data).decode("ascii")
+        body += [
+            f"<h2>{html.escape(title)}</h2>",
+            f"<img alt='{html.escape(title)}' src='data:image/png;base64,{encoded}'>",
+        ]
+    if not page.grid.empty:
+        body += [
+            "<h2>Probe scores and their controls (mean [95% interval])</h2>",
+            page.grid.to_html(index=False),
+        ]
+    if not page.heads.empty:
+        body += ["<h2>Heads by verdict</h2>", page.heads.to_html(index=False)]
+    body += [
+        "<h2>Per-layer measures (relative depth = layer / blocks; layer k is the output of "
+        "block k-1)</h2>",
+        page.depth.to_html(index=False, float_format=lambda v: f"{v:.3f}", na_rep=""),
+        "<p class='note'>Reproduce with <code>trace report --config config.toml</code>. "
+        + html.escape(f"Versions: {page.versions}")
+        + "</p>",
+    ]
+    return (
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
+        f"<title>residual-trace report: {models}</title>"
+        f"<style>{_STYLE}</style></head><body>" + "\n".join(body) + "</body></html>\n"
+    )
+
+
 def write_documents(
     root: Path,
     options: ReportOptions,
@@ -353,72 +437,24 @@ def write_documents(
         target = root / "tables" / f"{name}.csv"
         write_atomic(target, frame.to_csv(index=False))
         files.append(target)
-    figures = report_figures(options, tables)
-    images = {}
-    for name, _, figure in figures:
+    drawn = []
+    for name, title, figure in report_figures(options, tables):
         data = _png(figure)
         target = root / "figures" / f"{name}.png"
         write_atomic(target, data)
-        images[name] = data
+        drawn.append((name, title, data))
         files.append(target)
-    depth = tables["depth"]
-    heads = tables.get("heads", pd.DataFrame())
-    grid = probe_grid(tables.get("probe", pd.DataFrame()))
-    models = ", ".join(options.models)
-    versions = json.dumps(package_versions())
-    md = [f"# residual-trace report: {models}", ""]
-    md += [f"- {line}" for line in verdicts] + [""]
-    for name, title, _ in figures:
-        md += [f"## {title}", "", f"![{title}](figures/{name}.png)", ""]
-    if not grid.empty:
-        md += [
-            "## Probe scores and their controls (mean [95% interval])",
-            "",
-            _markdown_table(grid),
-            "",
-        ]
-    if not heads.empty:
-        md += ["## Heads by verdict", "", _markdown_table(heads), ""]
-    md += ["## Per-layer measures (relative depth)", "", _markdown_table(depth), ""]
-    md += [
-        "---",
-        "Layer k is the output of block k-1 (layer 0: the input of block 0); heads are named "
-        "L<block>H<head>. Reproduce: `trace report --config config.toml`. Parts: "
-        + ", ".join(f"{p.model}/{p.experiment}" for p in parts)
-        + f". Versions: {versions}.",
-    ]
-    body = [
-        f"<h1>residual-trace report: {html.escape(models)}</h1>",
-        "<h2>Verdicts</h2>",
-        "<ul class='verdicts'>" + "".join(f"<li>{html.escape(v)}</li>" for v in verdicts) + "</ul>",
-    ]
-    for name, title, _ in figures:
-        encoded = base64.b64encode(images[name]).decode("ascii")
-        body += [
-            f"<h2>{html.escape(title)}</h2>",
-            f"<img alt='{html.escape(title)}' src='data:image/png;base64,{encoded}'>",
-        ]
-    if not grid.empty:
-        body += [
-            "<h2>Probe scores and their controls (mean [95% interval])</h2>",
-            grid.to_html(index=False),
-        ]
-    if not heads.empty:
-        body += ["<h2>Heads by verdict</h2>", heads.to_html(index=False)]
-    body += [
-        "<h2>Per-layer measures (relative depth = layer / blocks; layer k is the output of "
-        "block k-1)</h2>",
-        depth.to_html(index=False, float_format=lambda v: f"{v:.3f}", na_rep=""),
-        "<p class='note'>Reproduce with <code>trace report --config config.toml</code>. "
-        + html.escape(f"Versions: {versions}")
-        + "</p>",
-    ]
-    page = (
-        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
-        f"<title>residual-trace report: {html.escape(models)}</title>"
-        f"<style>{_STYLE}</style></head><body>" + "\n".join(body) + "</body></html>\n"
+    page = _Page(
+        models=", ".join(options.models),
+        verdicts=verdicts,
+        figures=drawn,
+        grid=probe_grid(tables.get("probe", pd.DataFrame())),
+        heads=tables.get("heads", pd.DataFrame()),
+        depth=tables["depth"],
+        parts=", ".join(f"{p.model}/{p.experiment}" for p in parts),
+        versions=json.dumps(package_versions()),
     )
-    for text, name in (("\n".join(md) + "\n", "report.md"), (page, "report.html")):
+    for text, name in ((_markdown(page), "report.md"), (_html(page), "report.html")):
         target = root / name
         write_atomic(target, text)
         files.append(target)

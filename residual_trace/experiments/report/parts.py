@@ -12,18 +12,15 @@ from typing import Any
 import pandas as pd
 
 from residual_trace.experiments.common import model_record
-from residual_trace.experiments.options import ProbeOptions, Warn
+from residual_trace.experiments.options import Warn
+from residual_trace.experiments.registry import EXPERIMENTS
+from residual_trace.experiments.registry import experiment as registered
 from residual_trace.experiments.report.config import ReportOptions, slug
 from residual_trace.experiments.result import Result
 from residual_trace.models import TracedModel, load_model
 
-#: The tables of each experiment the report reads.
-READS = {
-    "layers": ("summary",),
-    "decompose": ("summary",),
-    "perturb": ("summary", "heads"),
-    "probe": ("summary", "verdicts"),
-}
+#: The tables of each experiment the report reads (each experiment's ``report_tables``).
+READS = {e.name: e.report_tables for e in EXPERIMENTS if e.report_tables}
 
 
 @dataclass
@@ -94,12 +91,13 @@ def run_parts(
             model = loaded[name]
             if progress is not None:
                 progress(f"report: {experiment} on {name}")
-            part_options = options.options_for(experiment, model.n_blocks)
+            # each options class runs its own experiment (`options.run`), on texts or not
+            part_options: Any = options.options_for(experiment, model.n_blocks)
             result: Result
-            if isinstance(part_options, ProbeOptions):
-                result = part_options.run(model, warn=warn)
-            else:
+            if registered(experiment).inputs == "texts":
                 result = part_options.run(model, texts, warn=warn)
+            else:
+                result = part_options.run(model, warn=warn)
             tables = {key: result.tables[key] for key in READS[experiment]}
             part = Part(name, experiment, tables, model_record(model), result=result)
             if directory is not None:
