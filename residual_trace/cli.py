@@ -254,7 +254,7 @@ def _command(experiment: Experiment[Any, Any]) -> click.Command:
     def command(**raw: Any) -> None:
         model = ModelOptions(**_fields(ModelOptions, raw))
         output = OutputOptions(**_fields(OutputOptions, raw))
-        inputs = _texts(raw.pop("texts"), raw.pop("file"))
+        inputs = _texts(raw.pop("texts", ()), raw.pop("file", None))
         if experiment.texts_option is not None and inputs is not None:
             raw[experiment.texts_option] = tuple(inputs) if isinstance(inputs, list) else inputs
         options = experiment.options(**raw)
@@ -263,7 +263,8 @@ def _command(experiment: Experiment[Any, Any]) -> click.Command:
     command.__doc__ = experiment.help
     command = click_options(experiment.options_class)(command)
     command = click_options(OutputOptions)(command)
-    command = _with(_TEXT_OPTIONS)(command)
+    if experiment.inputs == "texts" or experiment.texts_option is not None:
+        command = _with(_TEXT_OPTIONS)(command)  # a verb on the model alone has none
     command = click_options(ModelOptions)(command)
     return click.command(experiment.name, epilog=experiment.epilog)(command)
 

@@ -506,16 +506,19 @@ class TableStream:
             self._parquet = None
 
 
-def save_figures(
-    figures: dict[str, Figure], tmp: Path, out: Path, figure_format: str
-) -> list[Path]:
-    """Save each figure as ``tmp/<name>.<format>``; return the paths they will have in ``out``."""
-    written = []
-    for name, figure in figures.items():
-        filename = f"{name}.{figure_format}"
-        figure.savefig(tmp / filename, dpi=150)
-        written.append(out / filename)
-    return written
+#: What each figure format would otherwise stamp into the file that changes from run to run.
+_NO_DATES = {"svg": {"Date": None}, "pdf": {"CreationDate": None}}
+
+
+def save_figure(figure: Figure, path: Path, figure_format: str) -> None:
+    """Save ``figure`` to ``path``, byte for byte the same for the same figure: no creation
+    date (SVG, PDF) and SVG element ids from a fixed salt rather than a random one."""
+    import matplotlib
+
+    with matplotlib.rc_context({"svg.hashsalt": "residual-trace"}):
+        figure.savefig(
+            path, format=figure_format, dpi=150, metadata=_NO_DATES.get(figure_format, {})
+        )
 
 
 def write_run_json(path: Path, record: dict[str, Any]) -> None:

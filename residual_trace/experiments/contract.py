@@ -20,10 +20,12 @@ its docs page and one import line there (see ``docs/contributing.md``).
 Inputs. ``inputs`` says what the second positional argument of the API function is:
 ``"texts"`` (a list of texts, one text, a ``Path``, or ``None`` for the bundled sentences;
 the command line's ``--text``/``--file``) or ``"model"`` (none: the verb reads only the
-model; with ``texts_option`` set, ``--text``/``--file`` fill that option instead, as the
-probe's corpus). A verb on pairs of texts or one that trains an artefact fits the same
-object: its ``run`` receives whatever its inputs are, and its options check them
-(``check_inputs``) before the model loads.
+model and its options; with ``texts_option`` set, ``--text``/``--file`` fill that option,
+as the probe's corpus; without, the command has no ``--text``/``--file``). A verb on pairs
+of texts declares them as options (``--clean``/``--corrupt``, ``--pairs FILE``: checked
+with the other options, before the model loads) on ``inputs="model"``; a verb that trains
+an artefact is a ``run`` on texts whose result's ``save()`` writes the artefact beside its
+tables.
 
 Every callable of an experiment is a module-level function, so that the object pickles by
 reference to a Ray worker, and every experiment module imports nothing heavy at import time

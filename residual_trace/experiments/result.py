@@ -16,7 +16,7 @@ from residual_trace.errors import UserError
 from residual_trace.experiments.common import inputs_record, model_record
 from residual_trace.experiments.options import Warn, python_warning
 from residual_trace.options import Options
-from residual_trace.runs import RunDir, write_run_json, write_table
+from residual_trace.runs import RunDir, save_figure, write_run_json, write_table
 
 if TYPE_CHECKING:  # the experiment modules import this one; they stay light until a run starts
     import pandas as pd
@@ -104,7 +104,7 @@ class Result:
             names += self._save_extra(run.tmp)
             for key, figure in self.figures().items():
                 filename = f"{key}.{figure_format}"
-                figure.savefig(run.tmp / filename, dpi=150)
+                save_figure(figure, run.tmp / filename, figure_format)
                 names.append(filename)
             write_run_json(run.tmp / "run.json", self.run_record(names, figure_format))
             names.append("run.json")

@@ -130,6 +130,19 @@ def test_file_input_and_same_numbers_twice(tiny_dirs, tmp_path):
     pd.testing.assert_frame_equal(runs[0], runs[1])
 
 
+@pytest.mark.parametrize("fmt", ["svg", "pdf"])
+def test_the_same_command_writes_the_same_figure_bytes(tiny_dirs, tmp_path, fmt):
+    """Vector figures carry no creation date and no random element ids: two runs of one
+    command write byte-identical files (as the PNGs and tables always were)."""
+    for name in ("a", "b"):
+        args = ["layers", "-m", str(tiny_dirs["bert"]), "-t", "The dog ran.", "--format", fmt]
+        result = _run([*args, "-o", str(tmp_path / name), "-q"])
+        assert result.exit_code == 0, result.output
+    for path in sorted((tmp_path / "a").glob(f"*.{fmt}")):
+        assert path.read_bytes() == (tmp_path / "b" / path.name).read_bytes(), path.name
+    assert len(list((tmp_path / "a").glob(f"*.{fmt}"))) == 3
+
+
 def test_unknown_model_offline(tmp_path):
     result = _run(
         ["layers", "--model", "no-such-org/no-such-model", "-o", str(tmp_path / "x")],

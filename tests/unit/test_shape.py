@@ -139,7 +139,7 @@ def test_the_report_runs_exactly_the_registered_experiments_it_reads():
     from residual_trace.experiments.report.config import EXPERIMENTS as REPORTED
     from residual_trace.experiments.report.config import Experiment, ReportOptions
 
-    assert REPORTED == tuple(e.name for e in EXPERIMENTS if e.report_tables)
+    assert tuple(e.name for e in EXPERIMENTS if e.report_tables) == REPORTED
     assert get_args(Experiment) == REPORTED  # the --experiment choices
     assert ReportOptions().experiments == REPORTED
 

@@ -24,18 +24,18 @@ from residual_trace.defaults import (
     FigureFormat,
 )
 from residual_trace.errors import OptionError, UserError
-from residual_trace.experiments.decompose import DecomposeOptions
-from residual_trace.experiments.layers import LayersOptions
 from residual_trace.experiments.options import (
+    CommonOptions,
     Texts,
     device_map_option,
     device_option,
     dtype_option,
     figure_format_option,
 )
-from residual_trace.experiments.perturb import Mode, PerturbOptions
-from residual_trace.experiments.probe import Mapper, ProbeOptions
+from residual_trace.experiments.perturb import Mode
+from residual_trace.experiments.probe import Mapper
 from residual_trace.experiments.registry import EXPERIMENTS as REGISTERED
+from residual_trace.experiments.registry import experiment as registered
 from residual_trace.options import Options, no_type_check, option
 
 #: The experiments a report runs: every registered one that names the tables it reads.
@@ -46,15 +46,10 @@ EXPERIMENTS: tuple[str, ...] = tuple(e.name for e in REGISTERED if e.report_tabl
 #: ``head_name``, ``follow_index``, ``score``).
 TABLE_SCHEMA = 2
 Experiment = Literal["layers", "decompose", "perturb", "probe"]
-ExperimentOptions = LayersOptions | DecomposeOptions | PerturbOptions | ProbeOptions
 
 #: Which report key sets which option of a part (for error messages in the report's terms).
 _REPORT_KEYS = {
-    **{
-        (e, k): k
-        for e in ("layers", "decompose", "perturb", "probe")
-        for k in ("batch_size", "seed")
-    },
+    **{(e, k): k for e in EXPERIMENTS for k in ("batch_size", "seed")},
     ("perturb", "mode"): "perturb_mode",
     ("perturb", "samples"): "perturb_samples",
     ("probe", "norms"): "probe_norms",
@@ -125,28 +120,29 @@ class ReportOptions(Options):
                 raise self.fail(key, error.detail) from None
 
     # -- the parts' options -----------------------------------------------------------------
-    def options_for(self, experiment: str, n_blocks: int | None) -> ExperimentOptions:
-        """The options of one part (``n_blocks`` turns probe depths into layers)."""
+    def options_for(self, experiment: str, n_blocks: int | None) -> CommonOptions:
+        """The options of one part: the report's batch size and seed, and the report keys of
+        that experiment (``perturb_*``, ``probe_*``; ``n_blocks`` turns probe depths into
+        layers); every other option at the experiment's default."""
         shared: dict[str, Any] = {"batch_size": self.batch_size, "seed": self.seed, "quiet": True}
-        if experiment == "layers":
-            return LayersOptions(**shared)
-        if experiment == "decompose":
-            return DecomposeOptions(**shared)
+        own: dict[str, Any] = {}
         if experiment == "perturb":
-            return PerturbOptions(mode=self.perturb_mode, samples=self.perturb_samples, **shared)
-        layers = (
-            None
-            if n_blocks is None
-            else tuple(sorted({round(d * n_blocks) for d in self.probe_depths}))
-        )
-        return ProbeOptions(
-            norms=self.probe_norms,
-            mappers=self.probe_mappers,
-            folds=self.probe_folds,
-            max_concepts=self.probe_max_concepts,
-            layers=layers,
-            **shared,
-        )
+            own = {"mode": self.perturb_mode, "samples": self.perturb_samples}
+        elif experiment == "probe":
+            layers = (
+                None
+                if n_blocks is None
+                else tuple(sorted({round(d * n_blocks) for d in self.probe_depths}))
+            )
+            own = {
+                "norms": self.probe_norms,
+                "mappers": self.probe_mappers,
+                "folds": self.probe_folds,
+                "max_concepts": self.probe_max_concepts,
+                "layers": layers,
+            }
+        options: CommonOptions = registered(experiment).options(**shared, **own)
+        return options
 
     def inputs(self) -> Texts:
         """The texts argument of every part (before ``max_texts``)."""
