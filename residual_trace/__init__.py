@@ -28,6 +28,8 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from residual_trace._lazy import lazy_exports
+
 __version__ = "0.2.0"
 
 if TYPE_CHECKING:  # the names below are imported on first use: `import residual_trace` is cheap
@@ -68,6 +70,9 @@ _EXPORTS = {
 }
 
 
+_exported = lazy_exports(__name__, _EXPORTS)
+
+
 def _verbs() -> tuple[str, ...]:
     """The verbs' names (``layers``, ...), read from the registry (which imports nothing
     heavy)."""
@@ -79,11 +84,9 @@ def _verbs() -> tuple[str, ...]:
 def __getattr__(name: str) -> Any:
     if name == "__all__":  # `from residual_trace import *`, and readers of __all__
         return sorted([*_EXPORTS, *_verbs()])
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
     if name in _verbs():
         return getattr(importlib.import_module("residual_trace.api"), name)
-    raise AttributeError(f"module 'residual_trace' has no attribute {name!r}")
+    return _exported(name)
 
 
 def __dir__() -> list[str]:

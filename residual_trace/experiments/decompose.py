@@ -20,6 +20,7 @@ from residual_trace.experiments.options import (
     Texts,
     Warn,
     check_text_id,
+    include_special_option,
     python_warning,
     texts_argument,
 )
@@ -50,10 +51,7 @@ class DecomposeOptions(CorpusOptions):
     mixing_block: int | None = option(
         None, "Block drawn in mixing_heatmap (from 0; default: the middle block)."
     )
-    include_special: bool = option(
-        False,
-        "Keep [CLS]/[SEP]/BOS/EOS in the summaries and figures (always in the per-token tables).",
-    )
+    include_special: bool = include_special_option()
     vz_max_tokens: int = option(
         256,  # tracer.mixing.VZ_MAX_TOKENS (a test keeps them equal)
         "Value Zeroing re-runs each block's MLP once per (token, source) pair: texts longer "

@@ -47,13 +47,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, get_args
 
 import pandas as pd
-from tqdm.auto import tqdm
 
 from residual_trace import settings
 from residual_trace.errors import UserError
 from residual_trace.experiments import ray_guard
 from residual_trace.experiments.contract import ShardPart
 from residual_trace.experiments.options import Engine
+from residual_trace.progress import progress_bar
 
 if TYPE_CHECKING:
     from residual_trace.experiments.contract import Experiment
@@ -424,12 +424,11 @@ class _RayRun:
             )
             running[ref] = (index, actor)
 
-        with tqdm(
+        with progress_bar(
             total=len(self.encoded),
             desc=f"{self.experiment.name} {self.model.name} on {workers} Ray worker(s)",
             unit="text",
-            disable=not options.progress,
-            leave=False,
+            enabled=options.progress,
         ) as bar:
             for actor in actors:
                 if pending:

@@ -21,6 +21,7 @@ from residual_trace.experiments.options import (
     Texts,
     Warn,
     check_text_id,
+    include_special_option,
     python_warning,
     texts_argument,
 )
@@ -56,10 +57,7 @@ class LayersOptions(CorpusOptions):
         ".npz per text.",
     )
     heatmap_text: int = option(0, "text_id drawn in the drift_heatmap figure.")
-    include_special: bool = option(
-        False,
-        "Keep [CLS]/[SEP]/BOS/EOS in the summaries and figures (always in the per-token tables).",
-    )
+    include_special: bool = include_special_option()
     normed: bool = option(
         True, "Also measure after the model's own norm (the *_normed columns).", cli=False
     )

@@ -200,6 +200,14 @@ def device_map_option(cli: bool = True) -> Any:
     return option(None, "Split the model over the visible devices (accelerate).", cli=cli)
 
 
+def include_special_option() -> Any:
+    """The ``include_special`` option (the verbs whose summaries are over tokens)."""
+    return option(
+        False,
+        "Keep [CLS]/[SEP]/BOS/EOS in the summaries and figures (always in the per-token tables).",
+    )
+
+
 def figure_format_option(cli: bool = True) -> Any:
     """The ``figure_format`` option (every verb's ``--format``, and the report's parts)."""
     return option(DEFAULT_FIGURE_FORMAT, "Figure file format.", flag="--format", cli=cli)

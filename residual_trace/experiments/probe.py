@@ -239,7 +239,7 @@ def _embed(
     return vectors, samples, dropped
 
 
-def _advance(bar: tqdm) -> Callable[[int], None]:
+def _advance(bar: tqdm[Any]) -> Callable[[int], None]:
     def advance(fits: int) -> None:
         bar.update(fits)
 
@@ -317,9 +317,8 @@ def _probe_norms(
 ) -> tuple[list[pd.DataFrame], pd.DataFrame, int]:
     """One norm set's score rows at every layer, its ``concepts.csv`` rows, and the number
     of concepts probed."""
-    from tqdm.auto import tqdm
-
     from residual_trace.probes.evaluate import applicable_metrics, evaluate
+    from residual_trace.progress import progress_bar
 
     subset = norms.subset(embedded.samples[norms.name])
     index = {w: i for i, w in enumerate(embedded.vectors.words)}
@@ -330,12 +329,11 @@ def _probe_norms(
     concepts = _concept_rows(norms, set(subset.concepts), embedded.dropped)
     total = len(layers) * len(config.conditions) * config.folds * config.seeds
     frames = []
-    with tqdm(
+    with progress_bar(
         total=total * len(config.mappers),
         desc=f"probing {traced.name} -> {norms.name}",
         unit="fit",
-        disable=not config.progress,
-        leave=False,
+        enabled=config.progress,
     ) as bar:
         for layer in layers:
             random = embedded.random_vectors

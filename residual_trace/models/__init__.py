@@ -6,8 +6,9 @@ needs neither torch nor TransformerLens and a wrong name fails at once.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from residual_trace._lazy import lazy_exports
 
 if TYPE_CHECKING:
     from residual_trace.models.architectures import NORM_PLACEMENTS, ArchSpec, derive_spec
@@ -33,9 +34,4 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, {k: f"{__name__}.{v}" for k, v in _EXPORTS.items()})

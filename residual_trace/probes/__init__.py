@@ -10,8 +10,9 @@ loading numpy, scipy or pandas.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any, Literal, get_args
+from typing import Literal, get_args
+
+from residual_trace._lazy import lazy_exports
 
 #: A condition a probe score is read against (see :mod:`residual_trace.probes.controls`).
 Condition = Literal[
@@ -48,9 +49,4 @@ _EXPORTS = {
 __all__ = sorted(
     [*_EXPORTS, "CONDITIONS", "Condition", "EMBEDDINGS", "Embedding", "MAPPERS", "Mapper"]
 )
-
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'residual_trace.probes' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)

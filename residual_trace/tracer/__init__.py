@@ -11,8 +11,9 @@ The names below are imported on first use, so that reading a table of measures
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from residual_trace._lazy import lazy_exports
 
 if TYPE_CHECKING:
     from residual_trace.tracer.batching import (
@@ -40,9 +41,4 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'residual_trace.tracer' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from residual_trace.defaults import DEFAULT_BATCH_SIZE
 from residual_trace.models import TracedModel
+from residual_trace.progress import progress_bar
 from residual_trace.tracer.batching import EncodedText, iter_batches
 from residual_trace.tracer.decompose import decompose_batch, decompose_hooks
 from residual_trace.tracer.mixing import VZ_MAX_TOKENS, MixingStream
@@ -71,13 +71,12 @@ def iter_decompose_encoded(
         progress: show a progress bar on stderr.
     """
     names = decompose_hooks(model, per_head)
-    batches = tqdm(
+    batches = progress_bar(
         iter_batches(encoded, batch_size, model.pad_id),
         total=math.ceil(len(encoded) / batch_size),
         desc=f"decomposing {model.name}",
         unit="batch",
-        disable=not progress,
-        leave=False,
+        enabled=progress,
     )
     with torch.inference_mode():
         for batch in batches:

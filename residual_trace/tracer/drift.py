@@ -38,12 +38,12 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from residual_trace._typing import Bool, EmbeddingMatrix, Float, Int, Tensor
 from residual_trace.defaults import DEFAULT_BATCH_SIZE
 from residual_trace.errors import UserError
 from residual_trace.models import TracedModel
+from residual_trace.progress import progress_bar
 from residual_trace.tracer.batching import (
     TOKEN_KEYS,
     Batch,
@@ -245,13 +245,12 @@ def iter_drift_encoded(
         raise UserError(f"batch_size (--batch-size): must be at least 1, got {batch_size}")
     scorers = _scorers(model, normed)
     n_batches = math.ceil(len(encoded) / batch_size)
-    bar = tqdm(
+    bar = progress_bar(
         iter_batches(encoded, batch_size, model.pad_id),
         total=n_batches,
         desc=f"tracing {model.name}",
         unit="batch",
-        disable=not progress,
-        leave=False,
+        enabled=progress,
     )
     with torch.inference_mode():
         for batch in bar:

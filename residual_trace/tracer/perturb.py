@@ -29,7 +29,6 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from residual_trace._typing import Tensor
 from residual_trace.defaults import DEFAULT_BATCH_SIZE
@@ -38,6 +37,7 @@ from residual_trace.figures.perturb import AttentionExample
 from residual_trace.models import TracedModel
 from residual_trace.models.traced import BlockStream
 from residual_trace.naming import head_name
+from residual_trace.progress import progress_bar
 from residual_trace.tracer.alignment import (
     align_patterns,
     position_similarity,
@@ -585,12 +585,11 @@ def iter_perturb_encoded(
     per_group = max(1, batch_size - 1)
     with (
         torch.inference_mode(),
-        tqdm(
+        progress_bar(
             total=len(encoded),
             desc=f"perturbing {model.name} ({plan.mode})",
             unit="text",
-            disable=not progress,
-            leave=False,
+            enabled=progress,
         ) as bar,
     ):
         for batch in iter_batches(encoded, batch_size, model.pad_id):

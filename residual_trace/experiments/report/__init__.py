@@ -9,8 +9,9 @@ the parts' tables alone) and :mod:`.result` (:class:`ReportResult` and :func:`ru
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from residual_trace._lazy import lazy_exports
 
 if TYPE_CHECKING:
     from residual_trace.experiments.report.config import EXPERIMENTS, ReportOptions, slug
@@ -27,9 +28,4 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)
