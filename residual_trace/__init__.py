@@ -75,7 +75,8 @@ _exported = lazy_exports(__name__, _EXPORTS)
 
 def _verbs() -> tuple[str, ...]:
     """The verbs' names (``layers``, ...), read from the registry (which imports nothing
-    heavy)."""
+    heavy).
+    """
     from residual_trace.experiments.registry import VERB_NAMES
 
     return VERB_NAMES

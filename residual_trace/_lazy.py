@@ -19,7 +19,8 @@ __all__ = ["lazy_exports"]
 def lazy_exports(package: str, exports: Mapping[str, str]) -> Callable[[str], Any]:
     """A module-level ``__getattr__`` for ``package``: each name of ``exports`` is read from
     the module it maps to (a full dotted name, from a static table) when first asked for;
-    any other name is an :class:`AttributeError`, as for an ordinary module."""
+    any other name is an :class:`AttributeError`, as for an ordinary module.
+    """
 
     def __getattr__(name: str) -> Any:
         if name in exports:

@@ -32,7 +32,8 @@ INTERRUPT_KEPT = "residual_trace.interrupt_kept"
 
 def _one_line(message: str) -> str:
     """``message`` with every unprintable character (a newline, a tab or an escape the user
-    typed into a value the message quotes) written as its escape: one line, whatever."""
+    typed into a value the message quotes) written as its escape: one line, whatever.
+    """
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
 
 
@@ -44,7 +45,8 @@ class _UsageLine(click.ClickException):
 
 class _Group(click.Group):
     """Turns :class:`UserError`, usage errors (and stray exceptions) into one line and a
-    non-zero exit."""
+    non-zero exit.
+    """
 
     def make_context(
         self,
@@ -96,7 +98,8 @@ class _Group(click.Group):
 
 def _debug() -> bool:
     """``RESIDUAL_TRACE_DEBUG`` as :func:`residual_trace.settings.debug` reads it (a bad value,
-    refused up front by every verb, counts as off here)."""
+    refused up front by every verb, counts as off here).
+    """
     from residual_trace import settings
 
     try:
@@ -176,7 +179,8 @@ def _run(
     inputs: Texts,
 ) -> None:
     """Check the cheap things (--out, --text/--file) before anything heavy is imported, claim
-    --out, load the model (after the inputs are checked), call the API, save, report."""
+    --out, load the model (after the inputs are checked), call the API, save, report.
+    """
     from residual_trace.runs import check_out, claim_out
 
     out = output.out_path
@@ -249,7 +253,8 @@ def _fields(options_type: type[Options], raw: dict[str, Any]) -> dict[str, Any]:
 
 def _command(experiment: Experiment[Any, Any]) -> click.Command:
     """The ``trace`` command of ``experiment``: the model and text options, the output
-    options, then the experiment's own, all read from their options classes."""
+    options, then the experiment's own, all read from their options classes.
+    """
 
     def command(**raw: Any) -> None:
         model = ModelOptions(**_fields(ModelOptions, raw))

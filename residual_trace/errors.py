@@ -15,9 +15,11 @@ class UserError(Exception):
 class OptionError(UserError):
     """A :class:`UserError` about one option: ``option`` is its name (``batch_size``) and
     ``detail`` what is wrong with it, so that a caller that set the option under another
-    name (the report's ``perturb_samples``) can say so in its own words."""
+    name (the report's ``perturb_samples``) can say so in its own words.
+    """
 
     def __init__(self, message: str, option: str, detail: str) -> None:
+        """Keep the option's name and what was wrong with it beside the whole message."""
         super().__init__(message)
         self.option = option
         self.detail = detail

@@ -48,7 +48,8 @@ C = TypeVar("C")
 def no_type_check(cls: C) -> C:
     """Leave an options class to :func:`coerce`: the test suite's jaxtyping import hook skips
     classes decorated with a ``no_type_check`` (it matches the name), so that a wrong value
-    gets the same one-line :class:`UserError` under test as in use. Changes nothing else."""
+    gets the same one-line :class:`UserError` under test as in use. Changes nothing else.
+    """
     return cls
 
 
@@ -100,7 +101,8 @@ def flag_of(config_type: type, name: str) -> str:
 
 def label_of(config_type: type, name: str) -> str:
     """How messages name option ``name``: ``batch_size (--batch-size)``, or just the name for
-    an option the command line does not have."""
+    an option the command line does not have.
+    """
     for f in fields(config_type):
         if f.name == name and not f.metadata.get("cli", True):
             return name
@@ -230,7 +232,8 @@ def coerce(name: str, value: Any, annotation: Any, label: str | None = None) -> 
 class Options:
     """Base of every options dataclass: type checks in ``__post_init__``, ``to_dict`` and
     ``from_dict`` (which tolerates unknown keys, so saved ``run.json`` files stay loadable).
-    Subclasses validate values in ``validate()``."""
+    Subclasses validate values in ``validate()``.
+    """
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))

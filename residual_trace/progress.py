@@ -22,5 +22,6 @@ def progress_bar(
 ) -> tqdm[Any]:
     """A tqdm bar over ``iterable`` (or one to ``update`` by hand), ``total`` steps of
     ``unit``, cleared when it ends; ``enabled`` is the options' ``progress`` (off with
-    ``--quiet`` and when stderr is not a terminal)."""
+    ``--quiet`` and when stderr is not a terminal).
+    """
     return tqdm(iterable, total=total, desc=desc, unit=unit, disable=not enabled, leave=False)

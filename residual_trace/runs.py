@@ -53,6 +53,7 @@ _VERSIONED = (
 
 
 def package_versions() -> dict[str, str]:
+    """The versions of Python and of the packages whose numbers a run depends on."""
     versions = {"python": platform.python_version()}
     for name in _VERSIONED:
         try:
@@ -65,7 +66,8 @@ def package_versions() -> dict[str, str]:
 def default_out(model: str, root: Path = Path("runs"), skip: int = 0) -> Path:
     """``runs/<model>-<UTC timestamp>``, with the model name made path-safe; never an
     existing directory (a second run in the same second gets ``-2``, and so on), and past
-    the first ``skip`` free names (those another run has claimed)."""
+    the first ``skip`` free names (those another run has claimed).
+    """
     slug = "".join(c if c.isalnum() or c in "-_." else "-" for c in Path(model).name or model)
     stamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%d-%H%M%S")
     base = root / f"{slug.strip('-.') or 'model'}-{stamp}"
@@ -78,6 +80,7 @@ def default_out(model: str, root: Path = Path("runs"), skip: int = 0) -> Path:
 
 
 def texts_sha256(texts: Iterable[str]) -> str:
+    """SHA-256 of the texts, in order (what ``run.json`` records of the inputs)."""
     digest = hashlib.sha256()
     for text in texts:
         digest.update(text.encode("utf-8") + b"\n")
@@ -97,7 +100,8 @@ def written_by(folder: Path) -> str | None:
 def check_out(out: Path, command: str | None = None, overwrite: bool = False) -> None:
     """Fail early (before a model loads) when ``out`` cannot become ``command``'s output
     directory: not a directory, not writable, or already holding files (unless
-    ``overwrite``, and then only files an earlier run of the same command wrote)."""
+    ``overwrite``, and then only files an earlier run of the same command wrote).
+    """
     out = Path(out)
     if str(out) == "":
         raise UserError("--out: give a directory name")
@@ -121,7 +125,8 @@ def check_out(out: Path, command: str | None = None, overwrite: bool = False) ->
 
 def check_writable(folder: Path, out: Path | None = None) -> None:
     """Fail when the nearest existing directory at or above ``folder`` is not writable
-    (``out``: the ``--out`` named in the message, ``folder`` by default)."""
+    (``out``: the ``--out`` named in the message, ``folder`` by default).
+    """
     out = Path(folder) if out is None else Path(out)
     parent = Path(folder)
     while not parent.exists() and parent != parent.parent:
@@ -148,7 +153,8 @@ def _alive(pid: int) -> bool:
 
 def clean_stale(out: Path) -> None:
     """Remove the temporary siblings of ``out`` that a killed run (whose process is gone)
-    left behind: ``.<name>.tmp-<pid>-*`` and ``.<name>.old-<pid>-*``."""
+    left behind: ``.<name>.tmp-<pid>-*`` and ``.<name>.old-<pid>-*``.
+    """
     out = Path(out)
     if not out.parent.is_dir():
         return
@@ -184,6 +190,7 @@ class Claim:
     _held: ClassVar[dict[str, Claim]] = {}
 
     def __init__(self, out: Path, setting: str = "--out") -> None:
+        """Claim ``out`` (named in messages as ``setting``) against other runs."""
         self.out = Path(out)
         self.setting = setting
         self.lock = self.out.parent / f".{self.out.name}.lock"
@@ -211,7 +218,8 @@ class Claim:
     @staticmethod
     def holder(out: Path) -> int | None:
         """The pid of *another* process holding a claim on ``out`` (0 when unknown), or
-        ``None`` when no other process does."""
+        ``None`` when no other process does.
+        """
         out = Path(out)
         if _key(out) in Claim._held:
             return None
@@ -375,6 +383,7 @@ class RunDir:
         overwrite: bool = False,
         warn: Callable[[str], None] | None = None,
     ) -> None:
+        """Prepare a run directory for ``out`` (nothing is written until entered)."""
         self.out = Path(out)
         self.command = command
         self.overwrite = overwrite
@@ -478,6 +487,7 @@ class TableStream:
     """Append DataFrames to ``NAME.csv`` (header once) and, with pyarrow, ``NAME.parquet``."""
 
     def __init__(self, path: Path) -> None:
+        """Write to ``path`` (a ``.csv``; the ``.parquet`` beside it with pyarrow)."""
         self.path = path
         self.rows = 0
         self._parquet: Any = None
@@ -485,10 +495,12 @@ class TableStream:
 
     @property
     def files(self) -> list[str]:
+        """The names of the files written."""
         names = [self.path.name]
         return [*names, self.path.with_suffix(".parquet").name] if self._pyarrow else names
 
     def write(self, frame: pd.DataFrame) -> None:
+        """Append ``frame``."""
         frame.to_csv(self.path, mode="a", header=self.rows == 0, index=False)
         self.rows += len(frame)
         if self._pyarrow:
@@ -501,6 +513,7 @@ class TableStream:
             self._parquet.write_table(table)
 
     def close(self) -> None:
+        """Finish the Parquet file."""
         if self._parquet is not None:
             self._parquet.close()
             self._parquet = None
@@ -512,7 +525,8 @@ _NO_DATES = {"svg": {"Date": None}, "pdf": {"CreationDate": None}}
 
 def save_figure(figure: Figure, path: Path, figure_format: str) -> None:
     """Save ``figure`` to ``path``, byte for byte the same for the same figure: no creation
-    date (SVG, PDF) and SVG element ids from a fixed salt rather than a random one."""
+    date (SVG, PDF) and SVG element ids from a fixed salt rather than a random one.
+    """
     import matplotlib
 
     with matplotlib.rc_context({"svg.hashsalt": "residual-trace"}):
@@ -522,6 +536,7 @@ def save_figure(figure: Figure, path: Path, figure_format: str) -> None:
 
 
 def write_run_json(path: Path, record: dict[str, Any]) -> None:
+    """Write ``record`` with the time, argv and package versions as ``run.json``, atomically."""
     record = {
         "created_utc": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "argv": sys.argv,
@@ -533,7 +548,8 @@ def write_run_json(path: Path, record: dict[str, Any]) -> None:
 
 def write_atomic(path: Path, data: str | bytes) -> None:
     """Write ``path`` through a hidden temporary sibling renamed into place: a reader (or a
-    killed run) never sees a half-written file."""
+    killed run) never sees a half-written file.
+    """
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         if isinstance(data, bytes):

@@ -57,7 +57,8 @@ _FALSE = ("0", "false", "no", "off")
 
 def _shown(raw: str) -> str:
     """The value as typed, quoted and escaped (a tab or newline cannot break the line), cut
-    short if long."""
+    short if long.
+    """
     text = repr(raw[:40] + ("..." if len(raw) > 40 else ""))
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
@@ -70,7 +71,8 @@ def _raw(name: str) -> str | None:
 
 def memory_mb() -> int:
     """``RESIDUAL_TRACE_MEMORY_MB`` in MiB (default 512); a one-line :class:`UserError` naming
-    the variable, its value and what it must be otherwise."""
+    the variable, its value and what it must be otherwise.
+    """
     raw = _raw(MEMORY_MB)
     if raw is None:
         return DEFAULT_MEMORY_MB
@@ -108,7 +110,8 @@ def cache_location() -> str:
     """``RESIDUAL_TRACE_CACHE`` (else ``$XDG_CACHE_HOME/residual-trace``, else
     ``~/.cache/residual-trace``), checked by
     :func:`residual_trace.models.resolve.cache_dir`: a location that is, or lies under, a
-    file is a one-line :class:`UserError`."""
+    file is a one-line :class:`UserError`.
+    """
     from residual_trace.models.resolve import cache_dir  # standard library only
 
     return str(cache_dir())

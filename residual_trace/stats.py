@@ -24,7 +24,8 @@ def bootstrap_ci(
 ) -> tuple[float, float]:
     """Percentile bootstrap interval of the mean (NaNs dropped). Fewer than two values give
     ``(nan, nan)``: one value has no spread to resample, and ``[x, x]`` would claim
-    certainty."""
+    certainty.
+    """
     data = np.asarray(values, dtype=np.float64)
     data = data[~np.isnan(data)]
     if data.size < 2:

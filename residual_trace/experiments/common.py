@@ -42,7 +42,8 @@ def normalise_text(text: str) -> str:
 
 def read_texts(path: Path | str) -> list[str]:
     """One text per non-blank line of a UTF-8 file (a byte-order mark dropped; LF, CRLF and
-    CR all end a line), each through :func:`normalise_text`."""
+    CR all end a line), each through :func:`normalise_text`.
+    """
     try:
         content = Path(path).read_bytes().decode("utf-8-sig")
     except FileNotFoundError:
@@ -79,7 +80,8 @@ def load_inputs(texts: Texts, name: str = "texts") -> tuple[list[str], str]:
 
 def resolve_model(model: ModelArg, warn: Warn) -> TracedModel:
     """``model`` itself, the model a name resolves to (on the default device), or what a
-    loader returns."""
+    loader returns.
+    """
     check_environment()  # again, right before a model loads (the options checked it first)
     from residual_trace.models import TracedModel, load_model  # torch: only once it is needed
 
@@ -112,4 +114,5 @@ def model_record(model: TracedModel) -> dict[str, Any]:
 
 
 def inputs_record(texts: Sequence[str], source: str) -> dict[str, Any]:
+    """What ``run.json`` records of the inputs: where they came from, how many, their hash."""
     return {"source": source, "n_texts": len(texts), "texts_sha256": texts_sha256(texts)}

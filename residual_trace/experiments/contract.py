@@ -128,7 +128,7 @@ class Experiment(Generic[P, R]):
             and ``save()``).
         help: the command's help (first line: the summary ``trace --help`` lists).
         doc: the API function's docstring.
-        epilog: the command's examples (click's ``\\b`` paragraph).
+        epilog: the command's examples (a paragraph click keeps as written).
         inputs: ``"texts"`` or ``"model"``.
         texts_option: for ``inputs="model"``, the option ``--text``/``--file`` fill.
         shard_rows: the per-text work the engines shard (``None``: not sharded).
@@ -152,7 +152,8 @@ class Experiment(Generic[P, R]):
     @property
     def options_class(self) -> type[Options]:
         """``options`` as the class it is (``options`` is typed as its constructor, so that
-        the API function takes its keywords)."""
+        the API function takes its keywords).
+        """
         if not (isinstance(self.options, type) and issubclass(self.options, Options)):
             raise TypeError(f"experiment {self.name}: options must be an Options class")
         return self.options
@@ -237,7 +238,8 @@ def open_run(
     texts (a bad text fails before the model loads), resolve the model (its notes are
     collected), let ``check_model`` refuse options the model cannot meet (a block it does
     not have), seed torch, and encode the texts (truncation warnings collected as
-    ``warning: ...`` notes)."""
+    ``warning: ...`` notes).
+    """
     from residual_trace.tracer import prepare_texts  # torch: only once a run starts
 
     texts_list, source = load_inputs(texts)

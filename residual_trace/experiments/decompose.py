@@ -60,6 +60,7 @@ class DecomposeOptions(CorpusOptions):
     )
 
     def validate(self) -> None:
+        """Refuse a negative text id or block and a negative Value Zeroing limit."""
         super().validate()
         if self.mixing_text < 0:
             raise self.fail("mixing_text", f"must be a text id >= 0, got {self.mixing_text}")
@@ -69,6 +70,7 @@ class DecomposeOptions(CorpusOptions):
             raise self.fail("vz_max_tokens", f"must be 0 or more, got {self.vz_max_tokens}")
 
     def check_texts(self, texts: list[str]) -> None:
+        """Refuse a ``mixing_text`` that names no text (before any model loads)."""
         check_text_id("mixing_text", self.mixing_text, texts)
 
     def run(
@@ -81,16 +83,19 @@ class DecomposeOptions(CorpusOptions):
 @dataclass(repr=False)
 class DecomposeResult(Result):
     """Tables decompose, mixing, summary, cumulative, mixing_pairs (heads, head_summary);
-    figures sublayers, cumulative, mixing, mixing_heatmap (heads)."""
+    figures sublayers, cumulative, mixing, mixing_heatmap (heads).
+    """
 
     command = "decompose"
     mixing_block: int = 0
 
     @property
     def summary(self) -> pd.DataFrame:
+        """``tables["summary"]``: one row per block."""
         return self.tables["summary"]
 
     def figures(self) -> dict[str, Figure]:
+        """sublayers, cumulative, mixing, mixing_heatmap (and heads with ``per_head``)."""
         from residual_trace.figures.decompose import (
             cumulative_figure,
             heads_figure,
@@ -110,12 +115,14 @@ class DecomposeResult(Result):
         return figures
 
     def headline(self) -> str:
+        """The largest reconstruction error and AttnRes-N per block, on one line."""
         s = self.summary
         return f"max reconstruction error {s['max_recon_error'].max():.1e}; AttnRes-N " + " ".join(
             f"{v:.2f}" for v in s["mix_attnres_n"]
         )
 
     def describe(self) -> str:
+        """The per-block table ``trace decompose`` prints, with what its columns mean."""
         from residual_trace.stats import format_interval
         from residual_trace.tracer.mixing_measures import DISPLAYED
 
@@ -176,7 +183,8 @@ def shard_rows(
 ) -> ShardPart:
     """The per-token split and mixing rows of some texts, with the per-batch sums that
     :func:`pool_cumulative` pools (table ``pooled``) and, for the shard holding
-    ``mixing_text``, its per-pair map."""
+    ``mixing_text``, its per-pair map.
+    """
     import pandas as pd
 
     from residual_trace.tracer.decompose_batches import iter_decompose_encoded
@@ -223,7 +231,8 @@ def _note_sizes(
     traced: TracedModel, encoded: Sequence[EncodedText], options: DecomposeOptions, note: Warn
 ) -> None:
     """Warn, before the run, where the mixing text's map or Value Zeroing will be cut short
-    by the texts' lengths."""
+    by the texts' lengths.
+    """
     n_pair = len(encoded[options.mixing_text].ids)
     kept = pair_blocks(traced, n_pair, options)
     if len(kept) < traced.n_blocks:

@@ -97,6 +97,7 @@ class ModelRequest:
 
     @classmethod
     def of(cls, model: TracedModel) -> ModelRequest:
+        """What a worker needs to load ``model`` and check that it has the same weights."""
         return cls(
             name=model.resolved.name,
             dtype=str(model.dtype).removeprefix("torch."),
@@ -215,7 +216,8 @@ def _spool_parent() -> tuple[Path, str]:
     claimed (``.<out>.tmp-<pid>-spool-``, a temporary sibling that the next run into that
     ``--out`` removes once this process is gone), else (no output claimed yet: the API) in
     the system's temporary directory (``rt-ray-<pid>-spool-``, removed by the next Ray run
-    once this process is gone)."""
+    once this process is gone).
+    """
     from residual_trace.runs import Claim
 
     held = list(Claim._held)  # the claims this process holds, the latest last
@@ -327,7 +329,8 @@ class _RayRun:
 
     def _connect(self, ray: Any, spool: _Spool) -> tuple[bool, ray_guard.LocalRay | None]:
         """Join ``ray_address`` (or the running session, or start a local one); return
-        whether this call initialised Ray and, for a local Ray, its tie to this process."""
+        whether this call initialised Ray and, for a local Ray, its tie to this process.
+        """
         if ray.is_initialized():
             return False, None
         debug = settings.debug()
@@ -389,7 +392,8 @@ class _RayRun:
 
     def _actors(self, ray: Any, workers: int, threads: int | None, use_gpu: bool) -> list[Any]:
         """``workers`` Ray actors, each loading the driver's model once (restarted by Ray
-        up to ``MAX_RETRIES`` times if it dies)."""
+        up to ``MAX_RETRIES`` times if it dies).
+        """
         actor_type = ray.remote(
             num_cpus=1 if use_gpu else (threads if threads else 1),
             num_gpus=1 if use_gpu else 0,
@@ -475,7 +479,8 @@ class _RayRun:
 
 def _check_address(ray: Any, address: str, setting: str) -> str:
     """``address`` once it is known to lead to a Ray cluster, or a one-line error within
-    about ``2 * ray_guard.PROBE_TIMEOUT_S`` seconds saying why it does not."""
+    about ``2 * ray_guard.PROBE_TIMEOUT_S`` seconds saying why it does not.
+    """
     shown = repr(address)
     target = address
     if address == "auto":
@@ -502,7 +507,8 @@ def _check_address(ray: Any, address: str, setting: str) -> str:
 @contextlib.contextmanager
 def _quiet(debug: bool) -> Iterator[None]:
     """Ray's warnings and its C++ log lines (written to file descriptor 2 while it starts
-    or retries an address) off the terminal unless ``debug``; what it wrote is dropped."""
+    or retries an address) off the terminal unless ``debug``; what it wrote is dropped.
+    """
     if debug:
         yield
         return
@@ -526,7 +532,8 @@ def _quiet(debug: bool) -> Iterator[None]:
 @contextlib.contextmanager
 def _deferring_sigint() -> Iterator[None]:
     """Clean-up that a Ctrl-C must not interrupt: a SIGINT meanwhile is noted and raised as
-    ``KeyboardInterrupt`` after it (unless an exception is on its way out already)."""
+    ``KeyboardInterrupt`` after it (unless an exception is on its way out already).
+    """
     if threading.current_thread() is not threading.main_thread():
         yield
         return

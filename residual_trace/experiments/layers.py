@@ -63,6 +63,7 @@ class LayersOptions(CorpusOptions):
     )
 
     def validate(self) -> None:
+        """Refuse a negative ``heatmap_text``."""
         super().validate()
         if self.heatmap_text < 0:
             raise self.fail("heatmap_text", f"must be a text id >= 0, got {self.heatmap_text}")
@@ -81,17 +82,20 @@ class LayersOptions(CorpusOptions):
 @dataclass(repr=False)
 class LayersResult(Result):
     """Tables ``drift``, ``summary``, ``texts``; figures token_drift, drift_heatmap and
-    identifiable_share; ``attention`` holds the patterns when ``save_attention``."""
+    identifiable_share; ``attention`` holds the patterns when ``save_attention``.
+    """
 
     command = "layers"
     attention: dict[int, tuple[list[str], np.ndarray]] = field(default_factory=dict)
 
     @property
     def drift(self) -> pd.DataFrame:
+        """``tables["drift"]``: one row per text x position x layer."""
         return self.tables["drift"]
 
     @property
     def summary(self) -> pd.DataFrame:
+        """``tables["summary"]``: one row per layer."""
         return self.tables["summary"]
 
     @property
@@ -99,6 +103,7 @@ class LayersResult(Result):
         return ("", "_normed") if self.model.spec.reads_normalised else ("",)
 
     def figures(self) -> dict[str, Figure]:
+        """token_drift, drift_heatmap and identifiable_share."""
         from residual_trace.figures import (
             drift_heatmap_figure,
             identifiable_share_figure,
@@ -117,6 +122,7 @@ class LayersResult(Result):
         }
 
     def headline(self) -> str:
+        """``cos_input`` and the identifiable share at layer 0 and at the top, on one line."""
         s = self.summary
         if s.empty:
             return "no tokens"
@@ -128,6 +134,7 @@ class LayersResult(Result):
         )
 
     def describe(self) -> str:
+        """The per-layer summary ``trace layers`` prints, with what its columns mean."""
         from residual_trace.tracer import format_summary
 
         model = self.model

@@ -218,7 +218,8 @@ def figure_format_option(cli: bool = True) -> Any:
 class ModelOptions(Options):
     """Which model a command runs, where and in which precision (the command line's
     ``--model``, ``--device``, ``--dtype``, ``--device-map``; the API takes a model or its
-    name as its first argument and these as :func:`~residual_trace.load_model`'s)."""
+    name as its first argument and these as :func:`~residual_trace.load_model`'s).
+    """
 
     model: str = option(
         DEFAULT_MODEL,
@@ -234,7 +235,8 @@ class ModelOptions(Options):
 @dataclass(kw_only=True)
 class OutputOptions(Options):
     """Where a command writes (the command line's ``--out``, ``--overwrite``, ``--format``;
-    the API's ``result.save(out, figure_format=..., overwrite=...)``)."""
+    the API's ``result.save(out, figure_format=..., overwrite=...)``).
+    """
 
     out: str | None = option(
         None,
@@ -250,6 +252,7 @@ class OutputOptions(Options):
     figure_format: FigureFormat = figure_format_option()
 
     def validate(self) -> None:
+        """Refuse an empty ``--out``."""
         if self.out is not None and not self.out.strip():
             raise UserError("--out: give a directory name, not an empty string")
 
@@ -275,6 +278,7 @@ class CommonOptions(Options):
     )
 
     def validate(self) -> None:
+        """Check the environment settings, the batch size and the seed."""
         check_environment()  # every verb, before any work: see residual_trace.settings
         if self.batch_size < 1:
             raise self.fail("batch_size", f"must be at least 1, got {self.batch_size}")
@@ -288,9 +292,11 @@ class CommonOptions(Options):
 
     def check_texts(self, texts: list[str]) -> None:
         """Options that refer to the texts, checked before any model loads (a text id that
-        names no text): none here; each experiment adds its own."""
+        names no text): none here; each experiment adds its own.
+        """
 
     def seed_torch(self) -> None:
+        """Seed torch's generator with ``seed`` (the random choices of a run)."""
         import torch
 
         torch.manual_seed(self.seed)
@@ -327,6 +333,9 @@ class CorpusOptions(CommonOptions):
     )
 
     def validate(self) -> None:
+        """Check the length limit and that the Ray options go with ``engine="ray"`` (an address with
+        no Ray cluster behind it fails here, before any model loads).
+        """
         super().validate()
         if self.max_length is not None and self.max_length < 2:
             raise self.fail("max_length", f"must be at least 2, got {self.max_length}")

@@ -96,6 +96,7 @@ class PerturbOptions(CorpusOptions):
     )
 
     def validate(self) -> None:
+        """Check that the swap words, ``all_pairs``, ``samples`` and the heads fit the mode."""
         super().validate()
         if self.swap is not None:
             if self.mode != "swap":
@@ -126,6 +127,7 @@ class PerturbOptions(CorpusOptions):
         return 10 if self.samples is None else self.samples
 
     def check_texts(self, texts: list[str]) -> None:
+        """Refuse a ``show_text`` that names no text (before any model loads)."""
         check_text_id("show_text", self.show_text, texts)
 
     def run(
@@ -139,7 +141,8 @@ class PerturbOptions(CorpusOptions):
 class PerturbResult(Result):
     """Tables perturbations, resid, heads, summary (per block), resid_summary (per layer);
     figures index_heatmap, layers, structure (for modes that do not move tokens) and
-    attention (text ``show_text``)."""
+    attention (text ``show_text``).
+    """
 
     command = "perturb"
     n_perturbations: int = 0
@@ -149,11 +152,13 @@ class PerturbResult(Result):
 
     @property
     def mode(self) -> str:
+        """The perturbation mode of the run (``swap``, ``shuffle``, ...)."""
         options = self.options
         assert isinstance(options, PerturbOptions)
         return options.mode
 
     def figures(self) -> dict[str, Figure]:
+        """index_heatmap, layers, structure (modes that do not move tokens) and attention."""
         from residual_trace.figures.perturb import (
             attention_pairs_figure,
             index_heatmap_figure,
@@ -178,6 +183,7 @@ class PerturbResult(Result):
         return figures
 
     def headline(self) -> str:
+        """The number of perturbations and the heads' verdicts, on one line."""
         heads = self.tables["heads"]
         heads = heads[heads["perturbation"] == self.mode]
         counts = heads["verdict"].value_counts()
@@ -185,6 +191,7 @@ class PerturbResult(Result):
         return f"{self.n_perturbations} perturbations ({self.mode}); heads: {verdicts}"
 
     def describe(self) -> str:
+        """The per-block summary and the heads worth a look, as ``trace perturb`` prints them."""
         return describe(self)
 
 
@@ -201,7 +208,8 @@ def shard_rows(
     traced: TracedModel, encoded: Sequence[EncodedText], config: PerturbOptions
 ) -> ShardPart:
     """The per-perturbation rows of some texts (tables ``perturbations`` and ``resid``),
-    and the texts skipped and why."""
+    and the texts skipped and why.
+    """
     import pandas as pd
 
     from residual_trace.tracer.perturb import iter_perturb_encoded
@@ -240,7 +248,8 @@ def _refuse_or_note_skipped(
     config: PerturbOptions, n_texts: int, extra: _ShardFacts, note: Warn
 ) -> None:
     """Texts with nothing to perturb: an error when no text could be perturbed (or the one
-    text of ``swap`` words could not), else one warning naming them."""
+    text of ``swap`` words could not), else one warning naming them.
+    """
     skipped, reasons = extra.skipped, extra.reasons
     if config.swap is not None and n_texts == 1 and skipped:
         raise UserError(reasons[skipped[0]])
@@ -340,7 +349,8 @@ def run_perturb(
 
 def _default_heads(heads: pd.DataFrame, kind: str) -> list[tuple[int, int]]:
     """The most token-following and most position-following head (or, without an index,
-    the heads whose pattern survives best and worst), as ``(block, head)``."""
+    the heads whose pattern survives best and worst), as ``(block, head)``.
+    """
     import numpy as np
 
     from residual_trace.tracer.alignment_summary import MOVING
@@ -449,7 +459,8 @@ def _moving_lines(summary: pd.DataFrame, states: pd.DataFrame, heads: pd.DataFra
 
 def _in_place_lines(summary: pd.DataFrame, states: pd.DataFrame, kind: str) -> list[str]:
     """``describe``'s lines for the modes that change tokens in place (random-token,
-    embed-shuffle)."""
+    embed-shuffle).
+    """
     lines = [
         f"{'block':>5}  {'pattern kept':>22}  {'entropy (bits)':>15}  "
         f"{'prev-token mass':>15}  {'special mass':>13}"

@@ -1,6 +1,7 @@
 """``probe``: probes from type-level embeddings to feature norms, every control computed
 beside the score (the measures are :mod:`residual_trace.probes`'s; this module is glue, and
-imports nothing heavy until a run starts)."""
+imports nothing heavy until a run starts).
+"""
 
 from __future__ import annotations
 
@@ -116,6 +117,7 @@ class ProbeOptions(CommonOptions):
         super().__post_init__()
 
     def validate(self) -> None:
+        """Check the norms, mappers, conditions, folds, repeats, sample size and layers."""
         super().validate()
         if not self.norms:
             raise self.fail("norms", "give at least one norm set")
@@ -145,6 +147,7 @@ class ProbeOptions(CommonOptions):
             )
 
     def to_dict(self) -> dict[str, Any]:
+        """The options as ``run.json`` records them (a corpus given as texts: its size)."""
         data = super().to_dict()
         if isinstance(self.corpus, tuple):
             data["corpus"] = f"{len(self.corpus)} texts"
@@ -164,6 +167,7 @@ class ProbeResult(Result):
     layers: list[int] = field(default_factory=list)
 
     def figures(self) -> dict[str, Figure]:
+        """The figures: conditions (and layers, with more than one layer)."""
         from residual_trace.figures.probe import conditions_figure, layers_figure
 
         figures = {"conditions": conditions_figure(self.tables["summary"])}
@@ -172,11 +176,13 @@ class ProbeResult(Result):
         return figures
 
     def headline(self) -> str:
+        """How many probes beat their controls, on one line."""
         verdict = self.tables["verdicts"]
         beats = int(verdict["beats_controls"].sum())
         return f"system beats its controls in {beats} of {len(verdict)} probe(s)"
 
     def describe(self) -> str:
+        """The paper-style table and a verdict per line, as ``trace probe`` prints them."""
         return describe(self)
 
 
@@ -222,7 +228,8 @@ def _embed(
     notes: list[str],
 ) -> tuple[WordVectors, dict[str, list[str]], dict[str, str]]:
     """Embed only what is probed: sample first (a contextual corpus pass embeds every word
-    at once, so there the sample is drawn from the words that occur)."""
+    at once, so there the sample is drawn from the words that occur).
+    """
     from residual_trace.probes.embeddings import embed_words, representable
 
     pool = sorted({c for norms in all_norms for c in norms.concepts})
@@ -248,7 +255,8 @@ def _advance(bar: tqdm[Any]) -> Callable[[int], None]:
 
 def _norms_and_corpus(config: ProbeOptions, note: Warn) -> tuple[list[Norms], list[str], str]:
     """The norm sets (read first: a bad file fails before the model loads, and what reading
-    dropped by design is noted) and the corpus of ``embedding="contextual"``."""
+    dropped by design is noted) and the corpus of ``embedding="contextual"``.
+    """
     from residual_trace.probes.norms import load_norms
 
     all_norms = [load_norms(spec) for spec in config.norms]
@@ -280,7 +288,8 @@ def _concept_rows(norms: Norms, used: set[str], dropped: dict[str, str]) -> pd.D
 @dataclass
 class _Embedded:
     """What the probes of one model read: every concept's vectors (and the random-init
-    model's), the concepts sampled per norm set, and why the others were dropped."""
+    model's), the concepts sampled per norm set, and why the others were dropped.
+    """
 
     vectors: WordVectors
     random_vectors: WordVectors | None
@@ -316,7 +325,8 @@ def _probe_norms(
     note: Warn,
 ) -> tuple[list[pd.DataFrame], pd.DataFrame, int]:
     """One norm set's score rows at every layer, its ``concepts.csv`` rows, and the number
-    of concepts probed."""
+    of concepts probed.
+    """
     from residual_trace.probes.evaluate import applicable_metrics, evaluate
     from residual_trace.progress import progress_bar
 

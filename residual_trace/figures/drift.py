@@ -1,5 +1,6 @@
 """Token-drift figures: pure functions from a drift table (see :mod:`residual_trace.tracer`)
-to a matplotlib :class:`~matplotlib.figure.Figure`. No model, no pyplot state, no I/O."""
+to a matplotlib :class:`~matplotlib.figure.Figure`. No model, no pyplot state, no I/O.
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """Figures of ``trace perturb``: pure functions from its tables (and one text's patterns) to
-matplotlib figures. No model, no pyplot state, no I/O."""
+matplotlib figures. No model, no pyplot state, no I/O.
+"""
 
 from __future__ import annotations
 
@@ -36,7 +37,8 @@ class AttentionExample:
 
 def index_heatmap_figure(heads: pd.DataFrame, kind: str) -> Figure:
     """Block x head map of the token-following index (red: tokens, blue: positions); for
-    perturbations that do not move tokens, of how much of each pattern survives."""
+    perturbations that do not move tokens, of how much of each pattern survives.
+    """
     data = heads[heads["perturbation"] == kind]
     moving = kind in _MOVING
     column = "follow_index" if moving else "sim_position"
@@ -75,7 +77,8 @@ def index_heatmap_figure(heads: pd.DataFrame, kind: str) -> Figure:
 def layers_figure(summary: pd.DataFrame, resid_summary: pd.DataFrame, kind: str) -> Figure:
     """Per block: the attention measure with its 95% interval and the noise floor (left), and
     per residual layer, the residual stream's cosine to the same token vs the same position
-    (right)."""
+    (right).
+    """
     heads = summary[summary["perturbation"] == kind].sort_values("block")
     data = resid_summary[resid_summary["perturbation"] == kind].sort_values("layer")
     moving = kind in _MOVING
@@ -120,7 +123,8 @@ def layers_figure(summary: pd.DataFrame, resid_summary: pd.DataFrame, kind: str)
 
 def structure_figure(summary: pd.DataFrame, kind: str) -> Figure:
     """Per block, the structure measures of the original patterns and of the perturbed ones
-    (mean over heads): how structured attention still looks with meaningless tokens."""
+    (mean over heads): how structured attention still looks with meaningless tokens.
+    """
     data = summary[summary["perturbation"] == kind]
     measures = [
         ("entropy", "entropy (bits)"),
@@ -155,7 +159,8 @@ def attention_pairs_figure(
     """For each chosen head (block, head): the original pattern, the perturbed one, and,
     when tokens moved, the perturbed one re-ordered back into the original token order (a
     head that follows tokens looks like the original there; one that follows positions
-    looks like the original in the middle panel)."""
+    looks like the original in the middle panel).
+    """
     moved = list(example.permutation) != list(range(len(example.permutation)))
     columns = 3 if moved else 2
     n = len(example.tokens)

@@ -1,5 +1,6 @@
 """Figures of ``trace probe``: pure functions of its summary table (one row per model x norms
-x embedding x layer x mapper x metric x condition, with ``mean``, ``lo``, ``hi``)."""
+x embedding x layer x mapper x metric x condition, with ``mean``, ``lo``, ``hi``).
+"""
 
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ _METRIC = {
 
 def conditions_figure(summary: pd.DataFrame) -> Figure:
     """The paper's table as a picture: per norm set and metric, a bar per condition and mapper
-    with its 95% interval, at the deepest layer probed."""
+    with its 95% interval, at the deepest layer probed.
+    """
     layer = int(summary["layer"].max())
     data = summary[summary["layer"] == layer]
     panels = list(data.groupby(["norms", "metric"], sort=False))
@@ -69,7 +71,8 @@ def conditions_figure(summary: pd.DataFrame) -> Figure:
 
 def layers_figure(summary: pd.DataFrame) -> Figure:
     """Probe score per layer (the system line with its interval) over the control conditions
-    drawn as bands; one panel per norm set and metric, the first mapper."""
+    drawn as bands; one panel per norm set and metric, the first mapper.
+    """
     mapper = str(summary["mapper"].iloc[0])
     data = summary[summary["mapper"] == mapper]
     panels = list(data.groupby(["norms", "metric"], sort=False))

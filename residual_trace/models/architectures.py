@@ -107,7 +107,8 @@ class ArchSpec:
     @property
     def reads_normalised(self) -> bool:
         """Whether a norm sits between the residual stream and the sublayers that read it
-        (so a ``*_normed`` drift variant differs from the raw one)."""
+        (so a ``*_normed`` drift variant differs from the raw one).
+        """
         return self.reader_norm_template is not None
 
     @staticmethod
@@ -120,6 +121,7 @@ class ArchSpec:
         return f"blocks.{layer - 1}.hook_resid_post"
 
     def pattern_hook(self, block: int) -> str:
+        """The hook of block ``block``'s attention pattern ``[batch, head, query, key]``."""
         return self.attn_pattern.format(block=block)
 
     def delta_hooks(self, block: int) -> tuple[str, str]:
@@ -127,6 +129,7 @@ class ArchSpec:
         return self.attn_delta.format(block=block), self.mlp_delta.format(block=block)
 
     def raw_attn_hook(self, block: int) -> str:
+        """The hook of block ``block``'s raw attention output (before any norm after it)."""
         return self.attn_raw.format(block=block)
 
     def post_norm_modules(self, block: int) -> tuple[str, str] | None:
@@ -194,7 +197,8 @@ REQUIRED_HOOKS = {
 
 def _refuse_unsupported(bridge: Any, model_type: str) -> None:
     """Refuse, in one line, what cannot be traced at all: two residual streams, no blocks,
-    or a hook the decomposition needs that the bridge does not expose."""
+    or a hook the decomposition needs that the bridge does not expose.
+    """
     if getattr(bridge.original_model.config, "is_encoder_decoder", False):
         raise _refuse(model_type, "encoder-decoder models have two residual streams")
     if int(getattr(bridge.cfg, "n_layers", 0) or 0) < 1:
@@ -225,7 +229,8 @@ def _output_norm_spec(
 ) -> ArchSpec:
     """The spec of blocks whose sublayer outputs pass through their own norms (Gemma 2/3's
     sandwich, OLMo 2's output norms), once the probe shows each sublayer output is its
-    norm's output."""
+    norm's output.
+    """
     deltas = (("ln1_post", "blocks.0.hook_attn_out"), ("ln2_post", "blocks.0.hook_mlp_out"))
     for norm, delta in deltas:
         out = got.get(f"blocks.0.{norm}.hook_out")
@@ -301,7 +306,8 @@ def derive_spec(bridge: Any, probe: Probe, dtype: torch.dtype) -> ArchSpec:
 
 def _embed_scale(bridge: Any, got: dict[str, Tensor]) -> float:
     """The factor between the token-embedding module's output and the embedding matrix's
-    rows (sqrt(d_model) for Gemma); 1 when the output is not a multiple of the rows."""
+    rows (sqrt(d_model) for Gemma); 1 when the output is not a multiple of the rows.
+    """
     embedded = got.get("embed.hook_out")
     ids = got.get("__ids__")
     if embedded is None or ids is None:

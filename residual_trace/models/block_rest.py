@@ -56,6 +56,7 @@ class BlockRest:
     """
 
     def __init__(self, model: TracedModel, block: int) -> None:
+        """What follows block ``block``'s attention output, read from the model's spec."""
         self.model, self.block = model, block
         spec = model.spec
         self.placement = "parallel" if spec.parallel else spec.norm_placement
@@ -86,6 +87,7 @@ class BlockRest:
         o: Float[Tensor, "rows d_model"],
         mlp_out: Float[Tensor, "rows d_model"] | None = None,
     ) -> Float[Tensor, "rows d_model"]:
+        """The block's output from its attention output ``x`` (and what else it reads)."""
         if self.placement == "parallel":
             assert mlp_out is not None, "parallel blocks need the MLP's captured output"
             return x + o + mlp_out
@@ -115,6 +117,7 @@ class BlockRest:
 
     def check(self, recomputed: Tensor, actual: Tensor, tolerance: float) -> float | None:
         """The relative error of ``recomputed`` against the block's real output, or ``None``
-        when it is within ``tolerance``."""
+        when it is within ``tolerance``.
+        """
         error = float((recomputed - actual).norm() / actual.norm().clamp_min(1e-12))
         return None if error <= tolerance else error

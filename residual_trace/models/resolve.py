@@ -69,7 +69,8 @@ def cache_setting() -> str:
 
 def cache_dir() -> Path:
     """Where converted models and cached embeddings are kept: ``$RESIDUAL_TRACE_CACHE`` or
-    the user cache. A location that exists and is not a directory is refused in one line."""
+    the user cache. A location that exists and is not a directory is refused in one line.
+    """
     env = os.environ.get("RESIDUAL_TRACE_CACHE")
     if env:
         path = Path(env).expanduser()
@@ -162,7 +163,8 @@ def _quiet_transformers() -> Iterator[None]:
 @contextmanager
 def _gguf_bar(shown: bool) -> Iterator[None]:
     """The GGUF reader's own progress bar on terminals only (its module's ``tqdm``, read
-    when the module was imported, is swapped for a disabled one meanwhile)."""
+    when the module was imported, is swapped for a disabled one meanwhile).
+    """
     if shown:
         yield
         return

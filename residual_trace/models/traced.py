@@ -140,6 +140,7 @@ class TracedModel:
         dtype: torch.dtype = torch.float32,
         device_map: str | None = None,
     ) -> None:
+        """Wrap a booted bridge; use :func:`load_model` rather than this."""
         self.bridge = bridge
         self.resolved = resolved
         self.name = resolved.name
@@ -189,7 +190,8 @@ class TracedModel:
         """The tokenizer's unknown-token id, unless it also frames texts (added around
         them or prepended), pads or masks them (tokenizers name it BOS/EOS loosely), or the
         tokenizer never emits it (byte-level BPE reads any text: its "unknown" token is a
-        document separator, a structural token)."""
+        document separator, a structural token).
+        """
         unk = self.tokenizer.unk_token_id
         if unk is None:
             return None
@@ -231,7 +233,8 @@ class TracedModel:
     def token_offsets(self, text: str, ids: Sequence[int]) -> list[tuple[int, int] | None]:
         """The character span in ``text`` of each token of ``ids`` (``model.encode(text)``,
         possibly truncated); ``None`` for special and prepended tokens. Needs a fast
-        tokenizer (one with an offset mapping)."""
+        tokenizer (one with an offset mapping).
+        """
         if not getattr(self.tokenizer, "is_fast", False):
             raise UserError(
                 f"model '{self.name}': its tokenizer has no character offsets (not a fast "
@@ -264,12 +267,14 @@ class TracedModel:
         return [self.unk_id is not None and int(i) == self.unk_id for i in ids]
 
     def token_strings(self, ids: Sequence[int]) -> list[str]:
+        """The tokenizer's strings of ``ids`` (with its markers, e.g. ``Ġ``)."""
         return [str(t) for t in self.tokenizer.convert_ids_to_tokens(list(ids))]
 
     # -- norms ----------------------------------------------------------------------------
     def norm_affine(self, path: str) -> NormAffine:
         """The norm module at bridge path ``path`` as gain, bias and centring, measured by
-        calling the module on inputs whose mean and scale are known (cached)."""
+        calling the module on inputs whose mean and scale are known (cached).
+        """
         if path not in self._affines:
             module = self.bridge.get_submodule(path)
             inner = getattr(module, "_original_component", module)
@@ -309,7 +314,8 @@ class TracedModel:
 
     def reader_norm(self, layer: int) -> NormAffine | None:
         """The norm that reads residual layer ``layer`` (its effective gain, bias and whether
-        it centres), or ``None`` when no norm reads it."""
+        it centres), or ``None`` when no norm reads it.
+        """
         path = self.spec.reader_norm(layer, self.n_blocks)
         return None if path is None else self.norm_affine(path)
 
@@ -317,7 +323,8 @@ class TracedModel:
         self, block: int
     ) -> tuple[Float[Tensor, "head_index d_head d_model"], Float[Tensor, " d_model"] | None]:
         """``(W_O, b_O)`` of block ``block``'s attention: head outputs z_h @ W_O[h] sum (+ b_O)
-        to the attention sublayer's output."""
+        to the attention sublayer's output.
+        """
         attention = self.bridge.blocks[block].attn
         bias = attention.b_O
         return (
@@ -387,7 +394,8 @@ class TracedModel:
     @contextlib.contextmanager
     def hooks_paused(self) -> Iterator[None]:
         """Ignore :meth:`run_hooks`'s hooks while a stream re-runs the model's own modules
-        (see :class:`~residual_trace.models.block_rest.BlockRest`) inside a forward pass."""
+        (see :class:`~residual_trace.models.block_rest.BlockRest`) inside a forward pass.
+        """
         before, self._hooks_paused = self._hooks_paused, True
         try:
             yield
@@ -475,7 +483,8 @@ def load_model(
 def _loading_reports() -> Iterator[list[tuple[str, list[str]]]]:
     """What is wrong with the weights of each model Hugging Face's loader loads, from its
     own report of missing, unexpected and mismatched weights (:func:`_weight_problems`,
-    read as the loader reports, before the bridge wraps the modules)."""
+    read as the loader reports, before the bridge wraps the modules).
+    """
     import transformers.modeling_utils as modeling
 
     reports: list[tuple[str, list[str]]] = []
@@ -501,7 +510,8 @@ def _weight_problems(model: Any, info: Any) -> list[tuple[str, list[str]]]:
     missing weight of the transformer body (embeddings, blocks, norms) would be random, and
     an unexpected one means the config and the weights disagree (more layers, another
     layout). A missing task head (BERT's MLM head on a sentence-transformers checkpoint) and
-    an unused pooler or classifier are harmless: no measure reads them."""
+    an unused pooler or classifier are harmless: no measure reads them.
+    """
     if info is None:
         return []
     base = getattr(model, "base_model", model)
@@ -530,7 +540,8 @@ def _weight_problems(model: Any, info: Any) -> list[tuple[str, list[str]]]:
 def random_init_copy(model: TracedModel, seed: int) -> TracedModel:
     """The same architecture and tokenizer with seeded random weights (Hugging Face's own
     initialisation): the ``random-init`` control of the probes. The global torch RNG is left
-    as it was."""
+    as it was.
+    """
     from transformer_lens.model_bridge import TransformerBridge
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 

@@ -99,7 +99,8 @@ def within_category_permutation(
     categories: Sequence[str | None], rng: np.random.Generator
 ) -> np.ndarray:
     """A permutation that exchanges concepts only with others of the same category
-    (concepts without a category, or alone in theirs, stay)."""
+    (concepts without a category, or alone in theirs, stay).
+    """
     order = np.arange(len(categories))
     groups: dict[str, list[int]] = {}
     for i, category in enumerate(categories):
@@ -120,7 +121,8 @@ def condition_data(
     random_init: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray] | None:
     """(inputs, targets) of one condition, or ``None`` where it does not apply (no
-    categories for ``taxonomic``, no random-initialised embeddings for ``random-init``)."""
+    categories for ``taxonomic``, no random-initialised embeddings for ``random-init``).
+    """
     n = len(norms)
     if condition == "system":
         return embeddings, norms

@@ -77,7 +77,7 @@ def _score(
 
 
 def folds_of(n: int, k: int, seed: int) -> list[np.ndarray]:
-    """k nearly equal test folds of a seeded permutation of ``range(n)``."""
+    """K nearly equal test folds of a seeded permutation of ``range(n)``."""
     if k < 2 or k > n:
         raise ValueError(f"need 2 <= folds <= concepts, got {k} folds for {n} concepts")
     return np.array_split(np.random.default_rng(seed).permutation(n), k)
@@ -95,7 +95,8 @@ def evaluate(
     progress: Callable[[int], None] | None = None,
 ) -> pd.DataFrame:
     """Scores per condition x mapper x seed x fold x metric (mean over the fold's test
-    concepts, ``n_test`` of them defined) with the capacity each fit chose (``size``)."""
+    concepts, ``n_test`` of them defined) with the capacity each fit chose (``size``).
+    """
     metrics = list(metrics or applicable_metrics(norms)[0])
     categories = [norms.categories.get(c) for c in norms.concepts] if norms.categories else None
     rows = []
@@ -134,7 +135,8 @@ def evaluate(
 
 def summarise(scores: pd.DataFrame, keys: Sequence[str] = ()) -> pd.DataFrame:
     """Mean over folds and seeds with a 95% t-interval, per ``keys`` x condition x mapper x
-    metric: columns ``score`` (the mean), ``score_lo``, ``score_hi``, ``n_folds``."""
+    metric: columns ``score`` (the mean), ``score_lo``, ``score_hi``, ``n_folds``.
+    """
     group = [*keys, "condition", "mapper", "metric"]
     out = []
     for key, part in scores.groupby(group, sort=False):
@@ -151,7 +153,8 @@ def summarise(scores: pd.DataFrame, keys: Sequence[str] = ()) -> pd.DataFrame:
 def verdicts(summary: pd.DataFrame, keys: Sequence[str] = ()) -> pd.DataFrame:
     """Per ``keys`` x mapper x metric: does ``system`` beat ``shuffled`` and ``nonsense`` by more
     than the intervals (its lower bound above both upper bounds), and how far is it from
-    ``upper`` (``gap_to_upper`` = upper - system; ``share_of_upper`` = system / upper)."""
+    ``upper`` (``gap_to_upper`` = upper - system; ``share_of_upper`` = system / upper).
+    """
     out = []
     for key, part in summary.groupby([*keys, "mapper", "metric"], sort=False):
         by = part.set_index("condition")

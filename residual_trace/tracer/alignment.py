@@ -95,7 +95,8 @@ class Alignment:
 
 def _allowed(permutation: Int[Tensor, " n"], causal: bool) -> Bool[Tensor, "n n"]:
     """Which (target, source) pairs both readings can attend to: all of them, or for a
-    causal model the pairs whose source precedes the target in both orders."""
+    causal model the pairs whose source precedes the target in both orders.
+    """
     n = permutation.shape[0]
     if not causal:
         return torch.ones(n, n, dtype=torch.bool, device=permutation.device)
@@ -184,7 +185,8 @@ def position_similarity(
 ) -> Float[Tensor, " head_index"]:
     """Mean similarity (1 - JS distance) of the two patterns over the chosen query ``rows``
     at the same positions: how much of a head's pattern survives when the tokens change
-    (random tokens, shuffled embeddings) while the positions stay. NaN without rows."""
+    (random tokens, shuffled embeddings) while the positions stay. NaN without rows.
+    """
     if not bool(rows.any()):
         return torch.full((original.shape[0],), float("nan"))
     return js_similarity(original[:, rows], perturbed[:, rows]).mean(-1)

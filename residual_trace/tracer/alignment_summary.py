@@ -162,7 +162,8 @@ def block_summary(
 def resid_summary(resid: pd.DataFrame, seed: int = DEFAULT_SEED) -> pd.DataFrame:
     """One row per perturbation kind x residual layer (0..L): ``cos_token`` and
     ``cos_position`` (mean cosine of the perturbed states to the original ones, aligned by
-    token and by position), each with its 95% interval over texts."""
+    token and by position), each with its 95% interval over texts.
+    """
     out = []
     for kind in resid["perturbation"].unique():
         states = resid[resid["perturbation"] == kind]
@@ -178,7 +179,8 @@ def resid_summary(resid: pd.DataFrame, seed: int = DEFAULT_SEED) -> pd.DataFrame
 
 def _mean_interval(frame: pd.DataFrame, column: str, clusters: str, seed: int) -> dict[str, float]:
     """Mean of ``column`` and the 95% bootstrap interval over ``clusters`` of their means
-    (NaN with fewer than two clusters)."""
+    (NaN with fewer than two clusters).
+    """
     values = frame[[clusters, column]].dropna()
     per_cluster = values.groupby(clusters)[column].mean().to_numpy()
     mean = float(values[column].mean()) if len(values) else float("nan")

@@ -40,7 +40,8 @@ BLOCK_TOKEN_KEYS = (
 @dataclass(frozen=True)
 class EncodedText:
     """One text's token ids (special tokens included), whether it was truncated, and the text
-    itself (for finding words in it; empty where the ids were built, not encoded)."""
+    itself (for finding words in it; empty where the ids were built, not encoded).
+    """
 
     text_id: int
     ids: tuple[int, ...]
@@ -100,7 +101,8 @@ def _report_unknown(
     model: TracedModel, encoded: Sequence[EncodedText], warn: Callable[[str], None]
 ) -> None:
     """One warning counting [UNK] tokens (flagged ``is_unk`` in every table), and one naming
-    the texts with nothing but [UNK] (no token there traces back to what was written)."""
+    the texts with nothing but [UNK] (no token there traces back to what was written).
+    """
     if model.unk_id is None:
         return
     counts = [sum(model.is_unk(item.ids)) for item in encoded]
@@ -130,7 +132,8 @@ def _report_typed_specials(
 ) -> None:
     """One warning naming the special-token strings typed inside texts (``[SEP]``,
     ``[MASK]``, ``<s>``) that the tokenizer turned into its special tokens: what is measured
-    there is the special token, not the characters typed."""
+    there is the special token, not the characters typed.
+    """
     tokenizer = model.tokenizer
     strings = {
         str(token): tokenizer.convert_tokens_to_ids(str(token))

@@ -52,7 +52,8 @@ RECONSTRUCTION_TOLERANCE = 1e-4
 def reconstruction_tolerance(dtype: torch.dtype) -> float:
     """The tolerance for a model run in ``dtype``: 1e-4 for float32 and wider; for half
     precision, 4 machine epsilons (every hook tensor is rounded to the dtype once, and a
-    block sums a handful of them): 0.031 for bfloat16, 0.0039 for float16."""
+    block sums a handful of them): 0.031 for bfloat16, 0.0039 for float16.
+    """
     return max(RECONSTRUCTION_TOLERANCE, 4 * torch.finfo(dtype).eps)
 
 
@@ -106,6 +107,7 @@ class BlockParts:
     bias: Float[Tensor, "batch pos d_model"]
 
     def total(self) -> Tensor:
+        """The sum of the parts (equal to the block output, to rounding)."""
         return self.resid + self.attn + self.mlp + self.bias
 
 
@@ -212,6 +214,7 @@ def _attn_output_norm(model: TracedModel, block: int, store: dict[str, Tensor]) 
 
 
 def decompose_hooks(model: TracedModel, per_head: bool = False) -> list[str]:
+    """The hooks :func:`decompose_batch` reads (with the per-head ones for ``per_head``)."""
     names = [model.spec.resid_hook(k) for k in range(model.n_blocks + 1)]
     for block in range(model.n_blocks):
         names += model.spec.delta_hooks(block)
@@ -247,7 +250,8 @@ HEAD_COLUMNS = (
 @dataclass
 class BatchDecomposition:
     """One batch's local table, its cumulative sums (to be pooled over batches) and, with
-    ``per_head``, the per-head table."""
+    ``per_head``, the per-head table.
+    """
 
     local: pd.DataFrame
     cumulative: pd.DataFrame
@@ -257,7 +261,8 @@ class BatchDecomposition:
 @dataclass(frozen=True)
 class HeadParts:
     """Each head's output (z_h @ W_O[h]) and the output bias, raw and carried like the
-    attention part (identical for pre-LN models)."""
+    attention part (identical for pre-LN models).
+    """
 
     raw: Float[Tensor, "batch pos head_index d_model"]
     raw_bias: Float[Tensor, "batch pos d_model"]
@@ -307,7 +312,8 @@ def split_heads(
 @dataclass(frozen=True)
 class _Tokens:
     """What every block of one batch is measured against: the real (unpadded) tokens, their
-    unit input-token directions, which are special, and the reconstruction tolerance."""
+    unit input-token directions, which are special, and the reconstruction tolerance.
+    """
 
     valid: Tensor
     ids: Tensor
@@ -367,7 +373,8 @@ def _head_values(
     x_and_a: tuple[Tensor, Tensor],
 ) -> tuple[Tensor, Tensor]:
     """``(head_norm_rel, proj_head)`` of one block's heads, ``[n, head + 1]`` over the
-    real tokens; the output bias b_O, attributed to no head, is the last column (head -1)."""
+    real tokens; the output bias b_O, attributed to no head, is the last column (head -1).
+    """
     x, a = x_and_a
     valid = tokens.valid
     z = store[model.spec.attn_z.format(block=block)]

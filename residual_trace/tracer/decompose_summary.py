@@ -1,5 +1,6 @@
 """Per-block summaries of the decomposition tables: what ``summary.csv`` and
-``head_summary.csv`` of ``decompose`` hold, and what its figures draw."""
+``head_summary.csv`` of ``decompose`` hold, and what its figures draw.
+"""
 
 from __future__ import annotations
 
@@ -83,7 +84,8 @@ def head_summary(
     """One row per block x head of the per-head table: ``head_name`` (``L{block}H{head}``,
     ``L{block}b_O`` for the output bias), ``n_tokens``, mean ``head_norm_rel`` and
     ``proj_head`` (the head's signed effect on the input-token projection) with its 95%
-    bootstrap interval."""
+    bootstrap interval.
+    """
     rows = _tokens(heads, include_special)
     out = []
     for (block, head), group in rows.groupby(["block", "head"], sort=True):

@@ -83,7 +83,8 @@ def _attnresln_n(
     context: Tensor, own: Tensor, residual: Tensor, norm: TermNorm, residual_normed: bool
 ) -> Tensor:
     """AttnResLn-N: context and self term carried through the norm (the residual too when
-    it passes through it; else added after it)."""
+    it passes through it; else added after it).
+    """
 
     def carry(x: Tensor) -> Tensor:
         centred = x - x.mean(-1, keepdim=True) if norm.centres else x
@@ -121,8 +122,8 @@ def norm_mixing(
         pattern: attention weights per head, rows = targets i, columns = sources j.
         head_values: f_h(x_j) for every source j and head h.
         residual: what the attention output is added to at each target (the block input).
-        ln_gamma, ln_scale: gain and per-target divisor of the norm the attention output
-            passes through; ``None`` for pre-norm blocks.
+        ln_gamma: gain of the norm the attention output passes through (``None``: pre-norm).
+        ln_scale: that norm's per-target divisor (``None`` for pre-norm blocks).
         centres: LayerNorm (True) or RMSNorm (False).
         residual_normed: whether the residual passes through that norm too (post-LN).
         pairs: also compute the per-pair map (n x n x d_model work, chunked over targets).
@@ -163,7 +164,8 @@ def _pair_map(
     residual_normed: bool,
 ) -> Tensor:
     """|t_ij| for every target i and source j (residual on the diagonal, through the norm
-    after the attention sum where there is one)."""
+    after the attention sum where there is one).
+    """
     return torch.cat(
         [
             terms.norm(dim=-1)
@@ -185,7 +187,8 @@ def _carried_terms(
     """``(rows, terms)`` chunk by chunk of targets: terms ``[rows, n, d_model]`` are
     v_ij = a_ij + [i = j] x_i carried through the norm after the attention sum (the residual
     joins before it when ``residual_normed``, after it otherwise), or v_ij itself without
-    such a norm. Chunked so that the n x n x d_model terms stay within the memory budget."""
+    such a norm. Chunked so that the n x n x d_model terms stay within the memory budget.
+    """
     n = pattern.shape[-1]
     size = items_per_chunk(n * head_values.shape[-1] * 4, temporaries=temporaries)
     for rows in chunks(n, size):
@@ -207,7 +210,8 @@ def _carried_terms(
 @dataclass(frozen=True)
 class TermNorm:
     """A norm that a block's terms pass through, as the affine map of its fixed divisor:
-    ``gain * c(v) / scale + bias`` (``c`` centring for LayerNorm)."""
+    ``gain * c(v) / scale + bias`` (``c`` centring for LayerNorm).
+    """
 
     gain: Float[Tensor, " d_model"]
     bias: Float[Tensor, " d_model"]
@@ -341,7 +345,8 @@ def _cosine_distance(a: Tensor, b: Tensor) -> Tensor:
 def rollout_product(previous: Tensor, layer: Tensor) -> Tensor:
     """``layer @ previous`` in float64, divided by its largest entry: a raw product of
     matrices (GlobEnc's norms) would overflow over many layers, and a global factor leaves
-    every row's shares unchanged."""
+    every row's shares unchanged.
+    """
     product = layer.double() @ previous.double()
     return product / product.abs().max().clamp_min(1e-300)
 
@@ -410,7 +415,8 @@ def mixing_hooks(model: TracedModel) -> list[str]:
 
 def _attention_norm(model: TracedModel, block: int) -> tuple[str, bool] | None:
     """The norm the attention output passes through before joining the stream, and whether
-    the residual passes through it too (post-LN) or not (a norm on the sublayer output)."""
+    the residual passes through it too (post-LN) or not (a norm on the sublayer output).
+    """
     paths = model.spec.post_norm_modules(block)
     if paths is not None:
         return paths[0], True
@@ -420,7 +426,8 @@ def _attention_norm(model: TracedModel, block: int) -> tuple[str, bool] | None:
 
 def _second_norm(model: TracedModel, block: int) -> str | None:
     """The norm after the MLP's residual sum (post-LN's LN2), which GlobEnc carries every
-    term through; ``None`` where the stream is not normalised after the MLP."""
+    term through; ``None`` where the stream is not normalised after the MLP.
+    """
     paths = model.spec.post_norm_modules(block)
     return None if paths is None else paths[1]
 
@@ -430,7 +437,8 @@ class _BlockTensors:
     """One block's hook tensors of a padded batch, as :class:`MixingStream` reads them:
     patterns ``[batch, head, pos, pos]``, values ``[batch, pos, kv_head, d_head]``, the
     block input ``[batch, pos, d_model]`` and the divisors of its norms ``[batch, pos, 1]``
-    (``None`` where the block has no such norm)."""
+    (``None`` where the block has no such norm).
+    """
 
     pattern: Tensor
     values: Tensor
@@ -442,7 +450,8 @@ class _BlockTensors:
 class MixingStream:
     """Mixing rows of one batch, computed block by block (a :class:`BlockStream`): inside
     the forward pass with :meth:`TracedModel.run_hooks`, so that one block's attention
-    patterns are all that is held, or from a full store with :func:`mixing_batch`."""
+    patterns are all that is held, or from a full store with :func:`mixing_batch`.
+    """
 
     def __init__(
         self,
@@ -454,7 +463,8 @@ class MixingStream:
     ) -> None:
         """``pair_text``: the text whose per-pair map is kept, at the blocks in
         ``pair_blocks`` (every block when ``None``); Value Zeroing runs on texts of at most
-        ``vz_max_tokens`` tokens (NaN beyond)."""
+        ``vz_max_tokens`` tokens (NaN beyond).
+        """
         self.model, self.batch, self.pair_text = model, batch, pair_text
         self.pair_blocks = pair_blocks
         self.vz_max_tokens = vz_max_tokens
@@ -488,9 +498,11 @@ class MixingStream:
         self.shape = tuple(batch.ids.shape)
 
     def names(self, block: int) -> list[str]:
+        """The hooks block ``block``'s mixing measures read."""
         return block_mixing_hooks(self.model, block)
 
     def reduce(self, block: int, tensors: dict[str, Tensor]) -> None:
+        """Every mixing measure of every text of the batch at ``block``."""
         norm, second = self.norms[block], self.seconds[block]
         inputs = _BlockTensors(
             pattern=tensors[self.model.spec.pattern_hook(block)],
@@ -511,7 +523,8 @@ class MixingStream:
         self, block: int, row: int, n: int, inputs: _BlockTensors
     ) -> tuple[TermNorm | None, TermNorm | None]:
         """The norms text ``row``'s terms pass through at ``block``: after attention, and
-        after the whole block (each ``None`` where the block has none)."""
+        after the whole block (each ``None`` where the block has none).
+        """
         affine, second_affine = self.affines[block], self.second_affines[block]
         attention_norm = second_norm = None
         if affine is not None and inputs.scale is not None:
@@ -621,7 +634,8 @@ class MixingStream:
         values: Tensor,
     ) -> Tensor | None:
         """Value Zeroing of text ``row`` at ``block`` (``None`` beyond ``vz_max_tokens``),
-        after checking that the recomputed block output is the model's own."""
+        after checking that the recomputed block output is the model's own.
+        """
         if n > self.vz_max_tokens:
             return None
         spec, rest = self.model.spec, self.rests[block]

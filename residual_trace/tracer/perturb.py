@@ -83,15 +83,24 @@ class PerturbPlan(Protocol):
     """
 
     @property
-    def mode(self) -> str: ...
+    def mode(self) -> str:
+        """``swap``, ``shuffle``, ``embed-shuffle`` or ``random-token``."""
+
     @property
-    def swap(self) -> tuple[str, str] | None: ...
+    def swap(self) -> tuple[str, str] | None:
+        """The two words to exchange, or ``None``."""
+
     @property
-    def n_samples(self) -> int: ...
+    def n_samples(self) -> int:
+        """Perturbations per text (or embedding shuffles)."""
+
     @property
-    def all_pairs(self) -> bool: ...
+    def all_pairs(self) -> bool:
+        """Every pair swap instead of a sample."""
+
     @property
-    def seed(self) -> int: ...
+    def seed(self) -> int:
+        """The seed of every draw."""
 
 
 #: One row per model x text x perturbation x block x head (``perturbations.csv``).
@@ -147,7 +156,8 @@ class _Runner:
 
     def padded(self, ids: torch.Tensor, mask: torch.Tensor, lengths: Sequence[int]) -> list[_Run]:
         """The originals of a padded batch: every block's patterns, like any forward pass
-        that returns its attentions."""
+        that returns its attentions.
+        """
         store = self.model.run_hooks(ids, mask, [*self.pattern_names, *self.resid_names])
         layers = [store[name] for name in self.pattern_names]
         resid = torch.stack([store[n] for n in self.resid_names], dim=1)
@@ -159,7 +169,8 @@ class _Runner:
     def streamed(self, sequences: Sequence[Sequence[int]], stream: BlockStream) -> torch.Tensor:
         """Sequences of one length in one forward pass (no padding), their patterns handed
         to ``stream`` block by block and dropped; returns the residual stream
-        ``[sequence, layer, n, d]``."""
+        ``[sequence, layer, n, d]``.
+        """
         ids = torch.tensor([list(s) for s in sequences])
         store = self.model.run_hooks(ids, torch.ones_like(ids), self.resid_names, stream=stream)
         return torch.stack([store[n] for n in self.resid_names], dim=1)
@@ -274,7 +285,8 @@ class _Setting:
 
 def _setting(p: Perturbation, original_ids: Sequence[int], special: Tensor) -> _Setting:
     """Which positions ``p`` compares: the moved ones for swaps and shuffles, the changed
-    ones for random tokens, every content token for embed-shuffle and the identity."""
+    ones for random tokens, every content token for embed-shuffle and the identity.
+    """
     device = special.device
     permutation = torch.tensor(p.permutation, device=device)
     positions = torch.arange(len(p.ids), device=device)
@@ -329,7 +341,8 @@ class _GroupStream:
     one text: each block's patterns are compared with the original's as soon as the block
     has run, then dropped. Row 0 (the re-run of the unperturbed text) is every row's noise
     reference; a row whose setting is ``None`` is not reported (the re-run of a later
-    group)."""
+    group).
+    """
 
     def __init__(
         self,
@@ -362,7 +375,8 @@ def _resid_values(
     original: _Run, resid: Tensor, setting: _Setting
 ) -> tuple[dict[str, np.ndarray], int]:
     """Per-residual-layer cosines of the perturbed states to the original's, and the number
-    of positions they compare."""
+    of positions they compare.
+    """
     kind = setting.perturbation.kind
     aligned = resid_alignment(original.resid, resid, setting.permutation, setting.compared)
     per_layer = {
@@ -433,7 +447,8 @@ class _Tables:
 @dataclass(frozen=True)
 class PerturbationSource:
     """What a text's perturbations are drawn from: the mode's options, the replacement
-    vocabulary (random-token) and the embedding permutations (embed-shuffle)."""
+    vocabulary (random-token) and the embedding permutations (embed-shuffle).
+    """
 
     model: TracedModel
     config: PerturbPlan
@@ -442,6 +457,7 @@ class PerturbationSource:
 
     @classmethod
     def of(cls, model: TracedModel, config: PerturbPlan) -> PerturbationSource:
+        """The sources of ``config``'s perturbations on ``model``."""
         candidates = replacement_candidates(model) if config.mode == "random-token" else None
         orders = []
         if config.mode == "embed-shuffle":
@@ -453,7 +469,8 @@ class PerturbationSource:
 
     def perturbations(self, item: EncodedText) -> list[Perturbation]:
         """The perturbations of one text (``[]``, or a :class:`UserError` saying why, when
-        it has none)."""
+        it has none).
+        """
         if self.config.mode == "embed-shuffle":
             return [
                 embed_shuffle(item.ids, order, f"embedding shuffle seed {seed}")
@@ -489,7 +506,8 @@ def attention_example(
 ) -> AttentionExample | None:
     """Text ``item`` and its first perturbation, run again together, keeping only the
     drawn heads' patterns (memory n^2 per head at any length), or ``None`` when the text has
-    no perturbation."""
+    no perturbation.
+    """
     try:
         perturbations = PerturbationSource.of(model, config).perturbations(item)
     except UserError:
@@ -514,7 +532,8 @@ def attention_example(
 @dataclass(frozen=True)
 class TextRows:
     """One text's rows: ``heads`` (``perturbations.csv``'s rows) and ``resid``
-    (``resid.csv``'s), or, for a text with nothing to perturb, ``skipped`` (why)."""
+    (``resid.csv``'s), or, for a text with nothing to perturb, ``skipped`` (why).
+    """
 
     text_id: int
     heads: list[pd.DataFrame]
@@ -531,7 +550,8 @@ def _text_rows(
     per_group: int,
 ) -> TextRows:
     """Every perturbation of ``item``, run ``per_group`` at a time beside the re-run of the
-    unperturbed text, reduced against ``original``."""
+    unperturbed text, reduced against ``original``.
+    """
     model = runner.model
     causal = model.spec.family == "decoder"
     try:

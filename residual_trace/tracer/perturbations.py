@@ -77,7 +77,8 @@ def word_span(
     model: TracedModel, text: str, ids: Sequence[int], word: str
 ) -> tuple[tuple[int, int], int]:
     """The ``[start, end)`` token span of the first whole-word occurrence of ``word`` in
-    ``text`` (encoded as ``ids``), and how many occurrences there are."""
+    ``text`` (encoded as ``ids``), and how many occurrences there are.
+    """
     try:
         spans = word_spans(text, model.token_offsets(text, ids), word, model.uncased)
     except UserError as error:
@@ -137,7 +138,8 @@ def random_tokens(
 
 def replacement_candidates(model: TracedModel) -> list[int]:
     """Vocabulary ids a random-token control may draw: not special, and not a reserved
-    placeholder such as BERT's ``[unused17]`` or a decoder's ``<|im_start|>``."""
+    placeholder such as BERT's ``[unused17]`` or a decoder's ``<|im_start|>``.
+    """
     tokens = model.token_strings(range(model.d_vocab))
     return [
         i
@@ -156,7 +158,8 @@ def embedding_rows(model: TracedModel) -> int:
 
 def embedding_order(rows: int, seed: int, keep: Iterable[int] = ()) -> torch.Tensor:
     """A seeded permutation of ``rows`` embedding rows that leaves the rows in ``keep`` in
-    place: under it, id ``t`` reads the vector of ``order[t]``."""
+    place: under it, id ``t`` reads the vector of ``order[t]``.
+    """
     generator = torch.Generator().manual_seed(seed)
     kept = torch.zeros(rows, dtype=torch.bool)
     kept[[k for k in keep if 0 <= k < rows]] = True

@@ -81,7 +81,8 @@ def word_spans(
 
 def is_whole_word(text: str, offsets: Offsets, start: int, end: int) -> bool:
     """Whether tokens ``[start, end)`` cover exactly one or more whole words of ``text``
-    (no word character right before or right after them)."""
+    (no word character right before or right after them).
+    """
     first, last = offsets[start], offsets[end - 1]
     if first is None or last is None:
         return False

@@ -98,6 +98,7 @@ class ReportOptions(Options):
     figure_format: FigureFormat = figure_format_option(cli=False)
 
     def validate(self) -> None:
+        """Check the models, experiments, texts and depths, and each part's own options."""
         if not self.models:
             raise self.fail("models", "a report needs at least one model")
         if len(set(self.models)) != len(self.models):
@@ -123,7 +124,8 @@ class ReportOptions(Options):
     def options_for(self, experiment: str, n_blocks: int | None) -> CommonOptions:
         """The options of one part: the report's batch size and seed, and the report keys of
         that experiment (``perturb_*``, ``probe_*``; ``n_blocks`` turns probe depths into
-        layers); every other option at the experiment's default."""
+        layers); every other option at the experiment's default.
+        """
         shared: dict[str, Any] = {"batch_size": self.batch_size, "seed": self.seed, "quiet": True}
         own: dict[str, Any] = {}
         if experiment == "perturb":
@@ -169,7 +171,8 @@ class ReportOptions(Options):
     @classmethod
     def read_toml(cls, path: Path) -> dict[str, Any]:
         """The keys of a TOML config (unknown keys and bad TOML are one-line errors); values
-        are checked when the options are built."""
+        are checked when the options are built.
+        """
         try:
             data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
         except FileNotFoundError:
@@ -190,7 +193,8 @@ class ReportOptions(Options):
     @classmethod
     def from_toml(cls, path: Path, **overrides: Any) -> ReportOptions:
         """Options from a TOML file, with ``overrides`` on top; a one-line error naming the
-        file and the key otherwise."""
+        file and the key otherwise.
+        """
         data = {**cls.read_toml(path), **overrides}
         try:
             return cls(**data)

@@ -81,7 +81,8 @@ def _model_info(parts: list[Part]) -> dict[str, dict[str, Any]]:
 
 def depth_table(parts: list[Part], options: ReportOptions) -> pd.DataFrame:
     """One row per model x residual layer: every measure, with ``depth`` = layer / blocks
-    and ``block`` = the block whose output the layer is (empty at layer 0)."""
+    and ``block`` = the block whose output the layer is (empty at layer 0).
+    """
     info = _model_info(parts)
     frames = []
     for model in options.models:
@@ -106,6 +107,7 @@ def depth_table(parts: list[Part], options: ReportOptions) -> pd.DataFrame:
 
 
 def probe_table(parts: list[Part]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The probe parts' summaries and verdicts, each concatenated over models."""
     summaries = [p.tables["summary"] for p in parts if p.experiment == "probe"]
     verdicts = [p.tables["verdicts"] for p in parts if p.experiment == "probe"]
     if not summaries:
@@ -115,7 +117,8 @@ def probe_table(parts: list[Part]) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 def probe_grid(summary: pd.DataFrame) -> pd.DataFrame:
     """The paper-style probe table: one row per model x norms x layer x mapper x metric, one
-    column per condition, each cell ``mean [lo, hi]``."""
+    column per condition, each cell ``mean [lo, hi]``.
+    """
     if summary.empty:
         return summary
     cells = summary.assign(
@@ -134,7 +137,8 @@ def probe_grid(summary: pd.DataFrame) -> pd.DataFrame:
 
 def head_shares(parts: list[Part], mode: str) -> pd.DataFrame:
     """One row per model: its heads by verdict under ``mode``, the largest noise floor, and
-    the positional heads by name (``L{block}H{head}``, most positional first)."""
+    the positional heads by name (``L{block}H{head}``, most positional first).
+    """
     rows = []
     for part in parts:
         if part.experiment != "perturb":
@@ -290,7 +294,8 @@ def assemble(
     options: ReportOptions, parts: list[Part]
 ) -> tuple[dict[str, pd.DataFrame], list[str]]:
     """The report's tables (``depth``, ``heads``, ``probe``; empty ones left out) and its
-    verdicts, from the parts' tables alone."""
+    verdicts, from the parts' tables alone.
+    """
     depth = depth_table(parts, options)
     heads = head_shares(parts, options.perturb_mode)
     probe_summary, probe_verdicts = probe_table(parts)

@@ -1,5 +1,6 @@
 """The parts of a report: each experiment of each model, run through the same API call as
-its own command, or read back from an earlier run's directory (resume)."""
+its own command, or read back from an earlier run's directory (resume).
+"""
 
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ READS = {e.name: e.report_tables for e in EXPERIMENTS if e.report_tables}
 @dataclass
 class Part:
     """One finished experiment of one model: the tables the report reads, the model's
-    ``run.json`` record, and (once saved) its directory."""
+    ``run.json`` record, and (once saved) its directory.
+    """
 
     model: str
     experiment: str
@@ -38,6 +40,7 @@ class Part:
 
 
 def part_directory(root: Path, model: str, experiment: str) -> Path:
+    """Where the part of ``experiment`` on ``model`` is saved under ``root``."""
     return root / "runs" / slug(model) / experiment
 
 

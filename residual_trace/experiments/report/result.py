@@ -26,7 +26,8 @@ class ReportResult:
     """The report: ``tables`` (``depth``: one row per model x layer on a relative-depth
     axis; ``heads``: heads by verdict per model; ``probe``: every probe score with its
     controls), ``verdicts`` in plain words, the ``parts`` behind them, ``figures()`` and
-    ``save()``."""
+    ``save()``.
+    """
 
     options: ReportOptions
     parts: list[Part]
@@ -49,11 +50,13 @@ class ReportResult:
         )
 
     def describe(self) -> str:
+        """The verdicts, one per line, as ``trace report`` prints them."""
         return "\n".join(f"- {line}" for line in self.verdicts)
 
     def save(self, out: str | Path) -> list[Path]:
         """Write the parts not yet on disk, then tables/, figures/, report.html (self-contained),
-        report.md, run.json and config.toml into ``out``; return the report's files."""
+        report.md, run.json and config.toml into ``out``; return the report's files.
+        """
         root = Path(out)
         with Claim(root):
             try:
@@ -103,7 +106,8 @@ class ReportResult:
 
 def _prune(root: Path, files: set[Path], parts: set[Path]) -> None:
     """Remove what an earlier report in ``root`` left that this one did not write: tables
-    and figures it no longer has, and parts of models or experiments no longer in it."""
+    and figures it no longer has, and parts of models or experiments no longer in it.
+    """
     for folder in ("tables", "figures"):
         for path in (root / folder).glob("*"):
             if path not in files:
@@ -129,7 +133,8 @@ def _make_root(root: Path) -> None:
 def check_report_out(root: Path, overwrite: bool = False) -> None:
     """Fail early when ``root`` cannot hold a report: a file, unwritable, or a non-empty
     directory that is not an earlier report (which the report resumes, or with
-    ``overwrite`` replaces)."""
+    ``overwrite`` replaces).
+    """
     from residual_trace.runs import check_out, check_writable, written_by
 
     root = Path(root)
@@ -154,7 +159,8 @@ def check_report_config(options: ReportOptions, warn: Warn = python_warning) -> 
     """What a report needs beyond its validated options, checked before any work starts:
     every model resolvable (found, without loading its weights), no checkpoint named twice
     (``./ckpt`` and ``ckpt``, ``gpt2`` and ``openai-community/gpt2``), and every probe norm
-    readable. Returns each model's checkpoint directory."""
+    readable. Returns each model's checkpoint directory.
+    """
     from residual_trace.models.resolve import resolve
     from residual_trace.probes.norms import load_norms
 
