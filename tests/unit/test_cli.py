@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -13,6 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from residual_trace.cli import trace
+from tests.helpers import docs_page
 
 
 def _run(args: list[str], **env: str):
@@ -344,7 +344,7 @@ def test_readme_documents_every_output_column(tiny_models):
         "heads",
         "head_summary",
     }
-    readme = (Path(__file__).parents[2] / "README.md").read_text(encoding="utf-8")
+    readme = docs_page("layers") + docs_page("decompose")
     columns = [
         *DRIFT_COLUMNS,
         *SUMMARY_COLUMNS,
@@ -503,7 +503,7 @@ def test_readme_documents_every_perturb_column(tiny_models):
         tiny_models["bert"], ["The dog chased the cat."], warn=lambda m: None
     )
     assert {"perturbations", "heads", "summary", "resid", "resid_summary"} <= set(result.tables)
-    readme = (Path(__file__).parents[2] / "README.md").read_text(encoding="utf-8")
+    readme = docs_page("perturb")
     columns = [
         *PERTURBATION_COLUMNS,
         *RESID_COLUMNS,

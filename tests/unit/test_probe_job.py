@@ -15,6 +15,7 @@ from click.testing import CliRunner
 from residual_trace.cli import trace
 from residual_trace.models import random_init_copy
 from residual_trace.probes.embeddings import embed_words
+from tests.helpers import docs_page
 
 WORDS = [
     "cat", "dog", "horse", "apple", "banana", "river", "mountain", "table", "chair", "music",
@@ -190,7 +191,7 @@ def test_readme_documents_every_probe_column(tiny_models, norms_file, tmp_path):
     )
     result = options.run(tiny_models["bert"], warn=lambda m: None)
     result.save(tmp_path / "p")
-    readme = (Path(__file__).parents[2] / "README.md").read_text(encoding="utf-8")
+    readme = docs_page("probe")
     assert set(result.tables) == {"scores", "summary", "verdicts", "concepts"}
     concepts = pd.read_csv(tmp_path / "p" / "concepts.csv")
     assert list(concepts.columns) == list(result.tables["concepts"].columns)

@@ -155,7 +155,7 @@ def test_one_table_of_mixing_measures_feeds_the_tables_the_console_and_the_docs(
     assert [c for c in MIXING_COLUMNS if c.startswith("mix_")] == columns
     assert [m[0] for m in _MEASURES] == [m.column for m in DISPLAYED]
     assert sorted(m.column for m in DISPLAYED) == sorted(columns)
-    readme = (PACKAGE.parent / "README.md").read_text(encoding="utf-8")
+    readme = (PACKAGE.parent / "docs" / "decompose.md").read_text(encoding="utf-8")
     for m in MIXING:  # every measure documented, with the authors it follows
         assert f"`{m.column}`" in readme, m.column
         authors = m.reference.split(" et al.")[0].split(" 20")[0]
