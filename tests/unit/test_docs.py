@@ -130,3 +130,17 @@ def test_the_built_site_opens_from_disk_without_the_network(site, tmp_path):
         assert "http://127.0.0.1:9/x.png" in leak["requests"]
     finally:
         page.write_text(original, encoding="utf-8")
+
+
+def test_each_verb_page_lists_every_option_of_its_command(site):
+    """The options tables are generated from the options classes: every flag `trace VERB
+    --help` shows is on the verb's page, and a page without its table would fail here."""
+    from residual_trace.cli import trace
+    from residual_trace.experiments.registry import EXPERIMENTS
+
+    for experiment in EXPERIMENTS:
+        page = (site / f"{experiment.name}.html").read_text(encoding="utf-8")
+        command = trace.commands[experiment.name]
+        flags = {o for p in command.params for o in p.opts if o.startswith("--")} - {"--help"}
+        missing = sorted(f for f in flags if f"<code>{f}</code>" not in page)
+        assert missing == [], (experiment.name, missing)
