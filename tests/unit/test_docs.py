@@ -144,3 +144,14 @@ def test_each_verb_page_lists_every_option_of_its_command(site):
         flags = {o for p in command.params for o in p.opts if o.startswith("--")} - {"--help"}
         missing = sorted(f for f in flags if f"<code>{f}</code>" not in page)
         assert missing == [], (experiment.name, missing)
+
+
+def test_no_list_renders_as_run_on_text(site):
+    """Python-Markdown needs a blank line before a list (GitHub does not): a list written
+    straight after a paragraph line ends up inside the paragraph as '- ...' text."""
+    run_on = []
+    for page in sorted(site.glob("*.html")):
+        for paragraph in re.findall(r"<p>(.*?)</p>", page.read_text(encoding="utf-8"), re.S):
+            if re.search(r"\n\s*(?:[-*]|\d+\.) \S", paragraph):
+                run_on.append(f"{page.name}: {paragraph[:60]!r}")
+    assert run_on == []
