@@ -44,6 +44,10 @@ def test_every_page_is_built_with_the_api_reference_from_the_docstrings(site):
         assert 'id="residual_trace.' in reference and name in reference, name
     # a docstring's own words reach the page (not just the names)
     assert "Write every table, figure and" in reference
+    import residual_trace as rt
+
+    undocumented = [name for name in rt.__all__ if name not in reference]  # every public name
+    assert undocumented == []
 
 
 def test_a_broken_link_fails_the_strict_build(tmp_path):
