@@ -135,3 +135,11 @@ def docs_page(name: str) -> str:
     """The text of the documentation page ``docs/<name>.md`` (where a verb's columns are
     documented)."""
     return (Path(__file__).parents[1] / "docs" / f"{name}.md").read_text(encoding="utf-8")
+
+
+def ctrl_c_enabled() -> None:
+    """``preexec_fn`` of a child that must see Ctrl-C: a shell starts background jobs with
+    SIGINT ignored, and a Python started so never raises KeyboardInterrupt."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -23,6 +23,7 @@ from click.testing import CliRunner
 from residual_trace.cli import trace
 from residual_trace.experiments.report import slug
 from residual_trace.runs import Claim
+from tests.helpers import ctrl_c_enabled
 
 #: A CLI run in a child process that stops before publishing until ``GO`` exists beside
 #: the output (so that a second run can be started while the first is in flight).
@@ -388,8 +389,9 @@ def test_an_interrupted_report_says_what_it_kept_and_how_to_resume(tiny_dirs, tm
     args = ["report", "--experiment", "layers", "--experiment", "decompose", "--max-texts",
             "1", "-q", "-m", str(tiny_dirs["gpt2"]), "-o", str(out)]  # fmt: skip
     done = subprocess.run(
-        [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300
-    )
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300,
+        preexec_fn=ctrl_c_enabled,
+    )  # fmt: skip
     assert done.returncode == 130, done.stderr[-800:]
     assert "Traceback" not in done.stderr
     line = done.stderr.strip().splitlines()[-1]

@@ -17,6 +17,7 @@ import pytest
 from click.testing import CliRunner
 
 from residual_trace.cli import trace
+from tests.helpers import ctrl_c_enabled
 
 
 def _run(args: list[str]):
@@ -155,8 +156,9 @@ def test_ctrl_c_exits_with_130_and_writes_nothing(tiny_dirs, tmp_path):
     args = ["layers", "-m", str(tiny_dirs["gpt2"]), "-t", "Interrupted.", "-o", str(out), "-q"]
     start = time.perf_counter()
     done = subprocess.run(
-        [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300
-    )
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300,
+        preexec_fn=ctrl_c_enabled,
+    )  # fmt: skip
     assert done.returncode == 130, (done.returncode, done.stderr[-500:])
     assert "Traceback" not in done.stderr and "Aborted" in done.stderr
     assert list(tmp_path.iterdir()) == [], time.perf_counter() - start
