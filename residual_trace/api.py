@@ -18,10 +18,10 @@ Examples:
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from typing import TYPE_CHECKING, ParamSpec
 
+from residual_trace.experiments.contract import signature_of
 from residual_trace.experiments.registry import *  # noqa: F403  (every verb's function)
 from residual_trace.experiments.registry import VERB_NAMES
 from residual_trace.experiments.report.config import ReportOptions
@@ -42,11 +42,7 @@ def _on_options(options_type: Callable[P, ReportOptions], doc: str) -> Callable[
 
     call.__name__ = call.__qualname__ = "report"
     call.__doc__ = doc
-    options = [
-        p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
-        for p in inspect.signature(options_type).parameters.values()
-    ]
-    vars(call).update(__signature__=inspect.Signature(options))
+    vars(call).update(__signature__=signature_of(options_type))
     return call
 
 

@@ -235,15 +235,6 @@ def _measure_and_save(
         click.echo(f"wrote {out}/: " + ", ".join(p.name for p in files))
 
 
-def _out(value: str | None) -> Path | None:
-    """``--out`` as a path (``None`` when not given); an empty name is refused."""
-    if value is None:
-        return None
-    if not value.strip():
-        raise UserError("--out: give a directory name, not an empty string")
-    return Path(value)
-
-
 def _fields(options_type: type[Options], raw: dict[str, Any]) -> dict[str, Any]:
     """The values in ``raw`` that are fields of ``options_type`` (taken out of ``raw``)."""
     from dataclasses import fields
@@ -312,7 +303,8 @@ def report(**raw: Any) -> None:
     from residual_trace.experiments.report.result import check_report_out, run_report
     from residual_trace.runs import claim_out
 
-    config_path, out, quiet = raw.pop("config_path"), _out(raw.pop("out")), raw.pop("quiet")
+    config_path, quiet = raw.pop("config_path"), raw.pop("quiet")
+    out = OutputOptions(out=raw.pop("out")).out_path  # an empty --out: the verbs' one line
     overwrite = raw.pop("overwrite")
     given = {k: v for k, v in raw.items() if v is not None and v != ()}
     if "file" in given:

@@ -77,6 +77,7 @@ __all__ = [
     "on_model",
     "on_texts",
     "open_run",
+    "signature_of",
 ]
 
 P = ParamSpec("P")
@@ -165,7 +166,10 @@ class Experiment(Generic[P, R]):
         return self.shard_rows(model, encoded, options)
 
 
-def _signature(experiment: Experiment[Any, Any], leading: list[str]) -> inspect.Signature:
+def signature_of(options: Callable[..., Any], leading: Sequence[str] = ()) -> inspect.Signature:
+    """The signature of an API function: the positional-only ``leading`` arguments (``texts``
+    defaulting to ``None``), then the fields of ``options`` as keyword-only arguments.
+    """
     defaults = {"texts": None}
     params = [
         inspect.Parameter(
@@ -173,11 +177,11 @@ def _signature(experiment: Experiment[Any, Any], leading: list[str]) -> inspect.
         )
         for name in leading
     ]
-    options = [
+    keywords = [
         p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
-        for p in inspect.signature(experiment.options).parameters.values()
+        for p in inspect.signature(options).parameters.values()
     ]
-    return inspect.Signature([*params, *options])
+    return inspect.Signature([*params, *keywords])
 
 
 def _dress(call: Callable[..., Any], experiment: Experiment[Any, Any], leading: list[str]) -> None:
@@ -186,7 +190,8 @@ def _dress(call: Callable[..., Any], experiment: Experiment[Any, Any], leading: 
     call.__doc__ = experiment.doc
     # inspect.signature (help(), the docs) shows the options' keywords; `experiment` lets
     # the registry and the tests reach the object behind the function
-    vars(call).update(__signature__=_signature(experiment, leading), experiment=experiment)
+    signature = signature_of(experiment.options, leading)
+    vars(call).update(__signature__=signature, experiment=experiment)
 
 
 def on_texts(experiment: Experiment[P, R]) -> Callable[Concatenate[ModelArg, Texts, P], R]:
