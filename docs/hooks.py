@@ -82,6 +82,16 @@ def options_table(verb: str) -> str:
     return "\n".join(lines)
 
 
+#: A Sphinx role left in a docstring (``:func:`x```), as the Markdown of the reference renders
+#: it: the role's name in plain text before the code.
+_ROLE = re.compile(r":(?:func|class|meth|mod|data|attr|exc):(<code>)")
+
+
+def on_page_content(html_text: str, **kwargs: Any) -> str:
+    """Drop the Sphinx role names the docstrings use (the code span after them stays)."""
+    return _ROLE.sub(r"\1", html_text)
+
+
 def on_page_markdown(markdown: str, **kwargs: Any) -> str:
     """Replace each options placeholder with its table."""
     return _PLACEHOLDER.sub(lambda m: options_table(m.group(1)), markdown)
