@@ -74,8 +74,9 @@ _exported = lazy_exports(__name__, _EXPORTS)
 
 
 def _verbs() -> tuple[str, ...]:
-    """The verbs' names (``layers``, ...), read from the registry (which imports nothing
-    heavy).
+    """The verbs' names (``layers``, ...).
+
+    Read from the registry, which imports nothing heavy.
     """
     from residual_trace.experiments.registry import VERB_NAMES
 

@@ -1,5 +1,6 @@
-"""Names a package exports but imports only on first use (so that importing the package
-stays cheap: no torch until a measure is reached).
+"""Names a package exports but imports only on first use.
+
+That keeps importing the package cheap: no torch until a measure is reached.
 
 Examples:
     >>> getattr_ = lazy_exports("demo", {"sqrt": "math"})
@@ -17,9 +18,11 @@ __all__ = ["lazy_exports"]
 
 
 def lazy_exports(package: str, exports: Mapping[str, str]) -> Callable[[str], Any]:
-    """A module-level ``__getattr__`` for ``package``: each name of ``exports`` is read from
-    the module it maps to (a full dotted name, from a static table) when first asked for;
-    any other name is an :class:`AttributeError`, as for an ordinary module.
+    """A module-level ``__getattr__`` for ``package``.
+
+    Each name of ``exports`` is read from the module it maps to (a full dotted name, from a
+    static table) when first asked for; any other name is an :class:`AttributeError`, as for
+    an ordinary module.
     """
 
     def __getattr__(name: str) -> Any:

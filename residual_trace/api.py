@@ -1,5 +1,6 @@
-"""The Python API: one call per experiment, each returning a result with ``tables``,
-``figures()`` and ``save()``.
+"""The Python API: one call per experiment, each returning a result.
+
+Each result has ``tables``, ``figures()`` and ``save()``.
 
 Every call takes a model (a loaded :class:`~residual_trace.TracedModel`, or a name for
 :func:`~residual_trace.load_model`), texts where the experiment reads texts (a list, one

@@ -31,8 +31,10 @@ INTERRUPT_KEPT = "residual_trace.interrupt_kept"
 
 
 def _one_line(message: str) -> str:
-    """``message`` with every unprintable character (a newline, a tab or an escape the user
-    typed into a value the message quotes) written as its escape: one line, whatever.
+    """``message`` on one line, whatever it holds.
+
+    Every unprintable character (a newline, a tab or an escape the user typed into a value
+    the message quotes) is written as its escape.
     """
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
 
@@ -44,8 +46,9 @@ class _UsageLine(click.ClickException):
 
 
 class _Group(click.Group):
-    """Turns :class:`UserError`, usage errors (and stray exceptions) into one line and a
-    non-zero exit.
+    """Turns :class:`UserError` and usage errors into one line and a non-zero exit.
+
+    Stray exceptions are turned the same way.
     """
 
     def make_context(
@@ -97,8 +100,9 @@ class _Group(click.Group):
 
 
 def _debug() -> bool:
-    """``RESIDUAL_TRACE_DEBUG`` as :func:`residual_trace.settings.debug` reads it (a bad value,
-    refused up front by every verb, counts as off here).
+    """``RESIDUAL_TRACE_DEBUG`` as :func:`residual_trace.settings.debug` reads it.
+
+    A bad value, refused up front by every verb, counts as off here.
     """
     from residual_trace import settings
 
@@ -178,8 +182,10 @@ def _run(
     output: OutputOptions,
     inputs: Texts,
 ) -> None:
-    """Check the cheap things (--out, --text/--file) before anything heavy is imported, claim
-    --out, load the model (after the inputs are checked), call the API, save, report.
+    """Check the inputs, claim --out, load the model, call the API, save, report.
+
+    The cheap things (--out, --text/--file) are checked before anything heavy is imported,
+    and the model is loaded only after the inputs are checked.
     """
     from residual_trace.runs import check_out, claim_out
 
@@ -243,8 +249,10 @@ def _fields(options_type: type[Options], raw: dict[str, Any]) -> dict[str, Any]:
 
 
 def _command(experiment: Experiment[Any, Any]) -> click.Command:
-    """The ``trace`` command of ``experiment``: the model and text options, the output
-    options, then the experiment's own, all read from their options classes.
+    """The ``trace`` command of ``experiment``.
+
+    Its options are the model and text options, the output options, then the experiment's
+    own, all read from their options classes.
     """
 
     def command(**raw: Any) -> None:

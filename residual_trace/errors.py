@@ -13,9 +13,11 @@ class UserError(Exception):
 
 
 class OptionError(UserError):
-    """A :class:`UserError` about one option: ``option`` is its name (``batch_size``) and
-    ``detail`` what is wrong with it, so that a caller that set the option under another
-    name (the report's ``perturb_samples``) can say so in its own words.
+    """A :class:`UserError` about one option.
+
+    ``option`` is its name (``batch_size``) and ``detail`` what is wrong with it, so that a caller
+    that set the option under another name (the report's ``perturb_samples``) can say so in its own
+    words.
     """
 
     def __init__(self, message: str, option: str, detail: str) -> None:
@@ -39,8 +41,10 @@ _FAULT_HINTS = {
 
 
 def write_fault(error: OSError, setting: str, path: object | None = None) -> UserError:
-    """One line for an OS error met while writing: the file, the setting it came from
-    (``--out runs/x``, ``RESIDUAL_TRACE_CACHE=/c``) and the system's own words.
+    """One line for an OS error met while writing.
+
+    The line names the file, the setting it came from (``--out runs/x``,
+    ``RESIDUAL_TRACE_CACHE=/c``) and the system's own words.
 
     Examples:
         >>> import errno

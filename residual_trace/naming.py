@@ -20,8 +20,9 @@ NAMING = "layer k = output of block k-1 (layer 0 = input of block 0); heads L{bl
 
 
 def head_name(block: int, head: int) -> str:
-    """``L{block}H{head}``, TransformerLens's name of a head (``head == -1``: the attention
-    output bias, ``L{block}b_O``).
+    """``L{block}H{head}``, TransformerLens's name of a head.
+
+    For ``head == -1``, the attention output bias, the name is ``L{block}b_O``.
 
     Examples:
         >>> head_name(2, 7), head_name(0, -1)

@@ -46,9 +46,11 @@ C = TypeVar("C")
 
 
 def no_type_check(cls: C) -> C:
-    """Leave an options class to :func:`coerce`: the test suite's jaxtyping import hook skips
-    classes decorated with a ``no_type_check`` (it matches the name), so that a wrong value
-    gets the same one-line :class:`UserError` under test as in use. Changes nothing else.
+    """Leave an options class to :func:`coerce`.
+
+    The test suite's jaxtyping import hook skips classes decorated with a ``no_type_check`` (it
+    matches the name), so that a wrong value gets the same one-line :class:`UserError` under test as
+    in use. Changes nothing else.
     """
     return cls
 
@@ -100,8 +102,9 @@ def flag_of(config_type: type, name: str) -> str:
 
 
 def label_of(config_type: type, name: str) -> str:
-    """How messages name option ``name``: ``batch_size (--batch-size)``, or just the name for
-    an option the command line does not have.
+    """How messages name option ``name``: ``batch_size (--batch-size)``.
+
+    Just the name for an option the command line does not have.
     """
     for f in fields(config_type):
         if f.name == name and not f.metadata.get("cli", True):
@@ -210,8 +213,9 @@ def _coerce(value: Any, annotation: Any) -> Any:
 
 
 def coerce(name: str, value: Any, annotation: Any, label: str | None = None) -> Any:
-    """``value`` checked against ``annotation`` (ints become floats where a number is
-    expected, lists tuples, strings paths); a one-line :class:`UserError` otherwise.
+    """``value`` checked against ``annotation``; a one-line :class:`UserError` otherwise.
+
+    Ints become floats where a number is expected, lists tuples, strings paths.
 
     Examples:
         >>> coerce("samples", 3, int)
@@ -230,12 +234,15 @@ def coerce(name: str, value: Any, annotation: Any, label: str | None = None) -> 
 @no_type_check
 @dataclass(kw_only=True)
 class Options:
-    """Base of every options dataclass: type checks in ``__post_init__``, ``to_dict`` and
-    ``from_dict`` (which tolerates unknown keys, so saved ``run.json`` files stay loadable).
-    Subclasses validate values in ``validate()``.
+    """Base of every options dataclass.
+
+    It provides type checks in ``__post_init__``, ``to_dict`` and ``from_dict`` (which tolerates
+    unknown keys, so saved ``run.json`` files stay loadable). Subclasses validate values in
+    ``validate()``.
     """
 
     def __post_init__(self) -> None:
+        """Coerce every field to its annotation, then run :meth:`validate`."""
         hints = typing.get_type_hints(type(self))
         for f in fields(self):
             value = getattr(self, f.name)

@@ -20,8 +20,9 @@ T = TypeVar("T")
 def progress_bar(
     iterable: Iterable[T] | None = None, *, total: int, desc: str, unit: str, enabled: bool
 ) -> tqdm[Any]:
-    """A tqdm bar over ``iterable`` (or one to ``update`` by hand), ``total`` steps of
-    ``unit``, cleared when it ends; ``enabled`` is the options' ``progress`` (off with
+    """A tqdm bar over ``iterable`` (or one to ``update`` by hand), cleared when it ends.
+
+    It has ``total`` steps of ``unit``; ``enabled`` is the options' ``progress`` (off with
     ``--quiet`` and when stderr is not a terminal).
     """
     return tqdm(iterable, total=total, desc=desc, unit=unit, disable=not enabled, leave=False)

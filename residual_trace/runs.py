@@ -64,9 +64,10 @@ def package_versions() -> dict[str, str]:
 
 
 def default_out(model: str, root: Path = Path("runs"), skip: int = 0) -> Path:
-    """``runs/<model>-<UTC timestamp>``, with the model name made path-safe; never an
-    existing directory (a second run in the same second gets ``-2``, and so on), and past
-    the first ``skip`` free names (those another run has claimed).
+    """``runs/<model>-<UTC timestamp>``, with the model name made path-safe.
+
+    Never an existing directory (a second run in the same second gets ``-2``, and so on), and
+    past the first ``skip`` free names (those another run has claimed).
     """
     slug = "".join(c if c.isalnum() or c in "-_." else "-" for c in Path(model).name or model)
     stamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%d-%H%M%S")
@@ -98,8 +99,9 @@ def written_by(folder: Path) -> str | None:
 
 
 def check_out(out: Path, command: str | None = None, overwrite: bool = False) -> None:
-    """Fail early (before a model loads) when ``out`` cannot become ``command``'s output
-    directory: not a directory, not writable, or already holding files (unless
+    """Fail early (before a model loads) when ``out`` cannot be ``command``'s output directory.
+
+    That is when it is not a directory, not writable, or already holding files (unless
     ``overwrite``, and then only files an earlier run of the same command wrote).
     """
     out = Path(out)
@@ -124,8 +126,9 @@ def check_out(out: Path, command: str | None = None, overwrite: bool = False) ->
 
 
 def check_writable(folder: Path, out: Path | None = None) -> None:
-    """Fail when the nearest existing directory at or above ``folder`` is not writable
-    (``out``: the ``--out`` named in the message, ``folder`` by default).
+    """Fail when the nearest existing directory at or above ``folder`` is not writable.
+
+    ``out`` is the ``--out`` named in the message (``folder`` by default).
     """
     out = Path(folder) if out is None else Path(out)
     parent = Path(folder)
@@ -152,8 +155,10 @@ def _alive(pid: int) -> bool:
 
 
 def clean_stale(out: Path) -> None:
-    """Remove the temporary siblings of ``out`` that a killed run (whose process is gone)
-    left behind: ``.<name>.tmp-<pid>-*`` and ``.<name>.old-<pid>-*``.
+    """Remove the temporary siblings of ``out`` that a killed run left behind.
+
+    A killed run is one whose process is gone; its siblings are ``.<name>.tmp-<pid>-*`` and
+    ``.<name>.old-<pid>-*``.
     """
     out = Path(out)
     if not out.parent.is_dir():
@@ -217,7 +222,8 @@ class Claim:
 
     @staticmethod
     def holder(out: Path) -> int | None:
-        """The pid of *another* process holding a claim on ``out`` (0 when unknown), or
+        """The pid of *another* process holding a claim on ``out`` (0 when unknown).
+
         ``None`` when no other process does.
         """
         out = Path(out)
@@ -524,8 +530,10 @@ _NO_DATES = {"svg": {"Date": None}, "pdf": {"CreationDate": None}}
 
 
 def save_figure(figure: Figure, path: Path, figure_format: str) -> None:
-    """Save ``figure`` to ``path``, byte for byte the same for the same figure: no creation
-    date (SVG, PDF) and SVG element ids from a fixed salt rather than a random one.
+    """Save ``figure`` to ``path``, byte for byte the same for the same figure.
+
+    No creation date (SVG, PDF), and SVG element ids from a fixed salt rather than a random
+    one.
     """
     import matplotlib
 
@@ -547,8 +555,9 @@ def write_run_json(path: Path, record: dict[str, Any]) -> None:
 
 
 def write_atomic(path: Path, data: str | bytes) -> None:
-    """Write ``path`` through a hidden temporary sibling renamed into place: a reader (or a
-    killed run) never sees a half-written file.
+    """Write ``path`` through a hidden temporary sibling renamed into place.
+
+    A reader (or a killed run) never sees a half-written file.
     """
     tmp = path.with_name(f".{path.name}.tmp")
     try:

@@ -56,8 +56,9 @@ _FALSE = ("0", "false", "no", "off")
 
 
 def _shown(raw: str) -> str:
-    """The value as typed, quoted and escaped (a tab or newline cannot break the line), cut
-    short if long.
+    """The value as typed, quoted and escaped, cut short if long.
+
+    Escaped, a tab or newline cannot break the line.
     """
     text = repr(raw[:40] + ("..." if len(raw) > 40 else ""))
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
@@ -70,8 +71,10 @@ def _raw(name: str) -> str | None:
 
 
 def memory_mb() -> int:
-    """``RESIDUAL_TRACE_MEMORY_MB`` in MiB (default 512); a one-line :class:`UserError` naming
-    the variable, its value and what it must be otherwise.
+    """``RESIDUAL_TRACE_MEMORY_MB`` in MiB (default 512).
+
+    Any other value is a one-line :class:`UserError` naming the variable, its value and what
+    it must be.
     """
     raw = _raw(MEMORY_MB)
     if raw is None:
@@ -107,8 +110,10 @@ def debug() -> bool:
 
 
 def cache_location() -> str:
-    """``RESIDUAL_TRACE_CACHE`` (else ``$XDG_CACHE_HOME/residual-trace``, else
-    ``~/.cache/residual-trace``), checked by
+    """The cache directory: ``RESIDUAL_TRACE_CACHE``, else a default under the user's cache.
+
+    Without the variable it is ``$XDG_CACHE_HOME/residual-trace``, else
+    ``~/.cache/residual-trace``. It is checked by
     :func:`residual_trace.models.resolve.cache_dir`: a location that is, or lies under, a
     file is a one-line :class:`UserError`.
     """

@@ -22,9 +22,10 @@ def bootstrap_ci(
     n_boot: int = 1000,
     seed: int = 0,
 ) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean (NaNs dropped). Fewer than two values give
-    ``(nan, nan)``: one value has no spread to resample, and ``[x, x]`` would claim
-    certainty.
+    """Percentile bootstrap interval of the mean (NaNs dropped).
+
+    Fewer than two values give ``(nan, nan)``: one value has no spread to resample, and
+    ``[x, x]`` would claim certainty.
     """
     data = np.asarray(values, dtype=np.float64)
     data = data[~np.isnan(data)]
@@ -104,8 +105,9 @@ def cluster_bootstrap_ci(
 def mean_with_ci(
     values: Sequence[float] | np.ndarray, name: str, seed: int = 0
 ) -> dict[str, float]:
-    """``{name: mean, name_lo: low, name_hi: high}``: the mean (NaNs dropped) and its 95%
-    percentile bootstrap interval, as summary-table columns.
+    """``{name: mean, name_lo: low, name_hi: high}``, as summary-table columns.
+
+    The mean (NaNs dropped) and its 95% percentile bootstrap interval.
 
     Examples:
         >>> mean_with_ci([2.0, 2.0], "x")

@@ -29,9 +29,10 @@ _LINE_END = re.compile("\r\n|\r|\n")
 
 
 def normalise_text(text: str) -> str:
-    r"""What every text goes through, from ``--text``, a file or the API alike: a leading
-    UTF-8 byte-order mark dropped, every control character (tab, CR, LF, ...) and line or
-    paragraph separator replaced by a space, the ends stripped.
+    r"""What every text goes through, from ``--text``, a file or the API alike.
+
+    A leading UTF-8 byte-order mark is dropped, every control character (tab, CR, LF, ...)
+    and line or paragraph separator is replaced by a space, and the ends are stripped.
 
     Examples:
         >>> normalise_text("\ufeffThe dog\r\nran.\t")
@@ -41,8 +42,9 @@ def normalise_text(text: str) -> str:
 
 
 def read_texts(path: Path | str) -> list[str]:
-    """One text per non-blank line of a UTF-8 file (a byte-order mark dropped; LF, CRLF and
-    CR all end a line), each through :func:`normalise_text`.
+    """One text per non-blank line of a UTF-8 file, each through :func:`normalise_text`.
+
+    A byte-order mark is dropped; LF, CRLF and CR all end a line.
     """
     try:
         content = Path(path).read_bytes().decode("utf-8-sig")
@@ -79,8 +81,9 @@ def load_inputs(texts: Texts, name: str = "texts") -> tuple[list[str], str]:
 
 
 def resolve_model(model: ModelArg, warn: Warn) -> TracedModel:
-    """``model`` itself, the model a name resolves to (on the default device), or what a
-    loader returns.
+    """``model`` itself, the model a name resolves to, or what a loader returns.
+
+    A name resolves to a model on the default device.
     """
     check_environment()  # again, right before a model loads (the options checked it first)
     from residual_trace.models import TracedModel, load_model  # torch: only once it is needed

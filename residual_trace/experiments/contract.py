@@ -152,8 +152,9 @@ class Experiment(Generic[P, R]):
 
     @property
     def options_class(self) -> type[Options]:
-        """``options`` as the class it is (``options`` is typed as its constructor, so that
-        the API function takes its keywords).
+        """``options`` as the class it is.
+
+        ``options`` is typed as its constructor, so that the API function takes its keywords.
         """
         if not (isinstance(self.options, type) and issubclass(self.options, Options)):
             raise TypeError(f"experiment {self.name}: options must be an Options class")
@@ -167,8 +168,10 @@ class Experiment(Generic[P, R]):
 
 
 def signature_of(options: Callable[..., Any], leading: Sequence[str] = ()) -> inspect.Signature:
-    """The signature of an API function: the positional-only ``leading`` arguments (``texts``
-    defaulting to ``None``), then the fields of ``options`` as keyword-only arguments.
+    """The signature of an API function.
+
+    The positional-only ``leading`` arguments (``texts`` defaulting to ``None``), then the
+    fields of ``options`` as keyword-only arguments.
     """
     defaults = {"texts": None}
     params = [
@@ -239,11 +242,12 @@ def open_run(
     warn: Warn,
     check_model: Callable[[TracedModel], None] | None = None,
 ) -> Opening:
-    """The opening every experiment on texts shares, in this order: read and check the
-    texts (a bad text fails before the model loads), resolve the model (its notes are
-    collected), let ``check_model`` refuse options the model cannot meet (a block it does
-    not have), seed torch, and encode the texts (truncation warnings collected as
-    ``warning: ...`` notes).
+    """The opening every experiment on texts shares.
+
+    In this order: read and check the texts (a bad text fails before the model loads),
+    resolve the model (its notes are collected), let ``check_model`` refuse options the model
+    cannot meet (a block it does not have), seed torch, and encode the texts (truncation
+    warnings collected as ``warning: ...`` notes).
     """
     from residual_trace.tracer import prepare_texts  # torch: only once a run starts
 

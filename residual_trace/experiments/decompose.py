@@ -1,5 +1,6 @@
-"""``decompose``: split every block's update exactly into attention, MLP, carried-residual
-and norm-bias parts, and measure context mixing.
+"""``decompose``: split every block's update exactly into parts, and measure context mixing.
+
+The parts are attention, MLP, carried residual and norm bias.
 
 Tables: ``decompose`` (one row per text x position x block), ``mixing`` (the same keys),
 ``summary`` (one row per block), ``cumulative`` (one row per residual layer x source),
@@ -82,7 +83,9 @@ class DecomposeOptions(CorpusOptions):
 
 @dataclass(repr=False)
 class DecomposeResult(Result):
-    """Tables decompose, mixing, summary, cumulative, mixing_pairs (heads, head_summary);
+    """The tables and figures of ``decompose``.
+
+    Tables decompose, mixing, summary, cumulative, mixing_pairs (heads, head_summary);
     figures sublayers, cumulative, mixing, mixing_heatmap (heads).
     """
 
@@ -181,9 +184,10 @@ def _mixing_block(model: TracedModel, options: DecomposeOptions) -> int:
 def shard_rows(
     traced: TracedModel, encoded: Sequence[EncodedText], options: DecomposeOptions
 ) -> ShardPart:
-    """The per-token split and mixing rows of some texts, with the per-batch sums that
-    :func:`pool_cumulative` pools (table ``pooled``) and, for the shard holding
-    ``mixing_text``, its per-pair map.
+    """The per-token split and mixing rows of some texts.
+
+    With them come the per-batch sums that :func:`pool_cumulative` pools (table ``pooled``)
+    and, for the shard holding ``mixing_text``, its per-pair map.
     """
     import pandas as pd
 
@@ -230,8 +234,9 @@ def _ratio(value: float) -> str:
 def _note_sizes(
     traced: TracedModel, encoded: Sequence[EncodedText], options: DecomposeOptions, note: Warn
 ) -> None:
-    """Warn, before the run, where the mixing text's map or Value Zeroing will be cut short
-    by the texts' lengths.
+    """Warn, before the run, where the texts' lengths will cut a result short.
+
+    The results that lengths can cut short are the mixing text's map and Value Zeroing.
     """
     n_pair = len(encoded[options.mixing_text].ids)
     kept = pair_blocks(traced, n_pair, options)

@@ -212,11 +212,12 @@ def _test_request(name: str = KILL_SHARD_ENV) -> tuple[int, str] | None:
 
 
 def _spool_parent() -> tuple[Path, str]:
-    """Where the spool goes, and its name's prefix: beside the ``--out`` this process has
-    claimed (``.<out>.tmp-<pid>-spool-``, a temporary sibling that the next run into that
-    ``--out`` removes once this process is gone), else (no output claimed yet: the API) in
-    the system's temporary directory (``rt-ray-<pid>-spool-``, removed by the next Ray run
-    once this process is gone).
+    """Where the spool goes, and its name's prefix.
+
+    Beside the ``--out`` this process has claimed (``.<out>.tmp-<pid>-spool-``, a temporary sibling
+    that the next run into that ``--out`` removes once this process is gone), else (no output
+    claimed yet: the API) in the system's temporary directory (``rt-ray-<pid>-spool-``, removed by
+    the next Ray run once this process is gone).
     """
     from residual_trace.runs import Claim
 
@@ -328,8 +329,10 @@ class _RayRun:
                 signal.signal(signal.SIGINT, previous)
 
     def _connect(self, ray: Any, spool: _Spool) -> tuple[bool, ray_guard.LocalRay | None]:
-        """Join ``ray_address`` (or the running session, or start a local one); return
-        whether this call initialised Ray and, for a local Ray, its tie to this process.
+        """Join ``ray_address`` (or the running session, or start a local one).
+
+        The result says whether this call initialised Ray and, for a local Ray, its tie to this
+        process.
         """
         if ray.is_initialized():
             return False, None
@@ -391,8 +394,9 @@ class _RayRun:
         return workers, threads, bool(gpus)
 
     def _actors(self, ray: Any, workers: int, threads: int | None, use_gpu: bool) -> list[Any]:
-        """``workers`` Ray actors, each loading the driver's model once (restarted by Ray
-        up to ``MAX_RETRIES`` times if it dies).
+        """``workers`` Ray actors, each loading the driver's model once.
+
+        Ray restarts an actor up to ``MAX_RETRIES`` times if it dies.
         """
         actor_type = ray.remote(
             num_cpus=1 if use_gpu else (threads if threads else 1),
@@ -478,8 +482,10 @@ class _RayRun:
 
 
 def _check_address(ray: Any, address: str, setting: str) -> str:
-    """``address`` once it is known to lead to a Ray cluster, or a one-line error within
-    about ``2 * ray_guard.PROBE_TIMEOUT_S`` seconds saying why it does not.
+    """``address`` once it is known to lead to a Ray cluster.
+
+    Otherwise a one-line error, within about ``2 * ray_guard.PROBE_TIMEOUT_S`` seconds, saying why
+    it does not.
     """
     shown = repr(address)
     target = address
@@ -506,8 +512,10 @@ def _check_address(ray: Any, address: str, setting: str) -> str:
 
 @contextlib.contextmanager
 def _quiet(debug: bool) -> Iterator[None]:
-    """Ray's warnings and its C++ log lines (written to file descriptor 2 while it starts
-    or retries an address) off the terminal unless ``debug``; what it wrote is dropped.
+    """Ray's warnings and its C++ log lines off the terminal unless ``debug``.
+
+    The C++ log lines are those Ray writes to file descriptor 2 while it starts or retries an
+    address; what it wrote is dropped.
     """
     if debug:
         yield
@@ -531,8 +539,10 @@ def _quiet(debug: bool) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _deferring_sigint() -> Iterator[None]:
-    """Clean-up that a Ctrl-C must not interrupt: a SIGINT meanwhile is noted and raised as
-    ``KeyboardInterrupt`` after it (unless an exception is on its way out already).
+    """Clean-up that a Ctrl-C must not interrupt.
+
+    A SIGINT meanwhile is noted and raised as ``KeyboardInterrupt`` after it (unless an exception is
+    on its way out already).
     """
     if threading.current_thread() is not threading.main_thread():
         yield

@@ -81,7 +81,9 @@ class LayersOptions(CorpusOptions):
 
 @dataclass(repr=False)
 class LayersResult(Result):
-    """Tables ``drift``, ``summary``, ``texts``; figures token_drift, drift_heatmap and
+    """The tables and figures of ``layers``.
+
+    Tables ``drift``, ``summary``, ``texts``; figures token_drift, drift_heatmap and
     identifiable_share; ``attention`` holds the patterns when ``save_attention``.
     """
 

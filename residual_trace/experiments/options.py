@@ -127,9 +127,10 @@ def _refuse_type(value: object, name: str) -> UserError:
 
 
 def texts_argument(value: object, name: str = "texts") -> list[str] | Path | None:
-    """``value`` as :data:`Texts` promises it: a list of ``str``, a ``Path`` (any
-    ``os.PathLike``), or ``None``. One ``str`` is one text, unless it looks like a file name
-    (:func:`looks_like_a_file`): that is refused, not silently measured as a sentence.
+    """``value`` as :data:`Texts` promises it: a list of ``str``, a ``Path``, or ``None``.
+
+    A ``Path`` is any ``os.PathLike``. One ``str`` is one text, unless it looks like a file
+    name (:func:`looks_like_a_file`): that is refused, not silently measured as a sentence.
     Anything else is a one-line :class:`UserError` naming the type received (for a list,
     the index and type of the first item that is not a ``str``) and what to pass.
 
@@ -216,9 +217,11 @@ def figure_format_option(cli: bool = True) -> Any:
 @no_type_check
 @dataclass(kw_only=True)
 class ModelOptions(Options):
-    """Which model a command runs, where and in which precision (the command line's
-    ``--model``, ``--device``, ``--dtype``, ``--device-map``; the API takes a model or its
-    name as its first argument and these as :func:`~residual_trace.load_model`'s).
+    """Which model a command runs, where and in which precision.
+
+    These are the command line's ``--model``, ``--device``, ``--dtype`` and ``--device-map``;
+    the API takes a model or its name as its first argument and these as
+    :func:`~residual_trace.load_model`'s.
     """
 
     model: str = option(
@@ -234,8 +237,10 @@ class ModelOptions(Options):
 @no_type_check
 @dataclass(kw_only=True)
 class OutputOptions(Options):
-    """Where a command writes (the command line's ``--out``, ``--overwrite``, ``--format``;
-    the API's ``result.save(out, figure_format=..., overwrite=...)``).
+    """Where a command writes.
+
+    These are the command line's ``--out``, ``--overwrite`` and ``--format``, and the API's
+    ``result.save(out, figure_format=..., overwrite=...)``.
     """
 
     out: str | None = option(
@@ -291,8 +296,9 @@ class CommonOptions(Options):
         return not self.quiet and sys.stderr.isatty()
 
     def check_texts(self, texts: list[str]) -> None:
-        """Options that refer to the texts, checked before any model loads (a text id that
-        names no text): none here; each experiment adds its own.
+        """Options that refer to the texts, checked before any model loads: none here.
+
+        Each experiment adds its own (for example, a text id that names no text).
         """
 
     def seed_torch(self) -> None:
@@ -333,8 +339,9 @@ class CorpusOptions(CommonOptions):
     )
 
     def validate(self) -> None:
-        """Check the length limit and that the Ray options go with ``engine="ray"`` (an address with
-        no Ray cluster behind it fails here, before any model loads).
+        """Check the length limit and that the Ray options go with ``engine="ray"``.
+
+        An address with no Ray cluster behind it fails here, before any model loads.
         """
         super().validate()
         if self.max_length is not None and self.max_length < 2:

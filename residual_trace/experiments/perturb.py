@@ -139,9 +139,11 @@ class PerturbOptions(CorpusOptions):
 
 @dataclass(repr=False)
 class PerturbResult(Result):
-    """Tables perturbations, resid, heads, summary (per block), resid_summary (per layer);
-    figures index_heatmap, layers, structure (for modes that do not move tokens) and
-    attention (text ``show_text``).
+    """The tables and figures of ``trace perturb``.
+
+    Tables perturbations, resid, heads, summary (per block), resid_summary (per layer); figures
+    index_heatmap, layers, structure (for modes that do not move tokens) and attention (text
+    ``show_text``).
     """
 
     command = "perturb"
@@ -207,8 +209,9 @@ class _ShardFacts:
 def shard_rows(
     traced: TracedModel, encoded: Sequence[EncodedText], config: PerturbOptions
 ) -> ShardPart:
-    """The per-perturbation rows of some texts (tables ``perturbations`` and ``resid``),
-    and the texts skipped and why.
+    """The per-perturbation rows of some texts, and the texts skipped and why.
+
+    The rows are those of tables ``perturbations`` and ``resid``.
     """
     import pandas as pd
 
@@ -247,8 +250,10 @@ def merge_extras(extras: list[_ShardFacts]) -> _ShardFacts:
 def _refuse_or_note_skipped(
     config: PerturbOptions, n_texts: int, extra: _ShardFacts, note: Warn
 ) -> None:
-    """Texts with nothing to perturb: an error when no text could be perturbed (or the one
-    text of ``swap`` words could not), else one warning naming them.
+    """Texts with nothing to perturb: one error, or one warning naming them.
+
+    An error when no text could be perturbed (or the one text of ``swap`` words could not), else a
+    warning naming the texts.
     """
     skipped, reasons = extra.skipped, extra.reasons
     if config.swap is not None and n_texts == 1 and skipped:
@@ -348,8 +353,9 @@ def run_perturb(
 
 
 def _default_heads(heads: pd.DataFrame, kind: str) -> list[tuple[int, int]]:
-    """The most token-following and most position-following head (or, without an index,
-    the heads whose pattern survives best and worst), as ``(block, head)``.
+    """The most token-following and most position-following head, as ``(block, head)``.
+
+    Without an index, the heads whose pattern survives best and worst.
     """
     import numpy as np
 
@@ -458,8 +464,9 @@ def _moving_lines(summary: pd.DataFrame, states: pd.DataFrame, heads: pd.DataFra
 
 
 def _in_place_lines(summary: pd.DataFrame, states: pd.DataFrame, kind: str) -> list[str]:
-    """``describe``'s lines for the modes that change tokens in place (random-token,
-    embed-shuffle).
+    """``describe``'s lines for the modes that change tokens in place.
+
+    Those modes are random-token and embed-shuffle.
     """
     lines = [
         f"{'block':>5}  {'pattern kept':>22}  {'entropy (bits)':>15}  "

@@ -1,6 +1,7 @@
-"""``probe``: probes from type-level embeddings to feature norms, every control computed
-beside the score (the measures are :mod:`residual_trace.probes`'s; this module is glue, and
-imports nothing heavy until a run starts).
+"""``probe``: probes from type-level embeddings to feature norms.
+
+Every control is computed beside the score. The measures are :mod:`residual_trace.probes`'s;
+this module is glue, and imports nothing heavy until a run starts.
 """
 
 from __future__ import annotations
@@ -227,8 +228,10 @@ def _embed(
     corpus: list[str],
     notes: list[str],
 ) -> tuple[WordVectors, dict[str, list[str]], dict[str, str]]:
-    """Embed only what is probed: sample first (a contextual corpus pass embeds every word
-    at once, so there the sample is drawn from the words that occur).
+    """Embed only what is probed: sample first.
+
+    A contextual corpus pass embeds every word at once, so there the sample is drawn from the
+    words that occur.
     """
     from residual_trace.probes.embeddings import embed_words, representable
 
@@ -254,8 +257,10 @@ def _advance(bar: tqdm[Any]) -> Callable[[int], None]:
 
 
 def _norms_and_corpus(config: ProbeOptions, note: Warn) -> tuple[list[Norms], list[str], str]:
-    """The norm sets (read first: a bad file fails before the model loads, and what reading
-    dropped by design is noted) and the corpus of ``embedding="contextual"``.
+    """The norm sets and the corpus of ``embedding="contextual"``.
+
+    The norm sets are read first: a bad file fails before the model loads, and what reading
+    dropped by design is noted.
     """
     from residual_trace.probes.norms import load_norms
 
@@ -287,8 +292,10 @@ def _concept_rows(norms: Norms, used: set[str], dropped: dict[str, str]) -> pd.D
 
 @dataclass
 class _Embedded:
-    """What the probes of one model read: every concept's vectors (and the random-init
-    model's), the concepts sampled per norm set, and why the others were dropped.
+    """What the probes of one model read.
+
+    Every concept's vectors (and the random-init model's), the concepts sampled per norm set,
+    and why the others were dropped.
     """
 
     vectors: WordVectors
@@ -324,8 +331,9 @@ def _probe_norms(
     config: ProbeOptions,
     note: Warn,
 ) -> tuple[list[pd.DataFrame], pd.DataFrame, int]:
-    """One norm set's score rows at every layer, its ``concepts.csv`` rows, and the number
-    of concepts probed.
+    """One norm set's score rows at every layer, and its ``concepts.csv`` rows.
+
+    Also returns the number of concepts probed.
     """
     from residual_trace.probes.evaluate import applicable_metrics, evaluate
     from residual_trace.progress import progress_bar

@@ -118,9 +118,11 @@ def parse_address(address: str) -> tuple[str, str, int]:
 
 
 def probe(host: str, port: int, timeout: float = PROBE_TIMEOUT_S, http2: bool = True) -> None:
-    """Raise :class:`AddressError` unless ``host:port`` accepts a TCP connection within
-    ``timeout`` seconds and (``http2``) answers a gRPC call within ``timeout`` seconds more
-    with HTTP status 200, as every gRPC server (a Ray GCS) does.
+    """Raise :class:`AddressError` unless ``host:port`` accepts a TCP connection in time.
+
+    The connection must open within ``timeout`` seconds and, with ``http2``, a gRPC call must
+    then be answered within ``timeout`` seconds more with HTTP status 200, as every gRPC
+    server (a Ray GCS) does.
     """
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
@@ -150,9 +152,11 @@ def probe(host: str, port: int, timeout: float = PROBE_TIMEOUT_S, http2: bool = 
 
 
 def check(address: str, timeout: float = PROBE_TIMEOUT_S) -> None:
-    """Raise :class:`AddressError` unless ``address`` (``HOST:PORT`` or ``ray://HOST[:PORT]``)
-    leads to a gRPC server within ``2 * timeout`` seconds (see :func:`probe`); with
-    ``RAY_USE_TLS`` set, only the TCP connection is checked.
+    """Raise :class:`AddressError` unless ``address`` leads to a gRPC server in time.
+
+    ``address`` is ``HOST:PORT`` or ``ray://HOST[:PORT]``; the server must answer within
+    ``2 * timeout`` seconds (see :func:`probe`). With ``RAY_USE_TLS`` set, only the TCP
+    connection is checked.
     """
     _, host, port = parse_address(address)
     tls = os.environ.get("RAY_USE_TLS", "").strip().lower() in ("1", "true")
@@ -166,8 +170,10 @@ def _frame(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
 
 
 def _literal(name_index: int, value: str, name: str = "") -> bytes:
-    """An HPACK literal header field without indexing and without Huffman coding (RFC 7541,
-    section 6.2.2); a name index above 14 takes the 4-bit prefix's continuation byte.
+    """An HPACK literal header field without indexing and without Huffman coding.
+
+    As in RFC 7541, section 6.2.2; a name index above 14 takes the 4-bit prefix's
+    continuation byte.
     """
     head = bytes((name_index,)) if name_index < 15 else bytes((15, name_index - 15))
     if name:
@@ -196,8 +202,10 @@ _STATIC_STATUS = {8: "200", 9: "204", 10: "206", 11: "304", 12: "400", 13: "404"
 
 
 def _status(block: bytes) -> str | None:
-    """The ``:status`` a response's header block opens with, where it can be read without a
-    Huffman decoder (``None``: it cannot; every gRPC server sends it as the indexed ``0x88``).
+    """The ``:status`` a response's header block opens with, or ``None``.
+
+    The status is read only where it can be without a Huffman decoder (``None``: it cannot;
+    every gRPC server sends it as the indexed ``0x88``).
     """
     if not block:
         return None
@@ -233,10 +241,11 @@ def _read_exactly(sock: socket.socket, size: int) -> bytes | None:
 
 
 def _check_http2(sock: socket.socket, timeout: float, host: str = "localhost") -> None:
-    """What answers must be a gRPC server: it answers the HTTP/2 preface with SETTINGS and
-    a gRPC call with HTTP status 200 (even for a method it does not serve: gRPC reports that
-    in its own status). A web server, or a proxy that accepts every connection and answers
-    404, is not a Ray cluster.
+    """Raise :class:`AddressError` unless what answers on ``sock`` is a gRPC server.
+
+    A gRPC server answers the HTTP/2 preface with SETTINGS and a gRPC call with HTTP status
+    200 (even for a method it does not serve: gRPC reports that in its own status). A web
+    server, or a proxy that accepts every connection and answers 404, is not a Ray cluster.
     """
     deadline = time.monotonic() + timeout
     try:
@@ -290,8 +299,10 @@ def _reason(error: BaseException) -> str:
 
 
 def temp_root() -> Path:
-    """Where a local Ray's temporary directory goes: the system's temporary directory, or
-    ``/tmp`` when that path is so long that Ray's socket paths would not fit.
+    """Where a local Ray's temporary directory goes.
+
+    That is the system's temporary directory, or ``/tmp`` when that path is so long that
+    Ray's socket paths would not fit.
     """
     root = Path(tempfile.gettempdir())
     if len(str(root)) > 40 and os.access("/tmp", os.W_OK):
@@ -354,8 +365,10 @@ def _owner_pid(mark: str) -> int | None:
 
 
 def sweep() -> None:
-    """Remove what local Ray runs of dead processes left: their temporary directories and
-    any process that still carries the mark of a dead driver.
+    """Remove what local Ray runs of dead processes left.
+
+    That is their temporary directories and any process that still carries the mark of a
+    dead driver.
     """
     root = temp_root()
     with contextlib.suppress(OSError):
@@ -371,9 +384,11 @@ def sweep() -> None:
 
 
 class LocalRay:
-    """One local Ray instance's tie to the driver: a temporary directory, an owner mark and
-    a reaper (see the module docstring). Use :meth:`starting` around ``ray.init`` and call
-    :meth:`close` after ``ray.shutdown``; ``remove`` are more paths the reaper removes.
+    """One local Ray instance's tie to the driver.
+
+    The tie is a temporary directory, an owner mark and a reaper (see the module docstring).
+    Use :meth:`starting` around ``ray.init`` and call :meth:`close` after ``ray.shutdown``;
+    ``remove`` are more paths the reaper removes.
     """
 
     def __init__(self, remove: tuple[Path, ...] = (), keep_temp: bool = False) -> None:
@@ -414,8 +429,9 @@ class LocalRay:
                 os.environ[OWNER_ENV] = before
 
     def close(self, wait: float = REAP_S) -> None:
-        """Let the reaper end what is left of this Ray instance (after ``ray.shutdown``)
-        and remove its directories; wait up to ``wait`` seconds for it.
+        """Let the reaper end what is left of this Ray instance and remove its directories.
+
+        Call it after ``ray.shutdown``; it waits up to ``wait`` seconds for the reaper.
         """
         reaper, self._reaper = self._reaper, None
         if reaper is None:

@@ -54,9 +54,11 @@ def _bars(ax, summary: pd.DataFrame, columns) -> None:
 
 
 def sublayer_figure(summary: pd.DataFrame) -> Figure:
-    """Two panels per block: relative size of each sublayer's update, and its signed effect
-    on the state's projection onto the unit input-token direction, with the summary's 95%
-    bootstrap intervals (:func:`residual_trace.tracer.decompose_summary`).
+    """Two panels of bars per block: each sublayer's update size and its input-token effect.
+
+    The top panel is the relative size of each sublayer's update; the bottom one is its signed
+    effect on the state's projection onto the unit input-token direction. Both show the
+    summary's 95% bootstrap intervals (:func:`residual_trace.tracer.decompose_summary`).
     """
     if summary.empty:
         raise ValueError("no tokens to plot (only special tokens? try include_special=True)")
@@ -115,8 +117,9 @@ _MEASURES = tuple((m.column, m.legend, *_STYLES[m.column]) for m in DISPLAYED)
 
 
 def mixing_figure(summary: pd.DataFrame) -> Figure:
-    """Share of each position's attention-block output that comes from *other* tokens, per
-    block, by the measures side by side (means with the summary's 95% bootstrap bands).
+    """Share of each position's attention-block output from *other* tokens, per block.
+
+    The measures are side by side: means with the summary's 95% bootstrap bands.
     """
     fig = Figure(figsize=(9.6, 4.2), layout="constrained")
     ax = fig.subplots()
@@ -171,8 +174,9 @@ def mixing_heatmap_figure(pairs: pd.DataFrame, block: int) -> Figure:
 
 
 def heads_figure(head_summary: pd.DataFrame) -> Figure:
-    """Block x head map of each head's mean signed effect on the input-token projection
-    (red: pushes toward the input token, blue: away), from
+    """Block x head map of each head's mean signed effect on the input-token projection.
+
+    Red pushes toward the input token, blue away; the values come from
     :func:`residual_trace.tracer.head_summary`. The output bias (head -1) is left out.
     """
     data = head_summary[head_summary["head"] >= 0]

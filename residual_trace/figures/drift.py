@@ -1,5 +1,7 @@
-"""Token-drift figures: pure functions from a drift table (see :mod:`residual_trace.tracer`)
-to a matplotlib :class:`~matplotlib.figure.Figure`. No model, no pyplot state, no I/O.
+"""Token-drift figures: pure functions from a drift table to a matplotlib figure.
+
+For the drift table see :mod:`residual_trace.tracer`; each figure is a
+:class:`~matplotlib.figure.Figure`. No model, no pyplot state, no I/O.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
-"""Figures of ``trace perturb``: pure functions from its tables (and one text's patterns) to
-matplotlib figures. No model, no pyplot state, no I/O.
+"""Figures of ``trace perturb``: pure functions from its tables to matplotlib figures.
+
+Some also take one text's patterns. No model, no pyplot state, no I/O.
 """
 
 from __future__ import annotations
@@ -36,8 +37,9 @@ class AttentionExample:
 
 
 def index_heatmap_figure(heads: pd.DataFrame, kind: str) -> Figure:
-    """Block x head map of the token-following index (red: tokens, blue: positions); for
-    perturbations that do not move tokens, of how much of each pattern survives.
+    """Block x head map of the token-following index (red: tokens, blue: positions).
+
+    For perturbations that do not move tokens, the map is of how much of each pattern survives.
     """
     data = heads[heads["perturbation"] == kind]
     moving = kind in _MOVING
@@ -75,9 +77,10 @@ def index_heatmap_figure(heads: pd.DataFrame, kind: str) -> Figure:
 
 
 def layers_figure(summary: pd.DataFrame, resid_summary: pd.DataFrame, kind: str) -> Figure:
-    """Per block: the attention measure with its 95% interval and the noise floor (left), and
-    per residual layer, the residual stream's cosine to the same token vs the same position
-    (right).
+    """Attention per block (left) and residual-stream cosines per layer (right).
+
+    Left, per block: the attention measure with its 95% interval and the noise floor. Right, per
+    residual layer: the residual stream's cosine to the same token vs the same position.
     """
     heads = summary[summary["perturbation"] == kind].sort_values("block")
     data = resid_summary[resid_summary["perturbation"] == kind].sort_values("layer")
@@ -122,8 +125,10 @@ def layers_figure(summary: pd.DataFrame, resid_summary: pd.DataFrame, kind: str)
 
 
 def structure_figure(summary: pd.DataFrame, kind: str) -> Figure:
-    """Per block, the structure measures of the original patterns and of the perturbed ones
-    (mean over heads): how structured attention still looks with meaningless tokens.
+    """Per block, the structure measures of the original and of the perturbed patterns.
+
+    The measures are means over heads; they show how structured attention still looks with
+    meaningless tokens.
     """
     data = summary[summary["perturbation"] == kind]
     measures = [
@@ -156,10 +161,11 @@ MAX_PANEL_INCHES = 8.0
 def attention_pairs_figure(
     example: AttentionExample, heads: Sequence[tuple[int, int]], model: str, text_id: int
 ) -> Figure:
-    """For each chosen head (block, head): the original pattern, the perturbed one, and,
-    when tokens moved, the perturbed one re-ordered back into the original token order (a
-    head that follows tokens looks like the original there; one that follows positions
-    looks like the original in the middle panel).
+    """For each chosen head (block, head): the original pattern and the perturbed one.
+
+    When tokens moved, also the perturbed one re-ordered back into the original token order (a head
+    that follows tokens looks like the original there; one that follows positions looks like the
+    original in the middle panel).
     """
     moved = list(example.permutation) != list(range(len(example.permutation)))
     columns = 3 if moved else 2

@@ -1,5 +1,7 @@
-"""Figures of ``trace probe``: pure functions of its summary table (one row per model x norms
-x embedding x layer x mapper x metric x condition, with ``mean``, ``lo``, ``hi``).
+"""Figures of ``trace probe``: pure functions of its summary table.
+
+The table has one row per model x norms x embedding x layer x mapper x metric x condition,
+with ``mean``, ``lo``, ``hi``.
 """
 
 from __future__ import annotations
@@ -29,8 +31,9 @@ _METRIC = {
 
 
 def conditions_figure(summary: pd.DataFrame) -> Figure:
-    """The paper's table as a picture: per norm set and metric, a bar per condition and mapper
-    with its 95% interval, at the deepest layer probed.
+    """The paper's table as a picture, at the deepest layer probed.
+
+    Per norm set and metric, a bar per condition and mapper with its 95% interval.
     """
     layer = int(summary["layer"].max())
     data = summary[summary["layer"] == layer]
@@ -70,8 +73,10 @@ def conditions_figure(summary: pd.DataFrame) -> Figure:
 
 
 def layers_figure(summary: pd.DataFrame) -> Figure:
-    """Probe score per layer (the system line with its interval) over the control conditions
-    drawn as bands; one panel per norm set and metric, the first mapper.
+    """Probe score per layer over the control conditions drawn as bands.
+
+    The system is drawn as a line with its interval; one panel per norm set and metric, the
+    first mapper.
     """
     mapper = str(summary["mapper"].iloc[0])
     data = summary[summary["mapper"] == mapper]

@@ -1,5 +1,6 @@
-"""Figures of ``trace report``: several models on one relative-depth axis (layer / blocks),
-from the report's per-layer table (one row per model x layer).
+"""Figures of ``trace report``: several models on one relative-depth axis (layer / blocks).
+
+They are drawn from the report's per-layer table (one row per model x layer).
 """
 
 from __future__ import annotations
@@ -97,8 +98,10 @@ def sublayer_figure(depth: pd.DataFrame) -> Figure:
 
 
 def mixing_figure(depth: pd.DataFrame) -> Figure:
-    """Raw-attention, norm-based (AttnRes-N: residual included, defined for every family),
-    attention rollout, GlobEnc, ALTI and Value Zeroing mixing per model.
+    """Context mixing per model, one panel per measure.
+
+    The measures are raw attention, norm-based (AttnRes-N: residual included, defined for
+    every family), attention rollout, GlobEnc, ALTI and Value Zeroing.
     """
     fig = Figure(figsize=(18, 3.8), layout="constrained")
     axes = fig.subplots(1, 6, sharey=True)
@@ -135,8 +138,9 @@ def mixing_figure(depth: pd.DataFrame) -> Figure:
 
 
 def index_figure(depth: pd.DataFrame, mode: str) -> Figure:
-    """Mean token-following index of the heads per block (at the depth of the layer the block
-    writes), with its interval.
+    """Mean token-following index of the heads per block, with its interval.
+
+    Each block is placed at the depth of the layer it writes.
     """
     fig = Figure(figsize=(7.5, 4.0), layout="constrained")
     ax = fig.subplots()
@@ -169,8 +173,9 @@ def index_figure(depth: pd.DataFrame, mode: str) -> Figure:
 
 
 def probe_figure(summary: pd.DataFrame) -> Figure:
-    """Per model, the probe and its controls at the deepest layer probed (first mapper; NA@10
-    where it applies, else the first metric).
+    """Per model, the probe and its controls at the deepest layer probed.
+
+    The first mapper is shown, with NA@10 where it applies, else the first metric.
     """
     metric = "na_at_10" if "na_at_10" in set(summary["metric"]) else str(summary["metric"].iloc[0])
     mapper = str(summary["mapper"].iloc[0])

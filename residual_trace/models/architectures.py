@@ -106,8 +106,9 @@ class ArchSpec:
 
     @property
     def reads_normalised(self) -> bool:
-        """Whether a norm sits between the residual stream and the sublayers that read it
-        (so a ``*_normed`` drift variant differs from the raw one).
+        """Whether a norm sits between the residual stream and the sublayers that read it.
+
+        If so, a ``*_normed`` drift variant differs from the raw one.
         """
         return self.reader_norm_template is not None
 
@@ -196,8 +197,10 @@ REQUIRED_HOOKS = {
 
 
 def _refuse_unsupported(bridge: Any, model_type: str) -> None:
-    """Refuse, in one line, what cannot be traced at all: two residual streams, no blocks,
-    or a hook the decomposition needs that the bridge does not expose.
+    """Refuse, in one line, what cannot be traced at all.
+
+    That is two residual streams, no blocks, or a hook the decomposition needs that the
+    bridge does not expose.
     """
     if getattr(bridge.original_model.config, "is_encoder_decoder", False):
         raise _refuse(model_type, "encoder-decoder models have two residual streams")
@@ -227,9 +230,10 @@ def _probe_hooks(hooks: Any) -> list[str]:
 def _output_norm_spec(
     got: dict[str, Tensor], has_ln1: bool, tolerance: float, common: dict[str, Any]
 ) -> ArchSpec:
-    """The spec of blocks whose sublayer outputs pass through their own norms (Gemma 2/3's
-    sandwich, OLMo 2's output norms), once the probe shows each sublayer output is its
-    norm's output.
+    """The spec of blocks whose sublayer outputs pass through their own norms.
+
+    Such are Gemma 2/3's sandwich and OLMo 2's output norms; the spec is returned once the
+    probe shows each sublayer output is its norm's output.
     """
     deltas = (("ln1_post", "blocks.0.hook_attn_out"), ("ln2_post", "blocks.0.hook_mlp_out"))
     for norm, delta in deltas:
@@ -305,8 +309,9 @@ def derive_spec(bridge: Any, probe: Probe, dtype: torch.dtype) -> ArchSpec:
 
 
 def _embed_scale(bridge: Any, got: dict[str, Tensor]) -> float:
-    """The factor between the token-embedding module's output and the embedding matrix's
-    rows (sqrt(d_model) for Gemma); 1 when the output is not a multiple of the rows.
+    """The factor between the token-embedding module's output and the embedding matrix's rows.
+
+    It is sqrt(d_model) for Gemma, and 1 when the output is not a multiple of the rows.
     """
     embedded = got.get("embed.hook_out")
     ids = got.get("__ids__")

@@ -48,8 +48,9 @@ def _activation(layer: torch.nn.Module) -> Callable[[Tensor], Tensor]:
 
 
 class BlockRest:
-    """Block ``block``'s output as a position-wise function of its input and attention
-    output: :meth:`__call__` ``(x, o, mlp_out) -> out``, all ``[rows, d_model]`` float32.
+    """Block ``block``'s output as a position-wise function of its input and attention output.
+
+    :meth:`__call__` is ``(x, o, mlp_out) -> out``, all ``[rows, d_model]`` float32.
 
     ``mlp_out`` (the MLP's captured output) is read only by parallel blocks, whose MLP does
     not see the attention output; :attr:`hooks` names the hooks the call needs.
@@ -116,8 +117,9 @@ class BlockRest:
         return module
 
     def check(self, recomputed: Tensor, actual: Tensor, tolerance: float) -> float | None:
-        """The relative error of ``recomputed`` against the block's real output, or ``None``
-        when it is within ``tolerance``.
+        """The relative error of ``recomputed`` against the block's real output.
+
+        ``None`` when it is within ``tolerance``.
         """
         error = float((recomputed - actual).norm() / actual.norm().clamp_min(1e-12))
         return None if error <= tolerance else error

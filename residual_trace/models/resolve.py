@@ -68,8 +68,10 @@ def cache_setting() -> str:
 
 
 def cache_dir() -> Path:
-    """Where converted models and cached embeddings are kept: ``$RESIDUAL_TRACE_CACHE`` or
-    the user cache. A location that exists and is not a directory is refused in one line.
+    """Where converted models and cached embeddings are kept.
+
+    ``$RESIDUAL_TRACE_CACHE`` or the user cache. A location that exists and is not a directory is
+    refused in one line.
     """
     env = os.environ.get("RESIDUAL_TRACE_CACHE")
     if env:
@@ -162,8 +164,10 @@ def _quiet_transformers() -> Iterator[None]:
 
 @contextmanager
 def _gguf_bar(shown: bool) -> Iterator[None]:
-    """The GGUF reader's own progress bar on terminals only (its module's ``tqdm``, read
-    when the module was imported, is swapped for a disabled one meanwhile).
+    """The GGUF reader's own progress bar on terminals only.
+
+    Its module's ``tqdm``, read when the module was imported, is swapped for a disabled one
+    meanwhile.
     """
     if shown:
         yield

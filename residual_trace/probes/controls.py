@@ -1,5 +1,6 @@
-"""The conditions a probe score is read against: what the same mapper reaches when the
-embeddings cannot carry the norms' meaning.
+"""The conditions a probe score is read against.
+
+Each is what the same mapper reaches when the embeddings cannot carry the norms' meaning.
 
 ==================  ===========================================================================
 ``system``          the embeddings -> the norms
@@ -45,8 +46,10 @@ def fill_missing(values: np.ndarray) -> np.ndarray:
 
 
 def random_features(norms: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Random targets with the norms' shape, and per feature the same share of zeros and the
-    same mean and standard deviation of the non-zero values (clipped to their range).
+    """Random targets with the norms' shape and, per feature, the norms' sparsity and moments.
+
+    Per feature: the same share of zeros, and the same mean and standard deviation of the
+    non-zero values (clipped to their range).
 
     Examples:
         >>> y = np.array([[0.0, 2.0], [1.0, 0.0], [3.0, 4.0], [0.0, 6.0]])
@@ -71,8 +74,9 @@ def random_features(norms: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def structured_nonsense(norms: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Random features with the norms' singular values (the same rank and spectrum) and,
-    for feature listings, the same share of zeros per feature.
+    """Random features with the norms' singular values (the same rank and spectrum).
+
+    For feature listings they also keep the same share of zeros per feature.
 
     A random rotation of the left and right singular vectors keeps every singular value and
     destroys which concept has which feature; the columns are then moved back to the norms'
@@ -98,8 +102,9 @@ def structured_nonsense(norms: np.ndarray, rng: np.random.Generator) -> np.ndarr
 def within_category_permutation(
     categories: Sequence[str | None], rng: np.random.Generator
 ) -> np.ndarray:
-    """A permutation that exchanges concepts only with others of the same category
-    (concepts without a category, or alone in theirs, stay).
+    """A permutation that exchanges concepts only with others of the same category.
+
+    Concepts without a category, or alone in theirs, stay.
     """
     order = np.arange(len(categories))
     groups: dict[str, list[int]] = {}
@@ -120,8 +125,10 @@ def condition_data(
     categories: Sequence[str | None] | None = None,
     random_init: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray] | None:
-    """(inputs, targets) of one condition, or ``None`` where it does not apply (no
-    categories for ``taxonomic``, no random-initialised embeddings for ``random-init``).
+    """(inputs, targets) of one condition, or ``None`` where it does not apply.
+
+    It does not apply without categories for ``taxonomic``, or without random-initialised
+    embeddings for ``random-init``.
     """
     n = len(norms)
     if condition == "system":

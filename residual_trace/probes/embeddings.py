@@ -124,8 +124,9 @@ def _cached(path: Path) -> dict[str, np.ndarray] | None:
 
 
 def _store(path: Path, vectors: np.ndarray, counts: np.ndarray | None) -> None:
-    """Write atomically (a killed run never leaves a half-written cache entry); a fault of
-    the machine (a full disk) is one line naming the file and the cache setting.
+    """Write atomically: a killed run never leaves a half-written cache entry.
+
+    A fault of the machine (a full disk) is one line naming the file and the cache setting.
     """
     try:
         _write_entry(path, vectors, counts)

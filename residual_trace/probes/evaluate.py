@@ -94,8 +94,10 @@ def evaluate(
     random_init: np.ndarray | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> pd.DataFrame:
-    """Scores per condition x mapper x seed x fold x metric (mean over the fold's test
-    concepts, ``n_test`` of them defined) with the capacity each fit chose (``size``).
+    """Scores per condition x mapper x seed x fold x metric.
+
+    Each score is the mean over the fold's test concepts (``n_test`` of them defined), with the
+    capacity each fit chose (``size``).
     """
     metrics = list(metrics or applicable_metrics(norms)[0])
     categories = [norms.categories.get(c) for c in norms.concepts] if norms.categories else None
@@ -134,8 +136,10 @@ def evaluate(
 
 
 def summarise(scores: pd.DataFrame, keys: Sequence[str] = ()) -> pd.DataFrame:
-    """Mean over folds and seeds with a 95% t-interval, per ``keys`` x condition x mapper x
-    metric: columns ``score`` (the mean), ``score_lo``, ``score_hi``, ``n_folds``.
+    """Mean over folds and seeds with a 95% t-interval.
+
+    Per ``keys`` x condition x mapper x metric: columns ``score`` (the mean), ``score_lo``,
+    ``score_hi``, ``n_folds``.
     """
     group = [*keys, "condition", "mapper", "metric"]
     out = []
@@ -151,9 +155,11 @@ def summarise(scores: pd.DataFrame, keys: Sequence[str] = ()) -> pd.DataFrame:
 
 
 def verdicts(summary: pd.DataFrame, keys: Sequence[str] = ()) -> pd.DataFrame:
-    """Per ``keys`` x mapper x metric: does ``system`` beat ``shuffled`` and ``nonsense`` by more
-    than the intervals (its lower bound above both upper bounds), and how far is it from
-    ``upper`` (``gap_to_upper`` = upper - system; ``share_of_upper`` = system / upper).
+    """Whether ``system`` beats ``shuffled`` and ``nonsense``, and how far it is from ``upper``.
+
+    Per ``keys`` x mapper x metric. ``system`` beats them when it is ahead by more than the
+    intervals (its lower bound above both upper bounds); ``gap_to_upper`` = upper - system and
+    ``share_of_upper`` = system / upper.
     """
     out = []
     for key, part in summary.groupby([*keys, "mapper", "metric"], sort=False):

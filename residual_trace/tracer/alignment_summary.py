@@ -1,5 +1,7 @@
-"""Statistics of the perturbation tests: per-head means with intervals, noise floor and
-verdict (``heads``), and per-block and per-layer summaries (``summary``, ``resid_summary``).
+"""Statistics of the perturbation tests.
+
+Per-head means with intervals, noise floor and verdict (``heads``), and per-block and per-layer
+summaries (``summary``, ``resid_summary``).
 
 Intervals resample whole texts (a text's perturbations are not independent), or the
 perturbations themselves when there is a single text; an interval from fewer than two
@@ -160,9 +162,10 @@ def block_summary(
 
 
 def resid_summary(resid: pd.DataFrame, seed: int = DEFAULT_SEED) -> pd.DataFrame:
-    """One row per perturbation kind x residual layer (0..L): ``cos_token`` and
-    ``cos_position`` (mean cosine of the perturbed states to the original ones, aligned by
-    token and by position), each with its 95% interval over texts.
+    """One row per perturbation kind x residual layer (0..L), with token and position cosines.
+
+    ``cos_token`` and ``cos_position`` are the mean cosine of the perturbed states to the original
+    ones, aligned by token and by position, each with its 95% interval over texts.
     """
     out = []
     for kind in resid["perturbation"].unique():
@@ -178,8 +181,9 @@ def resid_summary(resid: pd.DataFrame, seed: int = DEFAULT_SEED) -> pd.DataFrame
 
 
 def _mean_interval(frame: pd.DataFrame, column: str, clusters: str, seed: int) -> dict[str, float]:
-    """Mean of ``column`` and the 95% bootstrap interval over ``clusters`` of their means
-    (NaN with fewer than two clusters).
+    """Mean of ``column`` and the 95% bootstrap interval over ``clusters`` of their means.
+
+    The interval is NaN with fewer than two clusters.
     """
     values = frame[[clusters, column]].dropna()
     per_cluster = values.groupby(clusters)[column].mean().to_numpy()

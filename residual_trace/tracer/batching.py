@@ -39,8 +39,10 @@ BLOCK_TOKEN_KEYS = (
 
 @dataclass(frozen=True)
 class EncodedText:
-    """One text's token ids (special tokens included), whether it was truncated, and the text
-    itself (for finding words in it; empty where the ids were built, not encoded).
+    """One text's token ids (special tokens included), whether it was truncated, and the text.
+
+    The text is kept for finding words in it; it is empty where the ids were built, not
+    encoded.
     """
 
     text_id: int
@@ -100,8 +102,10 @@ def _ids_list(text_ids: Sequence[int]) -> str:
 def _report_unknown(
     model: TracedModel, encoded: Sequence[EncodedText], warn: Callable[[str], None]
 ) -> None:
-    """One warning counting [UNK] tokens (flagged ``is_unk`` in every table), and one naming
-    the texts with nothing but [UNK] (no token there traces back to what was written).
+    """One warning counting [UNK] tokens, and one naming the texts with nothing but [UNK].
+
+    The [UNK] tokens are flagged ``is_unk`` in every table; in a text of nothing but [UNK],
+    no token traces back to what was written.
     """
     if model.unk_id is None:
         return
@@ -130,9 +134,10 @@ def _report_unknown(
 def _report_typed_specials(
     model: TracedModel, encoded: Sequence[EncodedText], warn: Callable[[str], None]
 ) -> None:
-    """One warning naming the special-token strings typed inside texts (``[SEP]``,
-    ``[MASK]``, ``<s>``) that the tokenizer turned into its special tokens: what is measured
-    there is the special token, not the characters typed.
+    """One warning naming the special-token strings typed inside texts.
+
+    These are strings such as ``[SEP]``, ``[MASK]`` or ``<s>`` that the tokenizer turned into
+    its special tokens: what is measured there is the special token, not the characters typed.
     """
     tokenizer = model.tokenizer
     strings = {

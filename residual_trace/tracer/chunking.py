@@ -40,8 +40,9 @@ def budget_override(budget: int) -> Iterator[None]:
 
 
 def memory_budget() -> int:
-    """Bytes one chunked step may allocate (``RESIDUAL_TRACE_MEMORY_MB``, default 512), read
-    and checked by :func:`residual_trace.settings.memory_mb`.
+    """Bytes one chunked step may allocate (``RESIDUAL_TRACE_MEMORY_MB``, default 512).
+
+    Read and checked by :func:`residual_trace.settings.memory_mb`.
     """
     if _override is not None:
         return _override
@@ -49,8 +50,9 @@ def memory_budget() -> int:
 
 
 def items_per_chunk(bytes_per_item: int, temporaries: int = 1, budget: int | None = None) -> int:
-    """How many items fit the budget when each needs ``bytes_per_item`` bytes for each of
-    ``temporaries`` live temporaries (at least 1).
+    """How many items fit the budget (at least 1).
+
+    Each item needs ``bytes_per_item`` bytes for each of ``temporaries`` live temporaries.
     """
     budget = memory_budget() if budget is None else budget
     return max(1, budget // max(1, bytes_per_item * temporaries))

@@ -50,9 +50,11 @@ RECONSTRUCTION_TOLERANCE = 1e-4
 
 
 def reconstruction_tolerance(dtype: torch.dtype) -> float:
-    """The tolerance for a model run in ``dtype``: 1e-4 for float32 and wider; for half
-    precision, 4 machine epsilons (every hook tensor is rounded to the dtype once, and a
-    block sums a handful of them): 0.031 for bfloat16, 0.0039 for float16.
+    """The tolerance for a model run in ``dtype``: 1e-4, or 4 machine epsilons in half precision.
+
+    It is 1e-4 for float32 and wider. In half precision every hook tensor is rounded to the
+    dtype once, and a block sums a handful of them, so it is 4 machine epsilons: 0.031 for
+    bfloat16, 0.0039 for float16.
     """
     return max(RECONSTRUCTION_TOLERANCE, 4 * torch.finfo(dtype).eps)
 
@@ -249,8 +251,9 @@ HEAD_COLUMNS = (
 
 @dataclass
 class BatchDecomposition:
-    """One batch's local table, its cumulative sums (to be pooled over batches) and, with
-    ``per_head``, the per-head table.
+    """One batch's local table, its cumulative sums and, with ``per_head``, the per-head table.
+
+    The cumulative sums are to be pooled over batches.
     """
 
     local: pd.DataFrame
@@ -260,8 +263,10 @@ class BatchDecomposition:
 
 @dataclass(frozen=True)
 class HeadParts:
-    """Each head's output (z_h @ W_O[h]) and the output bias, raw and carried like the
-    attention part (identical for pre-LN models).
+    """Each head's output (z_h @ W_O[h]) and the output bias, raw and carried.
+
+    They are carried like the attention part; raw and carried are identical for pre-LN
+    models.
     """
 
     raw: Float[Tensor, "batch pos head_index d_model"]
@@ -311,8 +316,10 @@ def split_heads(
 
 @dataclass(frozen=True)
 class _Tokens:
-    """What every block of one batch is measured against: the real (unpadded) tokens, their
-    unit input-token directions, which are special, and the reconstruction tolerance.
+    """What every block of one batch is measured against.
+
+    That is the real (unpadded) tokens, their unit input-token directions, which of them are
+    special, and the reconstruction tolerance.
     """
 
     valid: Tensor
@@ -372,8 +379,9 @@ def _head_values(
     norms: tuple[PostNorm, PostNorm] | None,
     x_and_a: tuple[Tensor, Tensor],
 ) -> tuple[Tensor, Tensor]:
-    """``(head_norm_rel, proj_head)`` of one block's heads, ``[n, head + 1]`` over the
-    real tokens; the output bias b_O, attributed to no head, is the last column (head -1).
+    """``(head_norm_rel, proj_head)`` of one block's heads, ``[n, head + 1]`` over real tokens.
+
+    The output bias b_O, attributed to no head, is the last column (head -1).
     """
     x, a = x_and_a
     valid = tokens.valid

@@ -1,5 +1,7 @@
-"""Per-block summaries of the decomposition tables: what ``summary.csv`` and
-``head_summary.csv`` of ``decompose`` hold, and what its figures draw.
+"""Per-block summaries of the decomposition tables.
+
+They are what ``summary.csv`` and ``head_summary.csv`` of ``decompose`` hold, and what its
+figures draw.
 """
 
 from __future__ import annotations
@@ -81,10 +83,11 @@ def decompose_summary(
 def head_summary(
     heads: pd.DataFrame, include_special: bool = False, seed: int = DEFAULT_SEED
 ) -> pd.DataFrame:
-    """One row per block x head of the per-head table: ``head_name`` (``L{block}H{head}``,
-    ``L{block}b_O`` for the output bias), ``n_tokens``, mean ``head_norm_rel`` and
-    ``proj_head`` (the head's signed effect on the input-token projection) with its 95%
-    bootstrap interval.
+    """One row per block x head of the per-head table.
+
+    The columns: ``head_name`` (``L{block}H{head}``, ``L{block}b_O`` for the output bias),
+    ``n_tokens``, mean ``head_norm_rel`` and ``proj_head`` (the head's signed effect on the
+    input-token projection) with its 95% bootstrap interval.
     """
     rows = _tokens(heads, include_special)
     out = []

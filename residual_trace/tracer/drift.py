@@ -272,8 +272,9 @@ def drift_table(
     normed: bool = True,
     progress: bool = False,
 ) -> pd.DataFrame:
-    """The whole drift table for ``texts`` (one row per text x position x layer); the
-    keywords are :func:`iter_drift`'s.
+    """The whole drift table for ``texts``: one row per text x position x layer.
+
+    The keywords are :func:`iter_drift`'s.
 
     For a corpus too large to hold, iterate :func:`iter_drift` and write each batch.
     """

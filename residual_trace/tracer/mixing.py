@@ -82,8 +82,10 @@ def _ratio(context: Tensor, own: Tensor) -> Tensor:
 def _attnresln_n(
     context: Tensor, own: Tensor, residual: Tensor, norm: TermNorm, residual_normed: bool
 ) -> Tensor:
-    """AttnResLn-N: context and self term carried through the norm (the residual too when
-    it passes through it; else added after it).
+    """AttnResLn-N: context and self term carried through the norm.
+
+    The residual is carried through it too when it passes through the norm; else it is added after
+    it.
     """
 
     def carry(x: Tensor) -> Tensor:
@@ -163,8 +165,10 @@ def _pair_map(
     attention_norm: TermNorm | None,
     residual_normed: bool,
 ) -> Tensor:
-    """|t_ij| for every target i and source j (residual on the diagonal, through the norm
-    after the attention sum where there is one).
+    """|t_ij| for every target i and source j.
+
+    The residual is on the diagonal; the terms are taken through the norm after the attention sum
+    where there is one.
     """
     return torch.cat(
         [
@@ -184,9 +188,10 @@ def _carried_terms(
     residual_normed: bool,
     temporaries: int = _ROW_TEMPORARIES,
 ) -> Iterator[tuple[slice, Tensor]]:
-    """``(rows, terms)`` chunk by chunk of targets: terms ``[rows, n, d_model]`` are
-    v_ij = a_ij + [i = j] x_i carried through the norm after the attention sum (the residual
-    joins before it when ``residual_normed``, after it otherwise), or v_ij itself without
+    """``(rows, terms)`` chunk by chunk of targets, from v_ij = a_ij + [i = j] x_i.
+
+    Terms ``[rows, n, d_model]`` are v_ij carried through the norm after the attention sum (the
+    residual joins before it when ``residual_normed``, after it otherwise), or v_ij itself without
     such a norm. Chunked so that the n x n x d_model terms stay within the memory budget.
     """
     n = pattern.shape[-1]
@@ -209,8 +214,9 @@ def _carried_terms(
 
 @dataclass(frozen=True)
 class TermNorm:
-    """A norm that a block's terms pass through, as the affine map of its fixed divisor:
-    ``gain * c(v) / scale + bias`` (``c`` centring for LayerNorm).
+    """A norm that a block's terms pass through, as the affine map of its fixed divisor.
+
+    The map is ``gain * c(v) / scale + bias`` (``c`` centring for LayerNorm).
     """
 
     gain: Float[Tensor, " d_model"]
@@ -306,10 +312,12 @@ def value_zeroing(
     mlp_out: Float[Tensor, "n d_model"] | None,
     width: int,
 ) -> tuple[Float[Tensor, "n n"], Float[Tensor, "n d_model"]]:
-    """Value Zeroing (Mohebbi et al. 2023) of one layer of one text: S[i, t] is the cosine
-    distance between the block's output at i and its output when token t's value vectors
-    (every head's, b_V included) are zeroed, each row divided by its sum (the diagonal,
-    zeroing a token's own value, is kept). Returns ``(S, the recomputed block output)``.
+    """Value Zeroing (Mohebbi et al. 2023) of one layer of one text.
+
+    S[i, t] is the cosine distance between the block's output at i and its output when token t's
+    value vectors (every head's, b_V included) are zeroed, each row divided by its sum (the
+    diagonal, zeroing a token's own value, is kept). The function returns
+    ``(S, the recomputed block output)``.
 
     Zeroing v_t leaves the attention weights alone, so the attention output at i loses
     exactly sum_h alpha^h_it v^h_t W^h_O; ``rest`` (a :class:`BlockRest`) re-runs the rest
@@ -343,9 +351,10 @@ def _cosine_distance(a: Tensor, b: Tensor) -> Tensor:
 
 
 def rollout_product(previous: Tensor, layer: Tensor) -> Tensor:
-    """``layer @ previous`` in float64, divided by its largest entry: a raw product of
-    matrices (GlobEnc's norms) would overflow over many layers, and a global factor leaves
-    every row's shares unchanged.
+    """``layer @ previous`` in float64, divided by its largest entry.
+
+    A raw product of matrices (GlobEnc's norms) would overflow over many layers, and a global factor
+    leaves every row's shares unchanged.
     """
     product = layer.double() @ previous.double()
     return product / product.abs().max().clamp_min(1e-300)
@@ -414,8 +423,10 @@ def mixing_hooks(model: TracedModel) -> list[str]:
 
 
 def _attention_norm(model: TracedModel, block: int) -> tuple[str, bool] | None:
-    """The norm the attention output passes through before joining the stream, and whether
-    the residual passes through it too (post-LN) or not (a norm on the sublayer output).
+    """The norm the attention output passes through before joining the stream.
+
+    Also whether the residual passes through it too (post-LN) or not (a norm on the sublayer
+    output).
     """
     paths = model.spec.post_norm_modules(block)
     if paths is not None:
@@ -425,8 +436,10 @@ def _attention_norm(model: TracedModel, block: int) -> tuple[str, bool] | None:
 
 
 def _second_norm(model: TracedModel, block: int) -> str | None:
-    """The norm after the MLP's residual sum (post-LN's LN2), which GlobEnc carries every
-    term through; ``None`` where the stream is not normalised after the MLP.
+    """The norm after the MLP's residual sum (post-LN's LN2).
+
+    GlobEnc carries every term through it; ``None`` where the stream is not normalised after the
+    MLP.
     """
     paths = model.spec.post_norm_modules(block)
     return None if paths is None else paths[1]
@@ -434,10 +447,11 @@ def _second_norm(model: TracedModel, block: int) -> str | None:
 
 @dataclass(frozen=True)
 class _BlockTensors:
-    """One block's hook tensors of a padded batch, as :class:`MixingStream` reads them:
-    patterns ``[batch, head, pos, pos]``, values ``[batch, pos, kv_head, d_head]``, the
-    block input ``[batch, pos, d_model]`` and the divisors of its norms ``[batch, pos, 1]``
-    (``None`` where the block has no such norm).
+    """One block's hook tensors of a padded batch, as :class:`MixingStream` reads them.
+
+    Patterns ``[batch, head, pos, pos]``, values ``[batch, pos, kv_head, d_head]``, the block input
+    ``[batch, pos, d_model]`` and the divisors of its norms ``[batch, pos, 1]`` (``None`` where the
+    block has no such norm).
     """
 
     pattern: Tensor
@@ -448,9 +462,10 @@ class _BlockTensors:
 
 
 class MixingStream:
-    """Mixing rows of one batch, computed block by block (a :class:`BlockStream`): inside
-    the forward pass with :meth:`TracedModel.run_hooks`, so that one block's attention
-    patterns are all that is held, or from a full store with :func:`mixing_batch`.
+    """Mixing rows of one batch, computed block by block (a :class:`BlockStream`).
+
+    Computed inside the forward pass with :meth:`TracedModel.run_hooks`, so that one block's
+    attention patterns are all that is held, or from a full store with :func:`mixing_batch`.
     """
 
     def __init__(
@@ -461,8 +476,9 @@ class MixingStream:
         pair_blocks: Collection[int] | None = None,
         vz_max_tokens: int = VZ_MAX_TOKENS,
     ) -> None:
-        """``pair_text``: the text whose per-pair map is kept, at the blocks in
-        ``pair_blocks`` (every block when ``None``); Value Zeroing runs on texts of at most
+        """``pair_text``: the text whose per-pair map is kept, at the blocks in ``pair_blocks``.
+
+        Every block when ``pair_blocks`` is ``None``. Value Zeroing runs on texts of at most
         ``vz_max_tokens`` tokens (NaN beyond).
         """
         self.model, self.batch, self.pair_text = model, batch, pair_text
@@ -522,8 +538,9 @@ class MixingStream:
     def _term_norms(
         self, block: int, row: int, n: int, inputs: _BlockTensors
     ) -> tuple[TermNorm | None, TermNorm | None]:
-        """The norms text ``row``'s terms pass through at ``block``: after attention, and
-        after the whole block (each ``None`` where the block has none).
+        """The norms text ``row``'s terms pass through at ``block``.
+
+        One after attention and one after the whole block (each ``None`` where the block has none).
         """
         affine, second_affine = self.affines[block], self.second_affines[block]
         attention_norm = second_norm = None
@@ -633,8 +650,9 @@ class MixingStream:
         pattern: Tensor,
         values: Tensor,
     ) -> Tensor | None:
-        """Value Zeroing of text ``row`` at ``block`` (``None`` beyond ``vz_max_tokens``),
-        after checking that the recomputed block output is the model's own.
+        """Value Zeroing of text ``row`` at ``block`` (``None`` beyond ``vz_max_tokens``).
+
+        Given after checking that the recomputed block output is the model's own.
         """
         if n > self.vz_max_tokens:
             return None
@@ -707,9 +725,10 @@ def mixing_batch(
     pair_text: int | None = None,
     vz_max_tokens: int = VZ_MAX_TOKENS,
 ) -> tuple[pd.DataFrame, pd.DataFrame | None]:
-    """Per-token mixing rows for one batch, and the per-pair map of text ``pair_text``, from
-    a store holding :func:`mixing_hooks` (the same numbers as :class:`MixingStream` inside
-    the forward pass).
+    """Per-token mixing rows for one batch, and the per-pair map of text ``pair_text``.
+
+    Both come from a store holding :func:`mixing_hooks` (the same numbers as :class:`MixingStream`
+    inside the forward pass).
 
     The pair table has one row per block x target x source: ``contribution`` (the norm of
     F_i(x_j), the residual added on the diagonal), ``share`` (its share of the target's

@@ -1,5 +1,6 @@
-"""The context-mixing measures of ``trace decompose``, declared once: column, labels,
-definition and reference.
+"""The context-mixing measures of ``trace decompose``, declared once.
+
+Each measure is declared with its column, labels, definition and reference.
 
 :data:`MIXING` is read by the mixing table's and summary's column lists
 (:mod:`residual_trace.tracer.mixing`, :mod:`residual_trace.tracer.decompose_summary`), the

@@ -1,5 +1,6 @@
-"""Does attention (and the residual stream) follow tokens or positions? The measures of
-``trace perturb``, run over a corpus batch by batch.
+"""The measures of ``trace perturb``, run over a corpus batch by batch.
+
+They ask whether attention (and the residual stream) follows tokens or positions.
 
 For every text, the original is run once in a padded batch; then the unperturbed text is run
 again (the *re-run*, in a different batch: the noise floor) together with its perturbations.
@@ -155,8 +156,9 @@ class _Runner:
         self.resid_names = [model.spec.resid_hook(k) for k in range(model.n_blocks + 1)]
 
     def padded(self, ids: torch.Tensor, mask: torch.Tensor, lengths: Sequence[int]) -> list[_Run]:
-        """The originals of a padded batch: every block's patterns, like any forward pass
-        that returns its attentions.
+        """The originals of a padded batch, with every block's patterns.
+
+        It runs like any forward pass that returns its attentions.
         """
         store = self.model.run_hooks(ids, mask, [*self.pattern_names, *self.resid_names])
         layers = [store[name] for name in self.pattern_names]
@@ -167,9 +169,10 @@ class _Runner:
         ]
 
     def streamed(self, sequences: Sequence[Sequence[int]], stream: BlockStream) -> torch.Tensor:
-        """Sequences of one length in one forward pass (no padding), their patterns handed
-        to ``stream`` block by block and dropped; returns the residual stream
-        ``[sequence, layer, n, d]``.
+        """Sequences of one length in one forward pass (no padding).
+
+        Their patterns are handed to ``stream`` block by block and dropped; returns the
+        residual stream ``[sequence, layer, n, d]``.
         """
         ids = torch.tensor([list(s) for s in sequences])
         store = self.model.run_hooks(ids, torch.ones_like(ids), self.resid_names, stream=stream)
@@ -284,8 +287,10 @@ class _Setting:
 
 
 def _setting(p: Perturbation, original_ids: Sequence[int], special: Tensor) -> _Setting:
-    """Which positions ``p`` compares: the moved ones for swaps and shuffles, the changed
-    ones for random tokens, every content token for embed-shuffle and the identity.
+    """Which positions ``p`` compares, by the kind of perturbation.
+
+    The moved ones for swaps and shuffles, the changed ones for random tokens, every content
+    token for embed-shuffle and the identity.
     """
     device = special.device
     permutation = torch.tensor(p.permutation, device=device)
@@ -308,8 +313,10 @@ def _setting(p: Perturbation, original_ids: Sequence[int], special: Tensor) -> _
 def _block_values(
     original: Tensor, rerun: Tensor, perturbed: Tensor, setting: _Setting, causal: bool
 ) -> dict[str, Tensor]:
-    """Per-head values of one block (``[head, n, n]`` patterns of the original, the re-run
-    of the unperturbed text and the perturbed text).
+    """Per-head values of one block.
+
+    ``original``, ``rerun`` and ``perturbed`` are the block's ``[head, n, n]`` patterns of the
+    original, the re-run of the unperturbed text and the perturbed text.
 
     ``noise`` is how far the head's measure (index, or pattern kept) moves when the re-run
     of the unperturbed text stands in for the original: run-to-run noise, in the measure's
@@ -337,11 +344,12 @@ def _block_values(
 
 
 class _GroupStream:
-    """A :class:`BlockStream` over one same-length group ``[unperturbed, perturbed...]`` of
-    one text: each block's patterns are compared with the original's as soon as the block
-    has run, then dropped. Row 0 (the re-run of the unperturbed text) is every row's noise
-    reference; a row whose setting is ``None`` is not reported (the re-run of a later
-    group).
+    """A :class:`BlockStream` over one same-length group of one text.
+
+    The group is ``[unperturbed, perturbed...]``: each block's patterns are compared with the
+    original's as soon as the block has run, then dropped. Row 0 (the re-run of the
+    unperturbed text) is every row's noise reference; a row whose setting is ``None`` is not
+    reported (the re-run of a later group).
     """
 
     def __init__(
@@ -374,8 +382,9 @@ class _GroupStream:
 def _resid_values(
     original: _Run, resid: Tensor, setting: _Setting
 ) -> tuple[dict[str, np.ndarray], int]:
-    """Per-residual-layer cosines of the perturbed states to the original's, and the number
-    of positions they compare.
+    """Per-residual-layer cosines of the perturbed states to the original's.
+
+    Also returns the number of positions they compare.
     """
     kind = setting.perturbation.kind
     aligned = resid_alignment(original.resid, resid, setting.permutation, setting.compared)
@@ -446,8 +455,10 @@ class _Tables:
 
 @dataclass(frozen=True)
 class PerturbationSource:
-    """What a text's perturbations are drawn from: the mode's options, the replacement
-    vocabulary (random-token) and the embedding permutations (embed-shuffle).
+    """What a text's perturbations are drawn from.
+
+    The mode's options, the replacement vocabulary (random-token) and the embedding
+    permutations (embed-shuffle).
     """
 
     model: TracedModel
@@ -468,8 +479,9 @@ class PerturbationSource:
         return cls(model, config, candidates, tuple(orders))
 
     def perturbations(self, item: EncodedText) -> list[Perturbation]:
-        """The perturbations of one text (``[]``, or a :class:`UserError` saying why, when
-        it has none).
+        """The perturbations of one text.
+
+        When it has none: ``[]``, or a :class:`UserError` saying why.
         """
         if self.config.mode == "embed-shuffle":
             return [
@@ -504,9 +516,10 @@ def attention_example(
     item: EncodedText,
     heads: Sequence[tuple[int, int]],
 ) -> AttentionExample | None:
-    """Text ``item`` and its first perturbation, run again together, keeping only the
-    drawn heads' patterns (memory n^2 per head at any length), or ``None`` when the text has
-    no perturbation.
+    """Text ``item`` and its first perturbation, run again together.
+
+    Only the drawn heads' patterns are kept (memory n^2 per head at any length); ``None``
+    when the text has no perturbation.
     """
     try:
         perturbations = PerturbationSource.of(model, config).perturbations(item)
@@ -531,8 +544,10 @@ def attention_example(
 
 @dataclass(frozen=True)
 class TextRows:
-    """One text's rows: ``heads`` (``perturbations.csv``'s rows) and ``resid``
-    (``resid.csv``'s), or, for a text with nothing to perturb, ``skipped`` (why).
+    """One text's rows.
+
+    ``heads`` (``perturbations.csv``'s rows) and ``resid`` (``resid.csv``'s), or, for a text
+    with nothing to perturb, ``skipped`` (why).
     """
 
     text_id: int
@@ -549,8 +564,9 @@ def _text_rows(
     original: _Run,
     per_group: int,
 ) -> TextRows:
-    """Every perturbation of ``item``, run ``per_group`` at a time beside the re-run of the
-    unperturbed text, reduced against ``original``.
+    """Every perturbation of ``item``, reduced against ``original``.
+
+    They run ``per_group`` at a time beside the re-run of the unperturbed text.
     """
     model = runner.model
     causal = model.spec.family == "decoder"

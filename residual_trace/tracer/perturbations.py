@@ -1,6 +1,7 @@
-"""Perturbations that move or replace tokens, each with the permutation that says where every
-token went (``permutation[i]`` = new position of the token at position i). Special tokens
-([CLS], [SEP], BOS) always stay in place.
+"""Perturbations that move or replace tokens, each with the permutation it applied.
+
+The permutation says where every token went (``permutation[i]`` = new position of the token at
+position i). Special tokens ([CLS], [SEP], BOS) always stay in place.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class Perturbation:
     label: str
 
     def __post_init__(self) -> None:
+        """Refuse a ``permutation`` that is not a permutation of the positions."""
         if sorted(self.permutation) != list(range(len(self.ids))):
             raise ValueError("permutation must be a permutation of the positions")
 
@@ -76,8 +78,10 @@ def swap_spans(
 def word_span(
     model: TracedModel, text: str, ids: Sequence[int], word: str
 ) -> tuple[tuple[int, int], int]:
-    """The ``[start, end)`` token span of the first whole-word occurrence of ``word`` in
-    ``text`` (encoded as ``ids``), and how many occurrences there are.
+    """The token span of the first whole-word occurrence of ``word``, and the occurrence count.
+
+    The span is ``[start, end)`` in ``text``, encoded as ``ids``; the count is how many whole-word
+    occurrences there are.
     """
     try:
         spans = word_spans(text, model.token_offsets(text, ids), word, model.uncased)
@@ -137,8 +141,10 @@ def random_tokens(
 
 
 def replacement_candidates(model: TracedModel) -> list[int]:
-    """Vocabulary ids a random-token control may draw: not special, and not a reserved
-    placeholder such as BERT's ``[unused17]`` or a decoder's ``<|im_start|>``.
+    """Vocabulary ids a random-token control may draw.
+
+    They are not special, and not a reserved placeholder such as BERT's ``[unused17]`` or a
+    decoder's ``<|im_start|>``.
     """
     tokens = model.token_strings(range(model.d_vocab))
     return [
@@ -157,8 +163,9 @@ def embedding_rows(model: TracedModel) -> int:
 
 
 def embedding_order(rows: int, seed: int, keep: Iterable[int] = ()) -> torch.Tensor:
-    """A seeded permutation of ``rows`` embedding rows that leaves the rows in ``keep`` in
-    place: under it, id ``t`` reads the vector of ``order[t]``.
+    """A seeded permutation of ``rows`` embedding rows that leaves the rows in ``keep`` in place.
+
+    Under it, id ``t`` reads the vector of ``order[t]``.
     """
     generator = torch.Generator().manual_seed(seed)
     kept = torch.zeros(rows, dtype=torch.bool)

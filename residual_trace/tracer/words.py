@@ -47,8 +47,9 @@ def _matches(text: str, word: str, uncased: bool) -> list[tuple[int, int]]:
 def word_spans(
     text: str, offsets: Offsets, word: str, uncased: bool = False
 ) -> list[tuple[int, int]]:
-    """The ``[start, end)`` token spans of every whole-word occurrence of ``word`` in
-    ``text`` (in order; ``[]`` when it does not occur or its tokens were truncated away).
+    """The ``[start, end)`` token spans of every whole-word occurrence of ``word`` in ``text``.
+
+    In order; ``[]`` when it does not occur or its tokens were truncated away.
 
     Raises :class:`UserError` when an occurrence shares a token with a neighbouring word.
     """
@@ -80,8 +81,9 @@ def word_spans(
 
 
 def is_whole_word(text: str, offsets: Offsets, start: int, end: int) -> bool:
-    """Whether tokens ``[start, end)`` cover exactly one or more whole words of ``text``
-    (no word character right before or right after them).
+    """Whether tokens ``[start, end)`` cover exactly one or more whole words of ``text``.
+
+    That is, no word character right before or right after them.
     """
     first, last = offsets[start], offsets[end - 1]
     if first is None or last is None:

@@ -122,9 +122,11 @@ class ReportOptions(Options):
 
     # -- the parts' options -----------------------------------------------------------------
     def options_for(self, experiment: str, n_blocks: int | None) -> CommonOptions:
-        """The options of one part: the report's batch size and seed, and the report keys of
-        that experiment (``perturb_*``, ``probe_*``; ``n_blocks`` turns probe depths into
-        layers); every other option at the experiment's default.
+        """The options of one part, built from the report's keys.
+
+        The report's batch size and seed, and the report keys of that experiment (``perturb_*``,
+        ``probe_*``; ``n_blocks`` turns probe depths into layers); every other option at the
+        experiment's default.
         """
         shared: dict[str, Any] = {"batch_size": self.batch_size, "seed": self.seed, "quiet": True}
         own: dict[str, Any] = {}
@@ -170,8 +172,9 @@ class ReportOptions(Options):
 
     @classmethod
     def read_toml(cls, path: Path) -> dict[str, Any]:
-        """The keys of a TOML config (unknown keys and bad TOML are one-line errors); values
-        are checked when the options are built.
+        """The keys of a TOML config; unknown keys and bad TOML are one-line errors.
+
+        Values are checked when the options are built.
         """
         try:
             data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
@@ -192,8 +195,9 @@ class ReportOptions(Options):
 
     @classmethod
     def from_toml(cls, path: Path, **overrides: Any) -> ReportOptions:
-        """Options from a TOML file, with ``overrides`` on top; a one-line error naming the
-        file and the key otherwise.
+        """Options from a TOML file, with ``overrides`` on top.
+
+        Otherwise a one-line error naming the file and the key.
         """
         data = {**cls.read_toml(path), **overrides}
         try:

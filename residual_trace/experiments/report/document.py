@@ -80,8 +80,10 @@ def _model_info(parts: list[Part]) -> dict[str, dict[str, Any]]:
 
 
 def depth_table(parts: list[Part], options: ReportOptions) -> pd.DataFrame:
-    """One row per model x residual layer: every measure, with ``depth`` = layer / blocks
-    and ``block`` = the block whose output the layer is (empty at layer 0).
+    """One row per model x residual layer, with every measure.
+
+    Columns ``depth`` = layer / blocks and ``block`` = the block whose output the layer is (empty at
+    layer 0).
     """
     info = _model_info(parts)
     frames = []
@@ -116,8 +118,10 @@ def probe_table(parts: list[Part]) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 def probe_grid(summary: pd.DataFrame) -> pd.DataFrame:
-    """The paper-style probe table: one row per model x norms x layer x mapper x metric, one
-    column per condition, each cell ``mean [lo, hi]``.
+    """The paper-style probe table.
+
+    One row per model x norms x layer x mapper x metric, one column per condition, each cell
+    ``mean [lo, hi]``.
     """
     if summary.empty:
         return summary
@@ -136,8 +140,10 @@ def probe_grid(summary: pd.DataFrame) -> pd.DataFrame:
 
 
 def head_shares(parts: list[Part], mode: str) -> pd.DataFrame:
-    """One row per model: its heads by verdict under ``mode``, the largest noise floor, and
-    the positional heads by name (``L{block}H{head}``, most positional first).
+    """One row per model: its heads by verdict under ``mode``.
+
+    Each row also has the largest noise floor and the positional heads by name (``L{block}H{head}``,
+    most positional first).
     """
     rows = []
     for part in parts:
@@ -293,8 +299,9 @@ th { background: #f4f4f4; } .verdicts li { margin: 0.35rem 0; }
 def assemble(
     options: ReportOptions, parts: list[Part]
 ) -> tuple[dict[str, pd.DataFrame], list[str]]:
-    """The report's tables (``depth``, ``heads``, ``probe``; empty ones left out) and its
-    verdicts, from the parts' tables alone.
+    """The report's tables and its verdicts, from the parts' tables alone.
+
+    The tables are ``depth``, ``heads`` and ``probe``; empty ones are left out.
     """
     depth = depth_table(parts, options)
     heads = head_shares(parts, options.perturb_mode)

@@ -1,5 +1,7 @@
-"""The parts of a report: each experiment of each model, run through the same API call as
-its own command, or read back from an earlier run's directory (resume).
+"""The parts of a report: each experiment of each model.
+
+Each part is run through the same API call as its own command, or read back from an earlier
+run's directory (resume).
 """
 
 from __future__ import annotations
@@ -26,8 +28,10 @@ READS = {e.name: e.report_tables for e in EXPERIMENTS if e.report_tables}
 
 @dataclass
 class Part:
-    """One finished experiment of one model: the tables the report reads, the model's
-    ``run.json`` record, and (once saved) its directory.
+    """One finished experiment of one model.
+
+    It holds the tables the report reads, the model's ``run.json`` record, and (once saved)
+    its directory.
     """
 
     model: str

@@ -23,10 +23,11 @@ __all__ = ["EXPERIMENTS", "ReportResult", "run_report"]
 
 @dataclass(repr=False)
 class ReportResult:
-    """The report: ``tables`` (``depth``: one row per model x layer on a relative-depth
-    axis; ``heads``: heads by verdict per model; ``probe``: every probe score with its
-    controls), ``verdicts`` in plain words, the ``parts`` behind them, ``figures()`` and
-    ``save()``.
+    """The report: its tables, verdicts and parts, with ``figures()`` and ``save()``.
+
+    ``tables`` are ``depth`` (one row per model x layer on a relative-depth axis), ``heads``
+    (heads by verdict per model) and ``probe`` (every probe score with its controls);
+    ``verdicts`` are in plain words, and ``parts`` are the experiments behind them.
     """
 
     options: ReportOptions
@@ -54,8 +55,10 @@ class ReportResult:
         return "\n".join(f"- {line}" for line in self.verdicts)
 
     def save(self, out: str | Path) -> list[Path]:
-        """Write the parts not yet on disk, then tables/, figures/, report.html (self-contained),
-        report.md, run.json and config.toml into ``out``; return the report's files.
+        """Write the report into ``out`` and return the report's files.
+
+        First the parts not yet on disk, then tables/, figures/, report.html (self-contained),
+        report.md, run.json and config.toml.
         """
         root = Path(out)
         with Claim(root):
@@ -105,8 +108,10 @@ class ReportResult:
 
 
 def _prune(root: Path, files: set[Path], parts: set[Path]) -> None:
-    """Remove what an earlier report in ``root`` left that this one did not write: tables
-    and figures it no longer has, and parts of models or experiments no longer in it.
+    """Remove what an earlier report in ``root`` left that this one did not write.
+
+    That is tables and figures it no longer has, and parts of models or experiments no longer
+    in it.
     """
     for folder in ("tables", "figures"):
         for path in (root / folder).glob("*"):
@@ -131,9 +136,10 @@ def _make_root(root: Path) -> None:
 
 
 def check_report_out(root: Path, overwrite: bool = False) -> None:
-    """Fail early when ``root`` cannot hold a report: a file, unwritable, or a non-empty
-    directory that is not an earlier report (which the report resumes, or with
-    ``overwrite`` replaces).
+    """Fail early when ``root`` cannot hold a report.
+
+    It cannot when it is a file, unwritable, or a non-empty directory that is not an earlier
+    report (which the report resumes, or with ``overwrite`` replaces).
     """
     from residual_trace.runs import check_out, check_writable, written_by
 
@@ -156,10 +162,11 @@ def _is_report(root: Path) -> bool:
 
 
 def check_report_config(options: ReportOptions, warn: Warn = python_warning) -> dict[str, str]:
-    """What a report needs beyond its validated options, checked before any work starts:
-    every model resolvable (found, without loading its weights), no checkpoint named twice
-    (``./ckpt`` and ``ckpt``, ``gpt2`` and ``openai-community/gpt2``), and every probe norm
-    readable. Returns each model's checkpoint directory.
+    """What a report needs beyond its validated options, checked before any work starts.
+
+    Every model must be resolvable (found, without loading its weights), no checkpoint named
+    twice (``./ckpt`` and ``ckpt``, ``gpt2`` and ``openai-community/gpt2``), and every probe
+    norm readable. Returns each model's checkpoint directory.
     """
     from residual_trace.models.resolve import resolve
     from residual_trace.probes.norms import load_norms
