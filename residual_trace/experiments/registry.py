@@ -11,7 +11,7 @@ experiment modules import nothing heavy, so neither does this one.
 
 Examples:
     >>> [e.name for e in EXPERIMENTS]
-    ['layers', 'decompose', 'perturb', 'probe']
+    ['layers', 'decompose', 'perturb', 'probe', 'lens']
     >>> experiment("probe").inputs, experiment_of(layers) is experiment("layers")
     ('model', True)
 """
@@ -25,11 +25,12 @@ from residual_trace.errors import UserError
 from residual_trace.experiments.contract import Experiment
 from residual_trace.experiments.decompose import decompose as decompose
 from residual_trace.experiments.layers import layers as layers
+from residual_trace.experiments.lens import lens as lens
 from residual_trace.experiments.perturb import perturb as perturb
 from residual_trace.experiments.probe import probe as probe
 
 #: Every verb's API function, in the order ``trace --help`` lists the verbs.
-VERBS: tuple[Callable[..., Any], ...] = (layers, decompose, perturb, probe)
+VERBS: tuple[Callable[..., Any], ...] = (layers, decompose, perturb, probe, lens)
 
 
 def experiment_of(verb: Callable[..., Any]) -> Experiment[Any, Any]:

@@ -147,6 +147,24 @@ class ArchSpec:
         first, second = self.output_norms
         return first.format(block=block), second.format(block=block)
 
+    def mid_sources(self, block: int) -> tuple[str, ...]:
+        """The hooks whose sum is block ``block``'s state between its attention and its MLP.
+
+        For additive blocks that is the block input plus what the attention adds; for
+        post-LN blocks the attention's LayerNorm output (what the MLP reads).
+
+        Raises:
+            UserError: for parallel blocks, whose attention and MLP both read the input.
+        """
+        if self.parallel:
+            raise UserError(
+                f"--mid: {self.model_type} runs attention and MLP in parallel (both read the "
+                "block input), so no state lies between them"
+            )
+        if self.post_norms is not None:
+            return (f"{self.post_norms[0].format(block=block)}.hook_out",)
+        return (self.resid_hook(block), self.attn_delta.format(block=block))
+
     def reader_norm(self, layer: int, n_blocks: int) -> str | None:
         """The norm module that reads residual layer ``layer`` (0..n_blocks), if any."""
         if layer == n_blocks:

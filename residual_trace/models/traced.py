@@ -171,6 +171,9 @@ class TracedModel:
         )
         self._affines: dict[str, NormAffine] = {}
         self._hooks_paused = False
+        #: the output head's weights the checkpoint lacks (Hugging Face initialised them at
+        #: random); set by :func:`load_model` from the loader's own report
+        self.head_missing: tuple[str, ...] = ()
         self.spec: ArchSpec = derive_spec(bridge, self._probe, dtype)
         #: the unknown token ([UNK]) where it is its own token: a stand-in for text the
         #: tokenizer has no piece for, flagged ``is_unk``, not structural; ``None`` where
@@ -187,10 +190,12 @@ class TracedModel:
         self.d_vocab: int = int(self.W_E.shape[0])
 
     def _unknown_token(self) -> int | None:
-        """The tokenizer's unknown-token id, unless it also frames texts (added around
-        them or prepended), pads or masks them (tokenizers name it BOS/EOS loosely), or the
-        tokenizer never emits it (byte-level BPE reads any text: its "unknown" token is a
-        document separator, a structural token).
+        """The tokenizer's unknown-token id, unless that id is not a real unknown token.
+
+        It is not when it also frames texts (added around them or prepended), pads or masks
+        them (tokenizers name it BOS/EOS loosely), or when the tokenizer never emits it
+        (byte-level BPE reads any text: its "unknown" token is a document separator, a
+        structural token).
         """
         unk = self.tokenizer.unk_token_id
         if unk is None:
@@ -231,9 +236,10 @@ class TracedModel:
         return ids[:max_length] if max_length is not None else ids
 
     def token_offsets(self, text: str, ids: Sequence[int]) -> list[tuple[int, int] | None]:
-        """The character span in ``text`` of each token of ``ids`` (``model.encode(text)``,
-        possibly truncated); ``None`` for special and prepended tokens. Needs a fast
-        tokenizer (one with an offset mapping).
+        """The character span in ``text`` of each token of ``ids``.
+
+        ``ids`` is ``model.encode(text)``, possibly truncated; the span is ``None`` for special
+        and prepended tokens. Needs a fast tokenizer (one with an offset mapping).
         """
         if not getattr(self.tokenizer, "is_fast", False):
             raise UserError(
@@ -272,8 +278,9 @@ class TracedModel:
 
     # -- norms ----------------------------------------------------------------------------
     def norm_affine(self, path: str) -> NormAffine:
-        """The norm module at bridge path ``path`` as gain, bias and centring, measured by
-        calling the module on inputs whose mean and scale are known (cached).
+        """The norm module at bridge path ``path`` as gain, bias and centring (cached).
+
+        They are measured by calling the module on inputs whose mean and scale are known.
         """
         if path not in self._affines:
             module = self.bridge.get_submodule(path)
@@ -313,8 +320,9 @@ class TracedModel:
         return None if affine is None else affine.gain
 
     def reader_norm(self, layer: int) -> NormAffine | None:
-        """The norm that reads residual layer ``layer`` (its effective gain, bias and whether
-        it centres), or ``None`` when no norm reads it.
+        """The norm that reads residual layer ``layer``, or ``None`` when no norm reads it.
+
+        The norm is given as its effective gain, bias and whether it centres.
         """
         path = self.spec.reader_norm(layer, self.n_blocks)
         return None if path is None else self.norm_affine(path)
@@ -322,8 +330,9 @@ class TracedModel:
     def output_weights(
         self, block: int
     ) -> tuple[Float[Tensor, "head_index d_head d_model"], Float[Tensor, " d_model"] | None]:
-        """``(W_O, b_O)`` of block ``block``'s attention: head outputs z_h @ W_O[h] sum (+ b_O)
-        to the attention sublayer's output.
+        """``(W_O, b_O)`` of block ``block``'s attention.
+
+        Head outputs z_h @ W_O[h] sum (+ b_O) to the attention sublayer's output.
         """
         attention = self.bridge.blocks[block].attn
         bias = attention.b_O
@@ -393,8 +402,10 @@ class TracedModel:
 
     @contextlib.contextmanager
     def hooks_paused(self) -> Iterator[None]:
-        """Ignore :meth:`run_hooks`'s hooks while a stream re-runs the model's own modules
-        (see :class:`~residual_trace.models.block_rest.BlockRest`) inside a forward pass.
+        """Ignore :meth:`run_hooks`'s hooks while a stream re-runs the model's own modules.
+
+        The re-run happens inside a forward pass; see
+        :class:`~residual_trace.models.block_rest.BlockRest`.
         """
         before, self._hooks_paused = self._hooks_paused, True
         try:
@@ -469,21 +480,28 @@ def load_model(
             raise UserError(
                 f"cannot load model '{name}' from {resolved.directory}: {first}"
             ) from None
+    head_missing = tuple(k for what, keys in reports if what == HEAD_MISSING for k in keys)
     for what, keys in reports:
+        if what == HEAD_MISSING:
+            continue
         shown = ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
         raise UserError(
             f"--model {name}: the checkpoint {what} {shown}; refusing to run a model with "
             "randomly initialised or dropped layers (check config.json against the weights)"
         )
     bridge.eval()
-    return TracedModel(bridge, resolved, torch_device, DTYPES[dtype], device_map)
+    traced = TracedModel(bridge, resolved, torch_device, DTYPES[dtype], device_map)
+    traced.head_missing = head_missing
+    return traced
 
 
 @contextlib.contextmanager
 def _loading_reports() -> Iterator[list[tuple[str, list[str]]]]:
-    """What is wrong with the weights of each model Hugging Face's loader loads, from its
-    own report of missing, unexpected and mismatched weights (:func:`_weight_problems`,
-    read as the loader reports, before the bridge wraps the modules).
+    """What is wrong with the weights of each model Hugging Face's loader loads.
+
+    It comes from the loader's own report of missing, unexpected and mismatched weights
+    (:func:`_weight_problems`, read as the loader reports, before the bridge wraps the
+    modules).
     """
     import transformers.modeling_utils as modeling
 
@@ -496,6 +514,9 @@ def _loading_reports() -> Iterator[list[tuple[str, list[str]]]]:
     def keep(model: Any, *args: Any, **kwargs: Any) -> Any:
         info = kwargs.get("loading_info", args[2] if len(args) > 2 else None)
         reports.extend(_weight_problems(model, info))
+        head = _missing_head(model, info)
+        if head:
+            reports.append((HEAD_MISSING, head))
         return original(model, *args, **kwargs)
 
     modeling.log_state_dict_report = keep
@@ -505,9 +526,32 @@ def _loading_reports() -> Iterator[list[tuple[str, list[str]]]]:
         modeling.log_state_dict_report = original
 
 
+#: The loading report's tag for task-head weights the checkpoint lacks (not an error).
+HEAD_MISSING = "lacks head weights"
+
+
+def _missing_head(model: Any, info: Any) -> list[str]:
+    """The task-head weights (outside the transformer body) the checkpoint lacks.
+
+    A sentence-transformers checkpoint such as ``minilm`` has no MLM head: Hugging Face then
+    initialises ``cls.*`` at random, which no drift measure reads but a lens would.
+    """
+    if info is None:
+        return []
+    base = getattr(model, "base_model", model)
+    prefix = str(getattr(model, "base_model_prefix", "") or "")
+    body = set(base.state_dict())
+    return sorted(
+        str(k)
+        for k in getattr(info, "missing_keys", ())
+        if (str(k).removeprefix(f"{prefix}.") if prefix else str(k)) not in body
+    )
+
+
 def _weight_problems(model: Any, info: Any) -> list[tuple[str, list[str]]]:
-    """What stops a checkpoint's weights from covering the model its config describes: a
-    missing weight of the transformer body (embeddings, blocks, norms) would be random, and
+    """What stops a checkpoint's weights from covering the model its config describes.
+
+    A missing weight of the transformer body (embeddings, blocks, norms) would be random, and
     an unexpected one means the config and the weights disagree (more layers, another
     layout). A missing task head (BERT's MLM head on a sentence-transformers checkpoint) and
     an unused pooler or classifier are harmless: no measure reads them.
@@ -538,9 +582,10 @@ def _weight_problems(model: Any, info: Any) -> list[tuple[str, list[str]]]:
 
 
 def random_init_copy(model: TracedModel, seed: int) -> TracedModel:
-    """The same architecture and tokenizer with seeded random weights (Hugging Face's own
-    initialisation): the ``random-init`` control of the probes. The global torch RNG is left
-    as it was.
+    """The same architecture and tokenizer with seeded random weights.
+
+    The weights follow Hugging Face's own initialisation: this is the ``random-init`` control
+    of the probes. The global torch RNG is left as it was.
     """
     from transformer_lens.model_bridge import TransformerBridge
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
