@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.residual-trace-installed
 ARGS ?=
 
-.PHONY: trace test lint typecheck docs docs-serve docs-figures browser bench bench-probe bench-length bench-engine install clean
+.PHONY: trace test lint typecheck docs docs-serve docs-figures browser bench bench-probe bench-length bench-engine bench-lens install clean
 
 install: $(STAMP)
 
@@ -53,6 +53,9 @@ bench: $(STAMP)
 
 bench-probe: $(STAMP)
 	$(BIN)/python benchmarks/bench_probe.py
+
+bench-lens: $(STAMP)
+	$(BIN)/python benchmarks/bench_lens.py
 
 bench-engine: $(STAMP)
 	$(BIN)/python benchmarks/bench_engine.py

@@ -2,9 +2,10 @@
 
 - ``docs/report-drift.png``: ``trace report`` on the two packaged models, ``layers`` only, on
   the first 60 bundled sentences (its ``figures/drift.png``);
-- ``docs/lens-curves.png`` and ``docs/lens-grid.png``: ``trace lens`` on ``smollm2`` (one
-  factual prompt, then 39 bundled sentences: its ``lens_curves`` and, for the prompt,
-  ``lens_grid``);
+- ``docs/train-lens-*.png``: ``trace train-lens`` on ``smollm2`` with its defaults, on the
+  bundled sentences after the first 39; ``docs/lens-*.png``: ``trace lens`` with that tuned
+  lens on one factual prompt and the first 39 sentences (its ``lens_curves`` and, for the
+  prompt, ``lens_grid`` and ``lens_grid_tuned``);
 - ``docs/length-scaling.png``: ``benchmarks/bench_length.py`` on both packaged models (time and
   peak memory against input length, as multiples of the floor measured in the same run),
   drawn by ``benchmarks/plot_length.py``. This one runs the benchmark: minutes to tens of
@@ -53,18 +54,39 @@ LENS_PROMPT = "The Eiffel Tower is in the city of"
 
 
 def lens_figures(work: Path) -> None:
-    """``docs/lens-curves.png`` and ``docs/lens-grid.png`` from ``trace lens`` on smollm2."""
+    """The lens pages' figures: a tuned lens trained on smollm2, then both lenses read.
+
+    ``trace train-lens`` with its defaults on the bundled sentences after the first 39
+    (``docs/train-lens-*.png``), then ``trace lens --tuned-lens`` on the prompt and the
+    first 39 sentences, which the lens never saw (``docs/lens-*.png``).
+    """
+    import time
+
     sys.path.insert(0, str(ROOT))
     from residual_trace.experiments import bundled_sentences
 
-    texts = work / "lens-texts.txt"
-    texts.write_text("\n".join([LENS_PROMPT, *bundled_sentences()[:39]]) + "\n", encoding="utf-8")
-    out = work / "lens"
+    sentences = bundled_sentences()
+    corpus, texts = work / "lens-corpus.txt", work / "lens-texts.txt"
+    corpus.write_text("\n".join(sentences[39:]) + "\n", encoding="utf-8")
+    texts.write_text("\n".join([LENS_PROMPT, *sentences[:39]]) + "\n", encoding="utf-8")
+    trained, read = work / "smollm2-lens", work / "lens"
+    start = time.perf_counter()
+    _run(sys.executable, "-m", "residual_trace", "train-lens", "--model", "smollm2", "--file",
+         str(corpus), "-o", str(trained), "-q")  # fmt: skip
+    print(f"train-lens took {time.perf_counter() - start:.0f} s", flush=True)
     _run(sys.executable, "-m", "residual_trace", "lens", "--model", "smollm2", "--file",
-         str(texts), "-o", str(out), "-q")  # fmt: skip
-    shutil.copyfile(out / "lens_curves.png", DOCS / "lens-curves.png")
-    shutil.copyfile(out / "lens_grid.png", DOCS / "lens-grid.png")
-    shutil.copyfile(out / "summary.csv", DOCS / "lens-summary.csv")
+         str(texts), "--tuned-lens", str(trained), "-o", str(read), "-q")  # fmt: skip
+    copies = {
+        read / "lens_curves.png": "lens-curves.png",
+        read / "lens_grid.png": "lens-grid.png",
+        read / "lens_grid_tuned.png": "lens-grid-tuned.png",
+        read / "summary.csv": "lens-summary.csv",
+        trained / "training.png": "train-lens-training.png",
+        trained / "heldout.png": "train-lens-heldout.png",
+        trained / "heldout_summary.csv": "train-lens-heldout.csv",
+    }
+    for source, name in copies.items():
+        shutil.copyfile(source, DOCS / name)
 
 
 def length_scaling(work: Path) -> None:

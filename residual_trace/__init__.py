@@ -44,6 +44,7 @@ if TYPE_CHECKING:  # the names below are imported on first use: `import residual
     from residual_trace.experiments.registry import *  # noqa: F403  (every verb's function)
     from residual_trace.experiments.report.config import ReportOptions
     from residual_trace.experiments.report.result import ReportResult
+    from residual_trace.experiments.train_lens import TrainLensOptions, TrainLensResult
     from residual_trace.models import ALIASES, TracedModel, load_model
     from residual_trace.tracer import drift_table, iter_drift, layer_summary
 
@@ -59,6 +60,8 @@ _EXPORTS = {
     "PerturbResult": "residual_trace.experiments.perturb",
     "ProbeOptions": "residual_trace.experiments.probe",
     "ProbeResult": "residual_trace.experiments.probe",
+    "TrainLensOptions": "residual_trace.experiments.train_lens",
+    "TrainLensResult": "residual_trace.experiments.train_lens",
     "ReportOptions": "residual_trace.experiments.report.config",
     "ReportResult": "residual_trace.experiments.report.result",
     "bundled_sentences": "residual_trace.experiments.common",

@@ -68,6 +68,13 @@ class LensOptions(CorpusOptions):
         "parallel blocks; the tuned lens has no reading there).",
     )
     grid_text: int = option(0, "text_id drawn in the lens_grid figure.")
+    geometry: bool = option(
+        True,
+        "Also rank each state's own embedding row by cosine, as trace layers does, so that "
+        "the summary and lens_curves set the decoding answer beside the geometric one "
+        "(costs about one more lens).",
+        negate="--no-geometry",
+    )
     include_special: bool = include_special_option()
 
     def validate(self) -> None:
@@ -131,16 +138,25 @@ class LensResult(Result):
         return self.tables["summary"]
 
     def figures(self) -> dict[str, Figure]:
-        """lens_curves (KL and top-1 per layer, with nulls) and lens_grid (one text)."""
+        """The curves (KL and top-1 per layer, with nulls) and a grid per lens (one text).
+
+        ``lens_grid`` is the first lens's grid, ``lens_grid_tuned`` (and so on) the others'.
+        """
         from residual_trace.figures.lens import lens_curves_figure, lens_grid_figure
 
         options = self.options
         assert isinstance(options, LensOptions)
         decoder = self.model.spec.family == "decoder"
-        return {
+        lenses = list(dict.fromkeys(self.lens["lens"]))
+        figures = {
             "lens_curves": lens_curves_figure(self.summary, decoder=decoder),
             "lens_grid": lens_grid_figure(self.lens, text_id=options.grid_text),
         }
+        for other in lenses[1:]:
+            figures[f"lens_grid_{other}"] = lens_grid_figure(
+                self.lens, text_id=options.grid_text, lens=other
+            )
+        return figures
 
     def headline(self) -> str:
         """The first lens's KL to the model's output at layer 0 and one layer below the top."""
@@ -241,8 +257,8 @@ def shard_rows(
     lenses, own = _lens_functions(traced, options)
     counts = dict(options.unigram_counts)
     log_unigram = unigram_log_probs(counts, traced.d_vocab) if counts else None
-    frames, nulls = [], []
-    for rows, null in iter_lens_encoded(
+    frames, nulls, geometry = [], [], []
+    for rows, null, shapes in iter_lens_encoded(
         traced,
         encoded,
         lenses,
@@ -250,13 +266,20 @@ def shard_rows(
         batch_size=options.batch_size,
         mid=options.mid,
         log_unigram=log_unigram,
+        geometry=options.geometry,
         progress=options.progress,
     ):
         frames.append(rows)
         nulls.append(null)
-    return ShardPart(
-        {"lens": pd.concat(frames, ignore_index=True), "nulls": pd.concat(nulls, ignore_index=True)}
-    )
+        if shapes is not None:
+            geometry.append(shapes)
+    tables = {
+        "lens": pd.concat(frames, ignore_index=True),
+        "nulls": pd.concat(nulls, ignore_index=True),
+    }
+    if geometry:
+        tables["geometry"] = pd.concat(geometry, ignore_index=True)
+    return ShardPart(tables)
 
 
 def run_lens(
@@ -292,7 +315,8 @@ def run_lens(
     counts: Counter[int] = Counter(i for item in encoded for i in item.ids)
     rows = run_shards(EXPERIMENT, traced, encoded, options.with_unigram(counts))
     table, nulls = rows.tables["lens"], rows.tables["nulls"]
-    summary = lens_summary(table, nulls, options.include_special, options.seed)
+    geometry = rows.tables.get("geometry")
+    summary = lens_summary(table, nulls, options.include_special, options.seed, geometry)
     n_tokens = [len(item.ids) for item in encoded]
     text_rows = pd.DataFrame(
         {"text_id": np.arange(len(texts_list)), "n_tokens": n_tokens, "text": texts_list}

@@ -11,7 +11,7 @@ experiment modules import nothing heavy, so neither does this one.
 
 Examples:
     >>> [e.name for e in EXPERIMENTS]
-    ['layers', 'decompose', 'perturb', 'probe', 'lens']
+    ['layers', 'decompose', 'perturb', 'probe', 'lens', 'train-lens']
     >>> experiment("probe").inputs, experiment_of(layers) is experiment("layers")
     ('model', True)
 """
@@ -28,9 +28,10 @@ from residual_trace.experiments.layers import layers as layers
 from residual_trace.experiments.lens import lens as lens
 from residual_trace.experiments.perturb import perturb as perturb
 from residual_trace.experiments.probe import probe as probe
+from residual_trace.experiments.train_lens import train_lens as train_lens
 
 #: Every verb's API function, in the order ``trace --help`` lists the verbs.
-VERBS: tuple[Callable[..., Any], ...] = (layers, decompose, perturb, probe, lens)
+VERBS: tuple[Callable[..., Any], ...] = (layers, decompose, perturb, probe, lens, train_lens)
 
 
 def experiment_of(verb: Callable[..., Any]) -> Experiment[Any, Any]:

@@ -8,6 +8,8 @@ probability). No model, no pyplot state, no I/O.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
@@ -75,6 +77,8 @@ def lens_curves_figure(summary: pd.DataFrame, decoder: bool) -> Figure:
             ax.fill_between(
                 x, group[f"{column}_lo"], group[f"{column}_hi"], color=colour, alpha=0.18, lw=0
             )
+        if column == "identifiable":
+            _draw_geometry(ax, summary)
         if null is not None:
             post = summary[summary["site"] == "post"].sort_values("layer")
             first = post[post["lens"] == post["lens"].iloc[0]] if len(post) else post
@@ -95,6 +99,21 @@ def lens_curves_figure(summary: pd.DataFrame, decoder: bool) -> Figure:
     model = ", ".join(map(str, summary["model"].unique())) or "model"
     figure.suptitle(f"{model}: lenses per layer (bands: 95% bootstrap intervals)", fontsize=11)
     return figure
+
+
+def _draw_geometry(ax: Any, summary: pd.DataFrame) -> None:
+    """The geometric answer beside the lens's: ``trace layers``' nearest-row identifiability."""
+    if "nn_identifiable" not in summary:
+        return
+    post = summary[summary["site"] == "post"].sort_values("layer")
+    first = post[post["lens"] == post["lens"].iloc[0]] if len(post) else post
+    if not np.isfinite(first["nn_identifiable"].to_numpy(dtype=float)).any():
+        return
+    label = "nearest embedding row (trace layers)"
+    ax.plot(first["layer"], first["nn_identifiable"], "-", color="black", lw=1.2, marker="x",
+            ms=4, label=label)  # fmt: skip
+    low, high = first["nn_identifiable_lo"], first["nn_identifiable_hi"]
+    ax.fill_between(first["layer"], low, high, color="black", alpha=0.1, lw=0)
 
 
 def _grid_layers(layers: np.ndarray) -> np.ndarray:
@@ -155,4 +174,44 @@ def lens_grid_figure(table: pd.DataFrame, text_id: int = 0, lens: str | None = N
     )
     model = ", ".join(map(str, table["model"].unique())) or "model"
     ax.set_title(f"{model}: {lens} lens, text {text_id} ({shown}); cell = top token", fontsize=10)
+    return figure
+
+
+def training_figure(training: pd.DataFrame, model: str) -> Figure:
+    """KL(output || tuned lens) per training step, for five layers spread over the depth."""
+    figure = Figure(figsize=(6.4, 4.0), layout="constrained")
+    ax = figure.subplots()
+    layers = np.sort(training["layer"].unique())
+    picks = layers[
+        np.unique(np.linspace(0, len(layers) - 1, min(5, len(layers))).round().astype(int))
+    ]
+    colours = ["#440154", "#3b528b", "#21918c", "#5ec962", "#c8a000"]
+    for colour, layer in zip(colours, picks, strict=False):
+        rows = training[training["layer"] == layer]
+        ax.plot(rows["step"], rows["kl"], color=colour, marker=".", label=f"layer {int(layer)}")
+    ax.set_yscale("log")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("KL(output || tuned lens), nats (training batch)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, title="translator", title_fontsize=8)
+    ax.set_title(f"{model}: tuned-lens training (step 1 = the logit lens)", fontsize=10)
+    return figure
+
+
+def heldout_figure(summary: pd.DataFrame, model: str) -> Figure:
+    """Held-out KL(output || lens) per layer: the logit lens against the tuned lens."""
+    figure = Figure(figsize=(6.4, 4.0), layout="constrained")
+    ax = figure.subplots()
+    for lens, group in summary.groupby("lens", sort=True):
+        group = group.sort_values("layer")
+        colour = _COLOURS.get(str(lens), "#555555")
+        ax.plot(group["layer"], group["kl"], color=colour, marker=".", label=f"{lens} lens")
+        ax.fill_between(group["layer"], group["kl_lo"], group["kl_hi"], color=colour,
+                        alpha=0.2, lw=0)  # fmt: skip
+    ax.set_yscale("symlog", linthresh=1.0)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("KL(output || lens), nats")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(f"{model}: held-out texts (bands: 95% bootstrap intervals)", fontsize=10)
     return figure

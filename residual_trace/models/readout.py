@@ -66,6 +66,10 @@ class Readout:
     @torch.inference_mode()
     def __call__(self, states: Float[Tensor, "n d_model"]) -> Float[Tensor, "n d_vocab"]:
         """Logits of ``states`` (float32), computed in the model's dtype as the model does."""
+        return self.logits(states)
+
+    def logits(self, states: Float[Tensor, "n d_model"]) -> Float[Tensor, "n d_vocab"]:
+        """:meth:`__call__` outside inference mode, so that gradients reach ``states``."""
         x = states.to(device=self.device, dtype=self.dtype)
         if self.norm is not None:
             x = self.norm(x)

@@ -67,6 +67,9 @@ LENS_COLUMNS = (
 #: Columns of the per-position null table (one row per text x position).
 NULL_COLUMNS = ("text_id", "position", "next_token_id", "kl_unigram")
 
+#: Columns of the geometry table: ``trace layers``' nearest-neighbour rank of each state.
+GEOMETRY_COLUMNS = ("text_id", "position", "layer", "vocab_rank")
+
 #: The sites a state can be read at, in depth order within a layer.
 SITES = ("post", "mid")
 
@@ -292,6 +295,40 @@ def _batch_frames(
     return _finish(model, pd.concat(frames, ignore_index=True)), nulls
 
 
+def geometry_frame(model: TracedModel, batch: Batch, states: StateSites) -> pd.DataFrame:
+    """``vocab_rank`` of every ``post`` state, as ``trace layers`` measures it.
+
+    1 + the number of input-embedding rows more cosine-similar to the state than its own
+    token's row (1: the state's nearest embedding row is its token).
+    """
+    from residual_trace.tracer.drift import _Scorer
+
+    scorer = _Scorer.build(model.W_E, gain=None, centre=False)
+    device = model.device
+    valid = batch.mask.bool().to(device)
+    ids = batch.ids.to(device)[valid]
+    rows = torch.arange(valid.shape[0], device=device)[:, None].expand_as(valid)[valid]
+    positions = torch.arange(valid.shape[1], device=device)[None, :].expand_as(valid)[valid]
+    others = torch.zeros(len(ids), len(ids), dtype=torch.bool, device=device)
+    text_ids = np.array([t.text_id for t in batch.texts], dtype=np.int64)[rows.cpu().numpy()]
+    frames = []
+    for site, layer, state in states.items:
+        if site != "post":
+            continue
+        _, _, rank = scorer.stats(state, ids, others)
+        frames.append(
+            pd.DataFrame(
+                {
+                    "text_id": text_ids,
+                    "position": positions.cpu().numpy(),
+                    "layer": np.int64(layer),
+                    "vocab_rank": rank.cpu().numpy().astype(np.int64),
+                }
+            )
+        )
+    return pd.concat(frames, ignore_index=True)
+
+
 def _finish(model: TracedModel, frame: pd.DataFrame) -> pd.DataFrame:
     """Token strings and flags, types, row order and column order of the lens table."""
     ids = frame["token_id"].to_numpy()
@@ -319,9 +356,10 @@ def iter_lens_encoded(
     batch_size: int,
     mid: bool = False,
     log_unigram: Tensor | None = None,
+    geometry: bool = False,
     progress: bool = False,
-) -> Iterator[tuple[pd.DataFrame, pd.DataFrame]]:
-    """Yield ``(lens rows, null rows)`` batch by batch; each batch is reduced before the next.
+) -> Iterator[tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame | None]]:
+    """Yield ``(lens rows, null rows, geometry rows)`` batch by batch, each batch reduced.
 
     Args:
         model: the traced model.
@@ -331,6 +369,7 @@ def iter_lens_encoded(
         batch_size: texts per forward pass (results do not depend on it).
         mid: also read the state between each block's attention and MLP.
         log_unigram: the null's log-distribution (see :func:`unigram_log_probs`), if any.
+        geometry: also rank each state's own embedding row by cosine (:func:`geometry_frame`).
         progress: a progress bar on stderr.
     """
     if batch_size < 1:
@@ -345,4 +384,5 @@ def iter_lens_encoded(
     with torch.inference_mode():
         for batch in bar:
             states = StateSites.capture(model, batch, mid)
-            yield _batch_frames(model, batch, lenses, own, states, log_unigram)
+            rows, nulls = _batch_frames(model, batch, lenses, own, states, log_unigram)
+            yield rows, nulls, geometry_frame(model, batch, states) if geometry else None

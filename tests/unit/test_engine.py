@@ -87,6 +87,15 @@ def test_decompose_on_ray_equals_one_process(local_ray, tiny_models):
     assert set(sharded.tables["mixing_pairs"]["text_id"]) == {4}
 
 
+def test_lens_on_ray_equals_one_process(local_ray, tiny_models):
+    model = tiny_models["llama"]
+    options = {"batch_size": 2, "mid": True}
+    local = _one_thread(lambda: rt.lens(model, TEXTS, **options))
+    sharded = rt.lens(model, TEXTS, **options, engine="ray", workers=2)
+    _assert_same_tables(local, sharded)
+    assert sharded.summary["kl_unigram"].notna().all()  # the texts' counts reached the shards
+
+
 def test_perturb_on_ray_equals_one_process(local_ray, tiny_models):
     model = tiny_models["llama"]
     options = {"batch_size": 2, "mode": "shuffle", "samples": 2, "show_text": 5}

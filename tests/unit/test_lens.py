@@ -334,3 +334,14 @@ def test_chunking_and_batching_change_nothing(lens_dirs):
     pd.testing.assert_frame_equal(whole, chunked, check_exact=False, rtol=1e-4, atol=1e-6)
     for column in ("top_token_id", "input_rank", "next_rank", "position", "layer"):
         assert whole[column].equals(chunked[column])
+
+
+def test_the_geometric_answer_is_trace_layers_identifiable(lens_dirs):
+    model = rt.load_model(str(lens_dirs["gpt2"]), device="cpu")
+    summary = rt.lens(model, TEXTS, mid=True).summary
+    layers = rt.layers(model, TEXTS).summary.set_index("layer")["identifiable"]
+    post = summary[summary["site"] == "post"].set_index("layer")["nn_identifiable"]
+    assert np.allclose(post.sort_index().to_numpy(), layers.sort_index().to_numpy())
+    assert summary[summary["site"] == "mid"]["nn_identifiable"].isna().all()
+    plain = rt.lens(model, TEXTS, geometry=False).summary
+    assert plain["nn_identifiable"].isna().all()

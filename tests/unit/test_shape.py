@@ -123,7 +123,14 @@ def test_the_registry_and_the_command_line_import_nothing_heavy():
 def test_every_verb_is_a_command_an_api_function_and_in_all():
     from residual_trace.cli import trace
 
-    assert [e.name for e in EXPERIMENTS] == ["layers", "decompose", "perturb", "probe", "lens"]
+    assert [e.name for e in EXPERIMENTS] == [
+        "layers",
+        "decompose",
+        "perturb",
+        "probe",
+        "lens",
+        "train-lens",
+    ]
     for experiment, name in zip(EXPERIMENTS, VERB_NAMES, strict=True):
         assert name in rt.__all__
         assert vars(getattr(rt, name))["experiment"] is experiment
