@@ -31,10 +31,11 @@ Examples:
 
 from __future__ import annotations
 
+import copy
 import types
 import typing
 from collections.abc import Callable, Sequence
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
@@ -274,6 +275,27 @@ class Options:
         """Rebuild from :meth:`to_dict` output, ignoring keys this version does not know."""
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
+
+    @property
+    def context(self) -> dict[str, Any]:
+        """Facts a run attaches for its shards (see :meth:`with_context`); empty by default.
+
+        Not options: never in ``to_dict`` or ``run.json``, and no keyword of the API.
+        """
+        return dict(vars(self).get("_context", {}))
+
+    def with_context(self: O, **facts: Any) -> O:
+        """A copy carrying ``facts`` in :attr:`context` (e.g. counts over all the texts)."""
+        other = copy.copy(self)
+        vars(other)["_context"] = {**self.context, **facts}
+        return other
+
+    def replaced(self: O, **changes: Any) -> O:
+        """``dataclasses.replace(self, **changes)``, keeping :attr:`context`."""
+        other = replace(self, **changes)
+        if self.context:
+            vars(other)["_context"] = self.context
+        return other
 
     @classmethod
     def defaults(cls) -> dict[str, Any]:

@@ -29,7 +29,6 @@ Ray raised after it.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import math
 import os
@@ -277,8 +276,8 @@ class _RayRun:
         self.encoded = list(encoded)
         self.options = options
         # workers never draw bars; the driver's bar counts texts over all shards
-        self.worker_options = dataclasses.replace(
-            options, quiet=True, engine="local", ray_address=None, workers=None
+        self.worker_options = options.replaced(
+            quiet=True, engine="local", ray_address=None, workers=None
         )
 
         #: set when a SIGINT arrived during the run: whatever Ray raises after it is a

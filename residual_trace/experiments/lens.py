@@ -8,7 +8,6 @@ layer, with intervals and nulls) and ``texts``; ``trace lens`` is that call foll
 
 from __future__ import annotations
 
-import copy
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -108,13 +107,11 @@ class LensOptions(CorpusOptions):
     @property
     def unigram_counts(self) -> tuple[tuple[int, int], ...]:
         """The texts' token counts (set by :func:`run_lens` for the shards), else empty."""
-        return tuple(vars(self).get("_unigram_counts", ()))
+        return tuple(self.context.get("unigram_counts", ()))
 
     def with_unigram(self, counts: Counter[int]) -> LensOptions:
-        """A copy carrying the texts' token counts to every shard (not an option)."""
-        other = copy.copy(self)
-        vars(other)["_unigram_counts"] = tuple(sorted(counts.items()))
-        return other
+        """A copy carrying the texts' token counts to every shard (a context, not an option)."""
+        return self.with_context(unigram_counts=tuple(sorted(counts.items())))
 
     def run(self, model: ModelArg, texts: Texts = None, warn: Warn = python_warning) -> LensResult:
         """Run on ``model`` and ``texts``; see :func:`residual_trace.lens`."""
