@@ -337,7 +337,7 @@ EXPERIMENT = Experiment(
     help="""Decode every residual state through a lens (logit, tuned, or MLM head).
 
     Prints a per-layer summary and writes lens.csv (one row per text x position x layer x
-    site x lens), summary.csv (intervals and nulls), texts.csv, run.json and two figures
+    site x lens), summary.csv (intervals and nulls), texts.csv, run.json and the figures
     into --out.
     """,
     epilog="""\b

@@ -345,3 +345,22 @@ def test_the_geometric_answer_is_trace_layers_identifiable(lens_dirs):
     assert summary[summary["site"] == "mid"]["nn_identifiable"].isna().all()
     plain = rt.lens(model, TEXTS, geometry=False).summary
     assert plain["nn_identifiable"].isna().all()
+
+
+def test_half_precision_reads_the_models_own_half_precision_output(lens_dirs):
+    """In bfloat16 the weights and the forward run in bfloat16; the lens at the top is still
+    the model's own output, and the middle layers stay close to the float32 reading."""
+    from residual_trace.models.readout import readout
+
+    half = rt.load_model(str(lens_dirs["llama"]), device="cpu", dtype="bfloat16")
+    full = rt.load_model(str(lens_dirs["llama"]), device="cpu")
+    ids = half.encode(TEXTS[0])
+    batch = torch.tensor([ids])
+    top = half.capture(batch, torch.ones_like(batch)).resid[-1, 0]
+    with torch.no_grad():
+        out = half.bridge.original_model(batch).logits[0].float()
+    assert torch.equal(readout(half, "logit")(top), out)
+    a = rt.lens(half, TEXTS, geometry=False).lens
+    b = rt.lens(full, TEXTS, geometry=False).lens
+    assert np.isfinite(a["kl_final"]).all()
+    assert np.allclose(a["entropy"], b["entropy"], atol=0.05, rtol=0.05)
