@@ -199,10 +199,7 @@ def _lens_functions(
         if name != "tuned":
             readout(model, name)  # type: ignore[arg-type]
     own_head = readout(model, default_head(model))
-
-    def own(states: object, layer: int, site: str) -> object:
-        return own_head(states)  # type: ignore[arg-type]
-
+    own = _head_function(own_head)
     lenses: list[NamedLens] = []
     for name in names:
         if name == "tuned":
@@ -215,7 +212,7 @@ def _lens_functions(
         else:
             head = own_head if name == default_head(model) else readout(model, name)  # type: ignore[arg-type]
             lenses.append(NamedLens(name, _head_function(head)))
-    return lenses, own  # type: ignore[return-value]
+    return lenses, own
 
 
 def _head_function(head: object) -> LensFunction:

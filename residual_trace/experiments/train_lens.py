@@ -34,7 +34,6 @@ if TYPE_CHECKING:
 
     from residual_trace.models import TracedModel
     from residual_trace.tracer.batching import EncodedText
-    from residual_trace.tracer.tuned_lens import TunedLens
 
 __all__ = ["EXPERIMENT", "TrainLensOptions", "TrainLensResult", "run_train_lens"]
 
@@ -100,12 +99,8 @@ class TrainLensResult(Result):
     """Tables ``training``, ``heldout``, ``heldout_summary``, ``texts``; the ``lens`` itself."""
 
     command = "train-lens"
+    #: the trained lens (:class:`~residual_trace.tracer.tuned_lens.TunedLens`)
     lens: Any = field(default=None)
-
-    @property
-    def tuned_lens(self) -> TunedLens:
-        """The trained lens (:class:`~residual_trace.tracer.tuned_lens.TunedLens`)."""
-        return self.lens
 
     def figures(self) -> dict[str, Figure]:
         """Training (KL per step for a few layers) and heldout (KL per layer, both lenses)."""

@@ -20,7 +20,6 @@ The Pile chunked into 2,048-token sequences, and float32 instead of their bfloat
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -226,8 +225,3 @@ def heldout_kl(
         columns = ["text_id", "position", "token_id", "is_special", "layer", "lens", "kl"]
         return pd.DataFrame(columns=columns)
     return pd.concat(frames, ignore_index=True)
-
-
-def steps_for(n_tokens: int, tokens_per_step: int) -> float:
-    """How many passes over ``n_tokens`` training tokens the steps make (for a note)."""
-    return math.inf if n_tokens == 0 else tokens_per_step / n_tokens
