@@ -303,7 +303,7 @@ Examples:
 def report(**raw: Any) -> None:
     """Every experiment on several models, side by side, as one report.
 
-    Runs trace layers, decompose, perturb and probe on each model (a killed run resumes
+    Runs trace layers, decompose, perturb, probe and lens on each model (a killed run resumes
     without redoing finished parts), then writes report.html (self-contained, figures
     embedded, no network requests), report.md, tables/, figures/, run.json and the
     config.toml that reproduces it. Command-line options override the --config file.

@@ -135,6 +135,9 @@ class Experiment(Generic[P, R]):
         shard_rows: the per-text work the engines shard (``None``: not sharded).
         merge_extras: how the shards' extra facts merge, in shard order.
         report_tables: the tables of its result the report reads (empty: not in reports).
+        skip: ``skip(model, options)``: why the experiment cannot run on a loaded model
+            (``None``: it can). The report leaves such a part out and says why, instead of
+            failing (a lens on an encoder without trained head weights).
     """
 
     name: str
@@ -149,6 +152,7 @@ class Experiment(Generic[P, R]):
     shard_rows: ShardRows | None = None
     merge_extras: Callable[[list[Any]], Any] = no_extras
     report_tables: tuple[str, ...] = ()
+    skip: Callable[[TracedModel, Any], str | None] | None = None
 
     @property
     def options_class(self) -> type[Options]:

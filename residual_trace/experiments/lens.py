@@ -240,6 +240,21 @@ def check_lens_model(model: TracedModel, options: LensOptions) -> None:
     _lens_functions(model, options)
 
 
+def skip_reason(model: TracedModel, options: LensOptions) -> str | None:
+    """Why ``model`` cannot be read through the lenses of ``options`` (``None``: it can).
+
+    The report's reason for leaving the lens out of a model (``minilm``: an encoder without
+    trained MLM-head weights), in the words the command would refuse it with.
+    """
+    from residual_trace.errors import UserError
+
+    try:
+        check_lens_model(model, options)
+    except UserError as error:
+        return str(error)
+    return None
+
+
 def shard_rows(
     traced: TracedModel, encoded: Sequence[EncodedText], options: LensOptions
 ) -> ShardPart:
@@ -353,6 +368,8 @@ Examples:
     ``tables["texts"]``; ``figures()``; ``save(out)``.
     """,
     shard_rows=shard_rows,
+    report_tables=("summary",),
+    skip=skip_reason,
 )
 
 

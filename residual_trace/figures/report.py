@@ -206,3 +206,56 @@ def probe_figure(summary: pd.DataFrame) -> Figure:
     ax.axhline(0.0, color="0.4", lw=0.6)
     ax.legend(fontsize=7.5, frameon=False)
     return fig
+
+
+def lens_figure(lens: pd.DataFrame) -> Figure:
+    """Each model's lenses on one relative-depth axis, with the nulls.
+
+    Left: KL(model output || lens) in nats (symlog; dotted: the unigram null of each model);
+    middle: the share of positions whose input token is the lens's top token, beside the
+    nearest-embedding-row answer of ``trace layers`` (thin, x marks); right (when a decoder is
+    in the report): the share whose next token is the top token, with the most-frequent-next
+    null (dotted). Colour is the model, line style the lens; bands are 95% intervals.
+    """
+    decoders = lens[lens["family"] != "encoder"]
+    panels = ["kl_final", "identifiable"] + (["next_top1"] if len(decoders) else [])
+    fig = Figure(figsize=(4.6 * len(panels), 3.9), layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    lens_styles = {"logit": "-", "mlm": "-", "tuned": "--"}
+    nulls = {"kl_final": "kl_unigram", "next_top1": "next_top1_null"}
+    for ax, column in zip(axes, panels, strict=True):
+        for k, (model, rows, _) in enumerate(_models(lens)):
+            colour = f"C{k}"
+            for name, group in rows.groupby("lens", sort=False):
+                group = group.sort_values("layer")
+                if not group[column].notna().any():
+                    continue
+                style = lens_styles.get(str(name), "-.")
+                ax.plot(group["depth"], group[column], color=colour, ls=style, marker="o", ms=2.5,
+                        label=f"{model}: {name} lens")  # fmt: skip
+                ax.fill_between(group["depth"], group[f"{column}_lo"], group[f"{column}_hi"],
+                                color=colour, alpha=0.18, lw=0)  # fmt: skip
+            first = rows[rows["lens"] == rows["lens"].iloc[0]].sort_values("layer")
+            if column in nulls and first[nulls[column]].notna().any():
+                ax.plot(first["depth"], first[nulls[column]], color=colour, ls=":", lw=1.2,
+                        label=f"{model}: null")  # fmt: skip
+            if column == "identifiable" and first["nn_identifiable"].notna().any():
+                ax.plot(first["depth"], first["nn_identifiable"], color=colour, lw=0.8,
+                        marker="x", ms=3.5, label=f"{model}: nearest embedding row")  # fmt: skip
+        ax.set_xlabel(DEPTH_LABEL)
+        ax.set_xlim(-0.02, 1.02)
+        if column == "kl_final":
+            ax.set_yscale("symlog", linthresh=1.0)
+            ax.set_ylim(bottom=0)
+        else:
+            ax.set_ylim(-0.02, 1.02)
+        ax.set_ylabel(
+            {
+                "kl_final": "KL(model output || lens), nats",
+                "identifiable": "input token is the lens's top-1",
+                "next_top1": "next token is the lens's top-1",
+            }[column]
+        )
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, frameon=False)
+    return fig

@@ -10,6 +10,7 @@ tests and the README). float16 has 11 bits (epsilon 2^-10), eight times finer.
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -65,6 +66,10 @@ def test_a_device_map_gives_the_same_numbers(tiny_dirs, tiny_models):
             a.tables[key].select_dtypes("number"), b.tables[key].select_dtypes("number")
         )
     assert b.run_record([], "png")["model"]["device_map"] == "sequential"
+    # the lens too: states and head placed by the map, every state (and mid) decoded alike
+    plain = rt.lens(tiny_models["gpt2"], TEXTS, mid=True, quiet=True).tables["lens"]
+    mapped = rt.lens(split, TEXTS, mid=True, quiet=True).tables["lens"]
+    pd.testing.assert_frame_equal(plain, mapped)
 
 
 def test_bad_precision_options_are_one_line_errors(tiny_dirs):

@@ -4,6 +4,7 @@ no network."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from click.testing import CliRunner
 
 import residual_trace.experiments.decompose as decompose_module
 import residual_trace.experiments.layers as layers_module
+import residual_trace.experiments.lens as lens_module
 import residual_trace.experiments.perturb as perturb_module
 import residual_trace.experiments.probe as probe_module
 from residual_trace.cli import trace
@@ -80,6 +82,7 @@ def _spy(monkeypatch, tiny_models) -> list[tuple[str, str]]:
         (decompose_module, "run_decompose"),
         (perturb_module, "run_perturb"),
         (probe_module, "run_probe"),
+        (lens_module, "run_lens"),
     ):
         real = getattr(module, name)
 
@@ -93,7 +96,17 @@ def _spy(monkeypatch, tiny_models) -> list[tuple[str, str]]:
 
 def test_report_has_every_section_on_a_relative_depth_axis(finished, tiny_dirs):
     out, result = finished
-    assert all(part.ran for part in result.parts) and len(result.parts) == 2 * 4
+    assert all(part.ran for part in result.parts) and len(result.parts) == 2 * 5
+    # the tiny BERT is saved without an MLM head: its lens part is left out, with the reason
+    # the command would refuse it with, and the decoder's logit lens is read
+    skipped = [(Path(p.model).name, p.experiment) for p in result.parts if p.skipped]
+    assert skipped == [("tiny-bert", "lens")]
+    assert any(
+        "tiny-bert: no lens part: --lens mlm (the default lens of an encoder)" in v
+        and "no trained output head" in v
+        for v in result.verdicts
+    )
+    assert any("tiny-gpt2, logit lens: its KL to the model's output" in v for v in result.verdicts)
     depth = pd.read_csv(out / "tables" / "depth.csv")
     for model in (str(tiny_dirs[k]) for k in KINDS):
         rows = depth[depth["model"] == model]
@@ -116,10 +129,10 @@ def test_report_has_every_section_on_a_relative_depth_axis(finished, tiny_dirs):
         == heads["n_heads_position"] + heads["n_heads_token"] + heads["n_heads_undecided"]
     ).all()
     assert heads["n_heads"].tolist() == [2 * 4, 2 * 4]
-    for name in ("drift", "identifiable", "sublayers", "mixing", "follow_index", "probe"):
+    for name in ("drift", "identifiable", "sublayers", "mixing", "follow_index", "probe", "lens"):
         assert (out / "figures" / f"{name}.png").stat().st_size > 5_000
     assert set(result.figures()) == {
-        "drift", "identifiable", "sublayers", "mixing", "follow_index", "probe"
+        "drift", "identifiable", "sublayers", "mixing", "follow_index", "probe", "lens"
     }  # fmt: skip
     text = (out / "report.md").read_text()
     assert "encoder" in text and "decoder" in text
@@ -185,13 +198,28 @@ def test_comparison_tables_are_the_parts_own_tables(finished, tiny_dirs):
     pd.testing.assert_frame_equal(
         pd.read_csv(out / "tables" / "probe.csv"), pd.concat(probes, ignore_index=True)
     )
+    # lens.csv: the lens part's own summary of the residual states, on a relative-depth axis
+    lens = pd.read_csv(out / "tables" / "lens.csv")
+    gpt2 = str(tiny_dirs["gpt2"])
+    assert set(lens["model"]) == {gpt2}  # the BERT part was left out
+    own = pd.read_csv(out / "runs" / slug(gpt2) / "lens" / "summary.csv")
+    own = own[own["site"] == "post"].reset_index(drop=True)
+    assert (lens["depth"] == lens["layer"] / 2).all() and set(lens["family"]) == {"decoder"}
+    pd.testing.assert_frame_equal(
+        lens.drop(columns=["model", "family", "depth"]), own.drop(columns=["model"]),
+        check_dtype=False,
+    )  # fmt: skip
+    skip = json.loads(
+        (out / "runs" / slug(str(tiny_dirs["bert"])) / "lens" / "skipped.json").read_text()
+    )
+    assert "no trained output head" in skip["reason"] and skip["model"]["n_blocks"] == 2
 
 
 def test_html_is_self_contained(finished):
     out, _ = finished
     page = (out / "report.html").read_text()
     images = re.findall(r"<img [^>]*src='([^']+)'", page)
-    assert len(images) == 6 and all(src.startswith("data:image/png;base64,") for src in images)
+    assert len(images) == 7 and all(src.startswith("data:image/png;base64,") for src in images)
     # nothing to fetch: no remote or relative resource references anywhere
     assert not re.search(r"(src|href)=['\"](?!data:)", page)
     assert "http://" not in page and "https://" not in page
@@ -241,12 +269,16 @@ def test_a_killed_run_resumes_without_redoing_finished_parts(
     monkeypatch.setattr(perturb_module, "run_perturb", real)
     calls = _spy(monkeypatch, tiny_models)
     result = _report(options, out, models)
-    assert sorted(calls) == [("gpt2", "perturb"), ("gpt2", "probe")]
+    assert sorted(calls) == [("gpt2", "lens"), ("gpt2", "perturb"), ("gpt2", "probe")]
     ran = {(Path(p.model).name, p.experiment) for p in result.parts if p.ran}
-    assert ran == {("tiny-gpt2", "perturb"), ("tiny-gpt2", "probe")}
-    assert len(result.parts) == 2 * 4
+    assert ran == {("tiny-gpt2", "lens"), ("tiny-gpt2", "perturb"), ("tiny-gpt2", "probe")}
+    # the left-out part is read back as left out, without asking the model again
+    assert [(Path(p.model).name, p.experiment) for p in result.parts if p.skipped] == [
+        ("tiny-bert", "lens")
+    ]
+    assert len(result.parts) == 2 * 5
     full, _ = finished
-    for name in ("depth.csv", "heads.csv", "probe.csv"):
+    for name in ("depth.csv", "heads.csv", "probe.csv", "lens.csv"):
         pd.testing.assert_frame_equal(
             pd.read_csv(full / "tables" / name), pd.read_csv(out / "tables" / name)
         )
@@ -371,14 +403,14 @@ def test_report_renders_in_headless_chromium_without_network(finished, tmp_path)
     page = tmp_path / "checked.html"
     page.write_text((out / "report.html").read_text().replace("</body>", _CHECK + "</body>"))
     check = _checked(chromium, page, tmp_path / "profile-dom")
-    assert check == {"images": 6, "rendered": 6, "requests": []}
+    assert check == {"images": 7, "rendered": 7, "requests": []}
     # the checker itself notices a page that fetches something (a refused local address)
     leaky = tmp_path / "leaky.html"
     leaky.write_text(
         page.read_text().replace("<h1>", "<img src='http://127.0.0.1:9/x.png'><h1>", 1)
     )
     leak = _checked(chromium, leaky, tmp_path / "profile-leak")
-    assert leak["requests"] == ["http://127.0.0.1:9/x.png"] and leak["rendered"] == 6
+    assert leak["requests"] == ["http://127.0.0.1:9/x.png"] and leak["rendered"] == 7
     artefacts = Path(__file__).parents[2] / "test-artifacts"
     artefacts.mkdir(exist_ok=True)
     shot = artefacts / "report.png"
@@ -421,3 +453,66 @@ def test_report_names_the_positional_heads_most_positional_first():
     depth = pd.DataFrame({"model": ["m"], "layer": [0], "family": ["encoder"]})
     lines = verdict_lines(options, depth, table, pd.DataFrame())
     assert any("Most positional: L1H0, L0H0." in line for line in lines)
+
+
+def test_a_tuned_lens_joins_the_lens_part_of_its_model(tiny_dirs, tiny_models, tmp_path):
+    """``tuned_lenses`` (``--tuned-lens MODEL=DIR``) adds the tuned lens to that model's lens
+    part: the report's lens table holds both lenses as ``trace lens`` computes them, each with
+    its verdict; a retrained lens in the same folder runs the part again."""
+    import residual_trace as rt
+
+    gpt2 = str(tiny_dirs["gpt2"])
+    folder = tmp_path / "lens"
+    rt.train_lens(tiny_models["gpt2"], ["A cat sat on the mat.", "Rain fell."], steps=2,
+                  tokens_per_step=16).save(folder)  # fmt: skip
+    options = _options(tiny_dirs, models=[gpt2], experiments=["lens"],
+                       tuned_lenses=[f"{gpt2}={folder}"])  # fmt: skip
+    result = run_report(options, warn=lambda m: None, models=_models(tiny_dirs, tiny_models))
+    lens = result.tables["lens"]
+    assert list(dict.fromkeys(lens["lens"])) == ["logit", "tuned"]
+    direct = rt.lens(tiny_models["gpt2"], options.load_texts()[0], tuned_lens=folder).summary
+    direct = direct[direct["site"] == "post"].reset_index(drop=True)
+    pd.testing.assert_frame_equal(
+        lens.drop(columns=["model", "family", "depth"]), direct.drop(columns=["model"])
+    )
+    for name in ("logit", "tuned"):
+        assert any(v.startswith(f"{gpt2}, {name} lens: its KL") for v in result.verdicts)
+    assert "lens" in result.figures()
+    assert options.fingerprint(gpt2, "lens") != _options(
+        tiny_dirs, models=[gpt2], experiments=["lens"]
+    ).fingerprint(gpt2, "lens")
+    before = options.fingerprint(gpt2, "lens")
+    rt.train_lens(tiny_models["gpt2"], ["Other words entirely.", "And more."], steps=2,
+                  tokens_per_step=16).save(folder, overwrite=True)  # fmt: skip
+    assert options.fingerprint(gpt2, "lens") != before
+
+
+@pytest.mark.parametrize(
+    ("entry", "fragment"),
+    [
+        ("nonsense", "expected MODEL=DIR, got 'nonsense'"),
+        ("other-model=/tmp", "other-model is not a model of this report"),
+        ("{gpt2}={missing}", "no config.json in it"),
+    ],
+)
+def test_bad_tuned_lens_entries_are_one_line_errors(tiny_dirs, tmp_path, entry, fragment):
+    gpt2 = str(tiny_dirs["gpt2"])
+    missing = tmp_path / "empty"
+    missing.mkdir()
+    with pytest.raises(UserError, match=re.escape(fragment)) as error:
+        _options(tiny_dirs, tuned_lenses=[entry.format(gpt2=gpt2, missing=missing)])
+    assert "tuned_lenses (--tuned-lens)" in str(error.value) and "\n" not in str(error.value)
+
+
+def test_the_lens_verdict_says_from_which_layer_the_kl_stays_below_its_null():
+    """Constructed summaries: the first layer from which the KL stays below the unigram null
+    (the top, where KL is 0 by definition, left out), or none when the layer below the top
+    is above it."""
+    from residual_trace.experiments.report.document import _below_null_from
+
+    def rows(kl):
+        return pd.DataFrame({"layer": range(len(kl)), "kl_final": kl, "kl_unigram": 3.0})
+
+    assert _below_null_from(rows([5.0, 2.0, 4.0, 2.5, 1.0, 0.0])) == 3
+    assert _below_null_from(rows([1.0, 2.0, 0.5, 0.0])) == 0
+    assert _below_null_from(rows([5.0, 2.0, 4.0, 0.0])) is None

@@ -45,7 +45,7 @@ EXPERIMENTS: tuple[str, ...] = tuple(e.name for e in REGISTERED if e.report_tabl
 #: directory written with other column names is run again, not resumed (2: ``block``,
 #: ``head_name``, ``follow_index``, ``score``).
 TABLE_SCHEMA = 2
-Experiment = Literal["layers", "decompose", "perturb", "probe"]
+Experiment = Literal["layers", "decompose", "perturb", "probe", "lens"]
 
 #: Which report key sets which option of a part (for error messages in the report's terms).
 _REPORT_KEYS = {
@@ -56,6 +56,7 @@ _REPORT_KEYS = {
     ("probe", "mappers"): "probe_mappers",
     ("probe", "folds"): "probe_folds",
     ("probe", "max_concepts"): "probe_max_concepts",
+    ("lens", "tuned_lens"): "tuned_lenses",
 }
 
 
@@ -79,7 +80,9 @@ class ReportOptions(Options):
     texts: tuple[str, ...] = option((), "The texts themselves (instead of a file).", cli=False)
     max_texts: int = option(60, "Use the first N texts.")
     experiments: tuple[Experiment, ...] = option(
-        EXPERIMENTS, "Experiments to run (repeatable; default: all four).", flag="--experiment"
+        EXPERIMENTS,
+        f"Experiments to run (repeatable; default: all {len(EXPERIMENTS)}).",
+        flag="--experiment",
     )
     seed: int = option(DEFAULT_SEED, "Seed of every experiment.")
     device: Device = device_option()
@@ -94,6 +97,13 @@ class ReportOptions(Options):
     probe_max_concepts: int = option(300, "Concepts per norm set.", cli=False)
     probe_depths: tuple[float, ...] = option(
         (0.0, 0.5, 1.0), "Relative depths probed (layer / blocks).", cli=False
+    )
+    tuned_lenses: Sequence[str] = option(
+        (),
+        "A tuned lens for one model's lens part, as MODEL=DIR (repeatable; DIR as trace "
+        "train-lens writes it). Without one, a decoder's lens part reads the logit lens only.",
+        flag="--tuned-lens",
+        metavar="MODEL=DIR",
     )
     figure_format: FigureFormat = figure_format_option(cli=False)
 
@@ -111,22 +121,44 @@ class ReportOptions(Options):
             raise self.fail("probe_depths", "relative depths lie between 0 and 1")
         if self.file and self.texts:
             raise self.fail("texts", "give texts or a file, not both")
+        lensed = self.tuned_lens_folders()
         for experiment in self.experiments:  # each part's own options, checked now
-            try:
-                self.options_for(experiment, n_blocks=None)
-            except OptionError as error:
-                key = _REPORT_KEYS.get((experiment, error.option))
-                if key is None:
-                    raise
-                raise self.fail(key, error.detail) from None
+            for model in [None, *lensed] if experiment == "lens" else [None]:
+                try:
+                    self.options_for(experiment, n_blocks=None, model=model)
+                except OptionError as error:
+                    key = _REPORT_KEYS.get((experiment, error.option))
+                    if key is None:
+                        raise
+                    where = f"{model}: " if model else ""
+                    raise self.fail(key, where + error.detail) from None
+
+    def tuned_lens_folders(self) -> dict[str, Path]:
+        """``tuned_lenses`` as model -> folder; a malformed entry or unknown model fails."""
+        folders: dict[str, Path] = {}
+        for entry in self.tuned_lenses:
+            model, sep, folder = entry.partition("=")
+            if not sep or not model or not folder:
+                raise self.fail("tuned_lenses", f"expected MODEL=DIR, got {entry!r}")
+            if model not in self.models:
+                raise self.fail(
+                    "tuned_lenses",
+                    f"{model} is not a model of this report ({', '.join(self.models)})",
+                )
+            if model in folders:
+                raise self.fail("tuned_lenses", f"{model}: one tuned lens per model")
+            folders[model] = Path(folder).expanduser()
+        return folders
 
     # -- the parts' options -----------------------------------------------------------------
-    def options_for(self, experiment: str, n_blocks: int | None) -> CommonOptions:
+    def options_for(
+        self, experiment: str, n_blocks: int | None, model: str | None = None
+    ) -> CommonOptions:
         """The options of one part, built from the report's keys.
 
         The report's batch size and seed, and the report keys of that experiment (``perturb_*``,
-        ``probe_*``; ``n_blocks`` turns probe depths into layers); every other option at the
-        experiment's default.
+        ``probe_*``; ``n_blocks`` turns probe depths into layers; ``model``'s tuned lens);
+        every other option at the experiment's default.
         """
         shared: dict[str, Any] = {"batch_size": self.batch_size, "seed": self.seed, "quiet": True}
         own: dict[str, Any] = {}
@@ -145,6 +177,9 @@ class ReportOptions(Options):
                 "max_concepts": self.probe_max_concepts,
                 "layers": layers,
             }
+        elif experiment == "lens" and model is not None:
+            folder = self.tuned_lens_folders().get(model)
+            own = {} if folder is None else {"tuned_lens": folder}
         options: CommonOptions = registered(experiment).options(**shared, **own)
         return options
 
@@ -221,7 +256,18 @@ class ReportOptions(Options):
             "experiment": experiment,
             **{k: _plain(data[k]) for k in sorted(keep)},
         }
+        folder = self.tuned_lens_folders().get(model) if experiment == "lens" else None
+        if folder is not None:  # a lens trained again into the same folder runs again
+            payload["tuned_lens"] = [_file_digest(folder / n) for n in ("config.json", "params.pt")]
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _plain(value: Any) -> Any:

@@ -24,6 +24,7 @@ from residual_trace.experiments.report.parts import Part
 from residual_trace.figures.report import (
     depth_figure,
     index_figure,
+    lens_figure,
     mixing_figure,
     probe_figure,
     sublayer_figure,
@@ -75,7 +76,8 @@ _FROM = {
 def _model_info(parts: list[Part]) -> dict[str, dict[str, Any]]:
     info: dict[str, dict[str, Any]] = {}
     for part in parts:
-        info.setdefault(part.model, part.info)
+        if part.info:  # a part left out and read back has no record
+            info.setdefault(part.model, part.info)
     return info
 
 
@@ -106,6 +108,26 @@ def depth_table(parts: list[Part], options: ReportOptions) -> pd.DataFrame:
         merged.insert(0, "model", model)
         frames.append(merged)
     return pd.concat(frames, ignore_index=True)
+
+
+def lens_table(parts: list[Part]) -> pd.DataFrame:
+    """The lens parts' summaries of the residual states (site ``post``), over models.
+
+    One row per model x lens x layer, the lens summary's columns with ``family`` and
+    ``depth`` = layer / blocks added; empty when no lens part ran.
+    """
+    info = _model_info(parts)
+    frames = []
+    for part in parts:
+        if part.experiment != "lens" or part.skipped:
+            continue
+        summary = part.tables["summary"]
+        summary = summary[summary["site"] == "post"].assign(model=part.model)
+        n = int(info[part.model]["n_blocks"])
+        summary.insert(1, "family", info[part.model]["family"])
+        summary.insert(2, "depth", summary["layer"] / n)
+        frames.append(summary)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
 def probe_table(parts: list[Part]) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -232,11 +254,63 @@ def _depth_lines(model: str, rows: pd.DataFrame) -> list[str]:
     return lines
 
 
+def _below_null_from(rows: pd.DataFrame) -> int | None:
+    """The first layer from which the lens's KL stays below the unigram null, below the top.
+
+    The top layer is left out (there the model's own head reads the output: KL 0); ``None``
+    when the KL is above the null at the layer below the top.
+    """
+    below = rows[rows["layer"] < rows["layer"].max()].sort_values("layer")
+    ok = (below["kl_final"] < below["kl_unigram"]).to_numpy()
+    if not len(ok) or not ok[-1]:
+        return None
+    above = np.flatnonzero(~ok)
+    return int(below["layer"].iloc[above[-1] + 1 if above.size else 0])
+
+
+def _lens_lines(lens: pd.DataFrame) -> list[str]:
+    """The verdicts of the lens parts: each lens of each model against its nulls."""
+    lines = []
+    for (model, name), rows in lens.groupby(["model", "lens"], sort=False):
+        rows = rows.sort_values("layer")
+        top = int(rows["layer"].max())
+        below = rows[rows["layer"] == top - 1].iloc[0] if top > 0 else rows.iloc[-1]
+        first = rows.iloc[0]
+        if rows["family"].iloc[0] == "encoder":
+            lines.append(
+                f"{model}, {name} lens: the input token is the head's top-1 reading for "
+                f"{first['identifiable']:.0%} of positions at layer 0 and "
+                f"{rows.iloc[-1]['identifiable']:.0%} at the top (layer {top}); the nearest "
+                f"embedding row answers {first['nn_identifiable']:.0%} and "
+                f"{rows.iloc[-1]['nn_identifiable']:.0%}."
+            )
+            continue
+        start = _below_null_from(rows)
+        where = (
+            f"falls below the unigram null ({first['kl_unigram']:.2f}) from layer {start} of "
+            f"{top} (relative depth {start / top:.2f}) on"
+            if start is not None
+            else f"stays above the unigram null ({first['kl_unigram']:.2f}) at layer {top - 1}"
+        )
+        lines.append(
+            f"{model}, {name} lens: its KL to the model's output is {first['kl_final']:.2f} "
+            f"nats at layer 0 and {below['kl_final']:.2f} "
+            f"[{below['kl_final_lo']:.2f}, {below['kl_final_hi']:.2f}] at layer {top - 1}, and "
+            f"{where}; at layer {top - 1} its top-1 is the next token for "
+            f"{below['next_top1']:.0%} of positions (the model's own output: "
+            f"{rows.iloc[-1]['next_top1']:.0%}; always the most frequent next token: "
+            f"{below['next_top1_null']:.0%})."
+        )
+    return lines
+
+
 def verdict_lines(
     config: ReportOptions,
     depth: pd.DataFrame,
     heads: pd.DataFrame,
     probe_verdicts: pd.DataFrame,
+    lens: pd.DataFrame | None = None,
+    skipped: list[Part] | None = None,
 ) -> list[str]:
     """Plain-language verdicts with the numbers behind them."""
     lines = []
@@ -260,6 +334,10 @@ def verdict_lines(
                 f"{part['share_of_upper'].min():.0%}-{part['share_of_upper'].max():.0%} of its "
                 "upper bound."
             )
+    if lens is not None and not lens.empty:
+        lines += _lens_lines(lens)
+    for part in skipped or []:
+        lines.append(f"{part.model}: no {part.experiment} part: {part.skipped}.")
     return lines
 
 
@@ -301,13 +379,15 @@ def assemble(
 ) -> tuple[dict[str, pd.DataFrame], list[str]]:
     """The report's tables and its verdicts, from the parts' tables alone.
 
-    The tables are ``depth``, ``heads`` and ``probe``; empty ones are left out.
+    The tables are ``depth``, ``heads``, ``probe`` and ``lens``; empty ones are left out.
     """
     depth = depth_table(parts, options)
     heads = head_shares(parts, options.perturb_mode)
     probe_summary, probe_verdicts = probe_table(parts)
-    verdicts = verdict_lines(options, depth, heads, probe_verdicts)
-    tables = {"depth": depth, "heads": heads, "probe": probe_summary}
+    lens = lens_table(parts)
+    skipped = [part for part in parts if part.skipped]
+    verdicts = verdict_lines(options, depth, heads, probe_verdicts, lens, skipped)
+    tables = {"depth": depth, "heads": heads, "probe": probe_summary, "lens": lens}
     return {k: v for k, v in tables.items() if not v.empty}, verdicts
 
 
@@ -352,6 +432,15 @@ def report_figures(
     if "probe" in tables:
         figures.append(
             ("probe", "Probe scores next to their controls", probe_figure(tables["probe"]))
+        )
+    if "lens" in tables:
+        figures.append(
+            (
+                "lens",
+                "Lenses: each residual state decoded through the model's head (and a tuned "
+                "lens where given), against the nulls",
+                lens_figure(tables["lens"]),
+            )
         )
     return figures
 

@@ -21,6 +21,7 @@ from residual_trace.experiments.registry import experiment as registered
 from residual_trace.experiments.report.config import ReportOptions, slug
 from residual_trace.experiments.result import Result
 from residual_trace.models import TracedModel, load_model
+from residual_trace.runs import write_atomic
 
 #: The tables of each experiment the report reads (each experiment's ``report_tables``).
 READS = {e.name: e.report_tables for e in EXPERIMENTS if e.report_tables}
@@ -31,7 +32,9 @@ class Part:
     """One finished experiment of one model.
 
     It holds the tables the report reads, the model's ``run.json`` record, and (once saved)
-    its directory.
+    its directory. A part its experiment cannot run on the model (``Experiment.skip``: the
+    lens of an encoder without trained head weights) has no tables and says why in
+    ``skipped``.
     """
 
     model: str
@@ -41,6 +44,7 @@ class Part:
     directory: Path | None = None
     ran: bool = True
     result: Result | None = field(default=None, repr=False)
+    skipped: str = ""
 
 
 def part_directory(root: Path, model: str, experiment: str) -> Path:
@@ -55,6 +59,30 @@ def _done(directory: Path, fingerprint: str) -> bool:
         and marker.is_file()
         and marker.read_text().strip() == fingerprint
     )
+
+
+def _skipped(directory: Path, fingerprint: str) -> Part | None:
+    """The part an earlier run with these options left out (its reason), else ``None``."""
+    marker = directory / "fingerprint.txt"
+    record = directory / "skipped.json"
+    if record.is_file() and marker.is_file() and marker.read_text().strip() == fingerprint:
+        data = json.loads(record.read_text(encoding="utf-8"))
+        return Part(data["model_name"], data["experiment"], {}, data["model"], directory,
+                    ran=False, skipped=data["reason"])  # fmt: skip
+    return None
+
+
+def save_skipped(directory: Path, fingerprint: str, part: Part) -> None:
+    """Record a left-out part, so that a resumed report does not load its model to ask again."""
+    import shutil
+
+    if directory.exists():
+        shutil.rmtree(directory)
+    directory.mkdir(parents=True)
+    data = {"model_name": part.model, "experiment": part.experiment, "reason": part.skipped,
+            "model": part.info}  # fmt: skip
+    write_atomic(directory / "skipped.json", json.dumps(data, indent=2) + "\n")
+    write_atomic(directory / "fingerprint.txt", fingerprint + "\n")
 
 
 def _read_part(model: str, experiment: str, directory: Path) -> Part:
@@ -87,6 +115,10 @@ def run_parts(
             if directory is not None and _done(directory, fingerprint):
                 parts.append(_read_part(name, experiment, directory))
                 continue
+            left_out = _skipped(directory, fingerprint) if directory is not None else None
+            if left_out is not None:
+                parts.append(left_out)
+                continue
             if name not in loaded:
                 loaded[name] = load_model(
                     name,
@@ -99,7 +131,17 @@ def run_parts(
             if progress is not None:
                 progress(f"report: {experiment} on {name}")
             # each options class runs its own experiment (`options.run`), on texts or not
-            part_options: Any = options.options_for(experiment, model.n_blocks)
+            part_options: Any = options.options_for(experiment, model.n_blocks, model=name)
+            skip = registered(experiment).skip
+            reason = skip(model, part_options) if skip is not None else None
+            if reason is not None:
+                warn(f"note: report: no {experiment} part for {name}: {reason}")
+                part = Part(name, experiment, {}, model_record(model), skipped=reason)
+                if directory is not None:
+                    save_skipped(directory, fingerprint, part)
+                    part.directory = directory
+                parts.append(part)
+                continue
             result: Result
             if registered(experiment).inputs == "texts":
                 result = part_options.run(model, texts, warn=warn)

@@ -14,7 +14,12 @@ from residual_trace.errors import UserError, write_fault
 from residual_trace.experiments.options import Warn, python_warning
 from residual_trace.experiments.report.config import EXPERIMENTS, ReportOptions, slug
 from residual_trace.experiments.report.document import assemble, report_figures, write_documents
-from residual_trace.experiments.report.parts import Part, part_directory, run_parts
+from residual_trace.experiments.report.parts import (
+    Part,
+    part_directory,
+    run_parts,
+    save_skipped,
+)
 from residual_trace.models import TracedModel
 from residual_trace.runs import Claim, write_atomic, write_run_json
 
@@ -74,6 +79,10 @@ class ReportResult:
             target = part_directory(root, part.model, part.experiment)
             if part.directory is not None and part.directory.resolve() == target.resolve():
                 continue
+            if part.skipped:  # left out: the reason, so that a resumed report knows it
+                save_skipped(target, self.options.fingerprint(part.model, part.experiment), part)
+                part.directory = target
+                continue
             if part.result is None:  # read back from elsewhere: its tables are all we have
                 continue
             part.result.save(target, figure_format=self.options.figure_format, overwrite=True)
@@ -98,6 +107,7 @@ class ReportResult:
                     "experiment": p.experiment,
                     "directory": str(p.directory) if p.directory else None,
                     "ran_now": p.ran,
+                    "skipped": p.skipped or None,
                 }
                 for p in self.parts
             ],
