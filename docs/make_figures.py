@@ -6,12 +6,14 @@
   bundled sentences after the first 39; ``docs/lens-*.png``: ``trace lens`` with that tuned
   lens on one factual prompt and the first 39 sentences (its ``lens_curves`` and, for the
   prompt, ``lens_grid`` and ``lens_grid_tuned``);
+- ``docs/patch-*``: ``trace patch`` on ``smollm2`` over the eight factual pairs of
+  ``docs/patch-facts.tsv`` and on ``minilm`` over ``docs/patch-minilm.tsv`` (state-cos);
 - ``docs/length-scaling.png``: ``benchmarks/bench_length.py`` on both packaged models (time and
   peak memory against input length, as multiples of the floor measured in the same run),
   drawn by ``benchmarks/plot_length.py``. This one runs the benchmark: minutes to tens of
   minutes on a laptop's CPU. ``--only report`` skips it.
 
-Usage: ``python docs/make_figures.py [--only report|lens|length]``.
+Usage: ``python docs/make_figures.py [--only report|lens|patch|length]``.
 """
 
 from __future__ import annotations
@@ -89,6 +91,33 @@ def lens_figures(work: Path) -> None:
         shutil.copyfile(source, DOCS / name)
 
 
+def patch_figures(work: Path) -> None:
+    """The patch page's figures: SmolLM2 on eight factual pairs, minilm's state-cos trace.
+
+    ``trace patch`` on ``docs/patch-facts.tsv`` (window 10 for attn and mlp, as Meng et al.)
+    and on ``docs/patch-minilm.tsv`` (``--metric state-cos --at 0``).
+    """
+    import time
+
+    facts, minilm = work / "patch-facts", work / "patch-minilm"
+    start = time.perf_counter()
+    _run(sys.executable, "-m", "residual_trace", "patch", "--model", "smollm2", "--pairs",
+         str(DOCS / "patch-facts.tsv"), "--window", "10", "-o", str(facts), "-q")  # fmt: skip
+    print(f"patch on smollm2 took {time.perf_counter() - start:.0f} s", flush=True)
+    _run(sys.executable, "-m", "residual_trace", "patch", "--model", "minilm", "--pairs",
+         str(DOCS / "patch-minilm.tsv"), "--metric", "state-cos", "--at", "0", "--site",
+         "resid", "-o", str(minilm), "-q")  # fmt: skip
+    copies = {
+        facts / "patch_summary.png": "patch-facts-summary.png",
+        facts / "patch_resid.png": "patch-facts-resid.png",
+        facts / "summary.csv": "patch-facts-summary.csv",
+        minilm / "patch_summary.png": "patch-minilm-summary.png",
+        minilm / "summary.csv": "patch-minilm-summary.csv",
+    }
+    for source, name in copies.items():
+        shutil.copyfile(source, DOCS / name)
+
+
 def length_scaling(work: Path) -> None:
     """``docs/length-scaling.png`` from the length benchmark on both packaged models."""
     bench = str(ROOT / "benchmarks" / "bench_length.py")
@@ -102,13 +131,15 @@ def length_scaling(work: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=("report", "lens", "length"))
+    parser.add_argument("--only", choices=("report", "lens", "patch", "length"))
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
         if args.only in (None, "report"):
             report_drift(Path(folder))
         if args.only in (None, "lens"):
             lens_figures(Path(folder))
+        if args.only in (None, "patch"):
+            patch_figures(Path(folder))
         if args.only in (None, "length"):
             length_scaling(Path(folder))
 

@@ -39,6 +39,7 @@ if TYPE_CHECKING:  # the names below are imported on first use: `import residual
     from residual_trace.experiments.decompose import DecomposeOptions, DecomposeResult
     from residual_trace.experiments.layers import LayersOptions, LayersResult
     from residual_trace.experiments.lens import LensOptions, LensResult
+    from residual_trace.experiments.patch import PatchOptions, PatchResult
     from residual_trace.experiments.perturb import PerturbOptions, PerturbResult
     from residual_trace.experiments.probe import ProbeOptions, ProbeResult
     from residual_trace.experiments.registry import *  # noqa: F403  (every verb's function)
@@ -56,6 +57,8 @@ _EXPORTS = {
     "DecomposeResult": "residual_trace.experiments.decompose",
     "LensOptions": "residual_trace.experiments.lens",
     "LensResult": "residual_trace.experiments.lens",
+    "PatchOptions": "residual_trace.experiments.patch",
+    "PatchResult": "residual_trace.experiments.patch",
     "PerturbOptions": "residual_trace.experiments.perturb",
     "PerturbResult": "residual_trace.experiments.perturb",
     "ProbeOptions": "residual_trace.experiments.probe",

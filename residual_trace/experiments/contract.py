@@ -103,8 +103,9 @@ class ShardPart:
     engine: dict[str, Any] = field(default_factory=dict)
 
 
-#: ``shard_rows(model, encoded, options)``: one shard's rows.
-ShardRows = Callable[["TracedModel", "Sequence[EncodedText]", Any], ShardPart]
+#: ``shard_rows(model, encoded, options)``: one shard's rows (of encoded texts, or of a verb's
+#: own items, such as ``patch``'s pairs).
+ShardRows = Callable[["TracedModel", Any, Any], ShardPart]
 
 #: ``run(model, inputs, options, warn)``: the whole experiment, in memory.
 Run = Callable[[ModelArg, Any, Any, Warn], R]
@@ -164,7 +165,7 @@ class Experiment(Generic[P, R]):
             raise TypeError(f"experiment {self.name}: options must be an Options class")
         return self.options
 
-    def rows(self, model: TracedModel, encoded: Sequence[EncodedText], options: Any) -> ShardPart:
+    def rows(self, model: TracedModel, encoded: Sequence[Any], options: Any) -> ShardPart:
         """``shard_rows`` on one shard (what the engines call)."""
         if self.shard_rows is None:
             raise TypeError(f"experiment {self.name} declares no shard_rows: it is not sharded")

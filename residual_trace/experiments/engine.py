@@ -131,10 +131,14 @@ def merge_parts(experiment: Experiment, parts: Sequence[ShardPart]) -> ShardPart
 def run_shards(
     experiment: Experiment,
     model: TracedModel,
-    encoded: Sequence[EncodedText],
+    encoded: Sequence[EncodedText] | Sequence[Any],
     options: Any,
 ) -> ShardPart:
-    """Run ``experiment``'s per-text work on ``encoded`` with ``options.engine``."""
+    """Run ``experiment``'s per-item work on ``encoded`` with ``options.engine``.
+
+    The items are encoded texts, or a verb's own units (``patch``'s pairs): the engine only
+    slices them into shards of whole batches (``options.batch_size`` items) and pickles them.
+    """
     if options.engine == "local":
         part = experiment.rows(model, encoded, options)
         part.engine = {"engine": "local"}
@@ -268,7 +272,7 @@ class _RayRun:
         self,
         experiment: Experiment,
         model: TracedModel,
-        encoded: Sequence[EncodedText],
+        encoded: Sequence[EncodedText] | Sequence[Any],
         options: Any,
     ) -> None:
         self.experiment = experiment

@@ -314,14 +314,9 @@ Engine = Literal["local", "ray"]
 
 @no_type_check
 @dataclass(kw_only=True)
-class CorpusOptions(CommonOptions):
-    """Options of the experiments that read a corpus of texts: how long, where the work runs."""
+class EngineOptions(CommonOptions):
+    """Options of the experiments whose work shards over Ray: where the work runs."""
 
-    max_length: int | None = option(
-        None,
-        "Longest input in tokens incl. special tokens; longer texts are truncated with a "
-        "warning. Default: the model's limit, at most 512.",
-    )
     engine: Engine = option(
         "local",
         "local: this process; ray: shard the texts over Ray workers (one model each, a GPU "
@@ -339,13 +334,11 @@ class CorpusOptions(CommonOptions):
     )
 
     def validate(self) -> None:
-        """Check the length limit and that the Ray options go with ``engine="ray"``.
+        """Check that the Ray options go with ``engine="ray"``.
 
         An address with no Ray cluster behind it fails here, before any model loads.
         """
         super().validate()
-        if self.max_length is not None and self.max_length < 2:
-            raise self.fail("max_length", f"must be at least 2, got {self.max_length}")
         if self.engine != "ray":
             for name in ("ray_address", "workers"):
                 if getattr(self, name) is not None:
@@ -365,6 +358,24 @@ class CorpusOptions(CommonOptions):
                 raise self.fail(
                     "ray_address", f"{self.ray_address.strip()!r}: no Ray cluster there: {error}"
                 ) from None
+
+
+@no_type_check
+@dataclass(kw_only=True)
+class CorpusOptions(EngineOptions):
+    """Options of the experiments that read a corpus of texts: how long, where the work runs."""
+
+    max_length: int | None = option(
+        None,
+        "Longest input in tokens incl. special tokens; longer texts are truncated with a "
+        "warning. Default: the model's limit, at most 512.",
+    )
+
+    def validate(self) -> None:
+        """Check the length limit, and the engine's options."""
+        super().validate()
+        if self.max_length is not None and self.max_length < 2:
+            raise self.fail("max_length", f"must be at least 2, got {self.max_length}")
 
 
 def check_text_id(name: str, value: int, texts: Sequence[str]) -> None:

@@ -26,12 +26,21 @@ from residual_trace.experiments.contract import Experiment
 from residual_trace.experiments.decompose import decompose as decompose
 from residual_trace.experiments.layers import layers as layers
 from residual_trace.experiments.lens import lens as lens
+from residual_trace.experiments.patch import patch as patch
 from residual_trace.experiments.perturb import perturb as perturb
 from residual_trace.experiments.probe import probe as probe
 from residual_trace.experiments.train_lens import train_lens as train_lens
 
 #: Every verb's API function, in the order ``trace --help`` lists the verbs.
-VERBS: tuple[Callable[..., Any], ...] = (layers, decompose, perturb, probe, lens, train_lens)
+VERBS: tuple[Callable[..., Any], ...] = (
+    layers,
+    decompose,
+    perturb,
+    probe,
+    lens,
+    train_lens,
+    patch,
+)
 
 
 def experiment_of(verb: Callable[..., Any]) -> Experiment[Any, Any]:

@@ -83,6 +83,27 @@ class Readout:
             logits = softcap(logits, self.softcap)
         return logits
 
+    @torch.inference_mode()
+    def columns(self, states: Float[Tensor, "n d_model"], ids: list[int]) -> Float[Tensor, "n k"]:
+        """The logits of the tokens ``ids`` only (float32), equal to ``self(states)[:, ids]``.
+
+        A linear unembedding computes just those rows of its weight (no vocabulary-sized
+        temporary); any other head computes every logit and selects.
+        """
+        if not isinstance(self.head, torch.nn.Linear):
+            return self(states)[:, ids]
+        x = states.to(device=self.device, dtype=self.dtype)
+        if self.norm is not None:
+            x = self.norm(x)
+        index = torch.tensor(ids, device=self.head.weight.device)
+        bias = None if self.head.bias is None else self.head.bias[index]
+        logits = torch.nn.functional.linear(x, self.head.weight[index], bias).float()
+        if self.scale != 1.0:
+            logits = logits * self.scale
+        if self.softcap is not None:
+            logits = softcap(logits, self.softcap)
+        return logits
+
 
 def _device_of(module: Any, fallback: torch.device) -> torch.device:
     param = next(iter(module.parameters()), None)

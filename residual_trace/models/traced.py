@@ -10,7 +10,7 @@ encoder itself).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol, runtime_checkable
 
@@ -399,6 +399,45 @@ class TracedModel:
             lost = missing or [f"block {b}" for b in pending]
             raise RuntimeError(f"hooks did not fire for {self.model_type}: {lost[:3]}")
         return {name: as_float(store[name]) for name in names}
+
+    @torch.inference_mode()
+    def run_patched(
+        self,
+        ids: TokenIds,
+        attention_mask: AttentionMask,
+        edits: Mapping[str, Callable[[Tensor], Tensor]],
+        keep: str,
+    ) -> Tensor:
+        """One forward pass with the activations at ``edits``' hooks replaced; ``keep``'s value.
+
+        Each edit receives the activation its hook holds (the model's dtype and device) and
+        returns what the rest of the forward pass reads instead (same shape). The pass stops
+        right after ``keep`` fires (the head is never computed); its activation comes back
+        float32 on :attr:`device`.
+        """
+        kept: list[Tensor] = []
+
+        def editor(edit: Callable[[Tensor], Tensor]) -> Callable[[Tensor, Any], Tensor]:
+            def apply(tensor: Tensor, hook: Any) -> Tensor:
+                return edit(tensor)
+
+            return apply
+
+        def keeper(tensor: Tensor, hook: Any) -> None:
+            kept.append(tensor.to(device=self.device, dtype=torch.float32))
+            raise _StopForward
+
+        hooks: list[tuple[str, Callable[[Tensor, Any], Tensor | None]]] = [
+            (name, editor(edit)) for name, edit in edits.items()
+        ]
+        hooks.append((keep, keeper))
+        ids = ids.to(self.input_device)
+        attention_mask = attention_mask.to(self.input_device)
+        with self.bridge.hooks(fwd_hooks=hooks), contextlib.suppress(_StopForward):
+            self.bridge(ids, attention_mask=attention_mask, return_type=None)
+        if not kept:
+            raise RuntimeError(f"hook {keep} did not fire for {self.model_type}")
+        return kept[0]
 
     @contextlib.contextmanager
     def hooks_paused(self) -> Iterator[None]:

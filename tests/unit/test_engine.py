@@ -96,6 +96,30 @@ def test_lens_on_ray_equals_one_process(local_ray, tiny_models):
     assert sharded.summary["kl_unigram"].notna().all()  # the texts' counts reached the shards
 
 
+def test_patch_on_ray_equals_one_process(local_ray, tiny_models):
+    """Pairs are patch's items: shards of whole pairs, the same tables (noise mode too, whose
+    noise scale, computed over every text, reaches the shards)."""
+    model = tiny_models["llama"]
+    texts = ["The cat sat on the mat.", "Rain fell on the old town.", "She walked to the shop."]
+    base = {"answer": "the", "sites": ("resid",), "batch_size": 1, "quiet": True}
+    clean = [t for t in texts for _ in range(2)]
+    corrupt = [t.replace(t.split()[1], w) for t in texts for w in ("dog", "snow")]
+    same = [
+        len(model.encode(c)) == len(model.encode(x)) for c, x in zip(clean, corrupt, strict=True)
+    ]
+    pairs = [p for p, keep in zip(zip(clean, corrupt, strict=True), same, strict=True) if keep][:3]
+    assert len(pairs) >= 2
+    options = {**base, "clean": [c for c, _ in pairs], "corrupt": [x for _, x in pairs]}
+    local = _one_thread(lambda: rt.patch(model, **options))
+    sharded = rt.patch(model, **options, engine="ray", workers=2)
+    _assert_same_tables(local, sharded)
+    assert sharded.run_record([], "png")["engine"]["shards"] >= 2
+    noisy = {**base, "clean": texts, "corrupt_noise": True, "subject": ["the"], "samples": 2}
+    local = _one_thread(lambda: rt.patch(model, **noisy))
+    sharded = rt.patch(model, **noisy, engine="ray", workers=2)
+    _assert_same_tables(local, sharded)
+
+
 def test_perturb_on_ray_equals_one_process(local_ray, tiny_models):
     model = tiny_models["llama"]
     options = {"batch_size": 2, "mode": "shuffle", "samples": 2, "show_text": 5}
