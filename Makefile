@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.residual-trace-installed
 ARGS ?=
 
-.PHONY: trace test lint typecheck docs docs-serve docs-figures browser bench bench-probe bench-length bench-engine bench-lens install clean
+.PHONY: trace test lint typecheck docs docs-serve docs-figures browser bench bench-probe bench-length bench-engine bench-lens bench-patch bench-train-lens install clean
 
 install: $(STAMP)
 
@@ -56,6 +56,13 @@ bench-probe: $(STAMP)
 
 bench-lens: $(STAMP)
 	$(BIN)/python benchmarks/bench_lens.py
+
+# Creates the peer's own venv (.venv-peers/tuned-lens, tuned-lens 0.2.0) when missing.
+bench-train-lens: $(STAMP)
+	$(BIN)/python benchmarks/bench_train_lens.py $(ARGS)
+
+bench-patch: $(STAMP)
+	$(BIN)/python benchmarks/bench_patch.py
 
 bench-engine: $(STAMP)
 	$(BIN)/python benchmarks/bench_engine.py
