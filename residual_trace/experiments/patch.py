@@ -299,6 +299,11 @@ class PatchResult(Result):
                 else "corrupt states written into the clean run"
             )
             + f"; effect on {pairs['metric'].iloc[0]} at {where}",
+            over=(
+                f"{len(pairs)} text(s) x {options.samples} noise samples"
+                if options.corrupt_noise
+                else f"{len(pairs)} pair(s)"
+            ),
         )
         return figures
 

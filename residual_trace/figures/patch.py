@@ -123,17 +123,21 @@ def patch_summary_figure(
     sites: list[str] | None = None,
     window: int = 1,
     reading: str = "",
+    over: str = "",
 ) -> Figure:
     """Mean effect over pairs per position role and layer/block, one column per site.
 
     Top: the roles x layers map of the mean; bottom (with several pairs): the last subject
     token and the last token with their 95% bootstrap intervals over pairs. ``window`` (of
-    attn and mlp) and ``reading`` (the metric and where it is read) label the axes and title.
+    attn and mlp) and ``reading`` (the metric and where it is read) label the axes and title;
+    ``over`` says what the mean is over (default: ``n_pairs`` pairs). The lines are drawn
+    wherever the summary has intervals (several pairs, or one text's noise samples).
     """
     patched = summary[(summary["condition"] == "patch") & (summary["position_kind"] != "")]
     sites = sites or list(dict.fromkeys(patched["site"]))
     sites = [s for s in sites if s != "head"] or sites
-    lines = n_pairs > 1
+    lines = bool(patched["effect_lo"].notna().any())
+    over = over or f"{n_pairs} pair(s)"
     width = max(6.0, 4.4 * len(sites))
     figure = Figure(figsize=(width, 3.2 + (2.6 if lines else 0)), layout="constrained")
     axes = figure.subplots(2 if lines else 1, len(sites), squeeze=False)
@@ -156,7 +160,7 @@ def patch_summary_figure(
             else index
         )
         ax.set_xlabel(label)
-        ax.set_title(f"{_TITLES[site]}: mean over {n_pairs} pair(s)", fontsize=9)
+        ax.set_title(f"{_TITLES[site]}: mean over {over}", fontsize=9)
         figure.colorbar(image, ax=ax, shrink=0.9).set_label("mean effect", fontsize=8)
         if lines:
             ax = axes[1, k]
@@ -170,7 +174,7 @@ def patch_summary_figure(
                                 color=colour, alpha=0.2, lw=0)  # fmt: skip
             ax.axhline(0.0, color="0.5", lw=0.7)
             ax.set_xlabel(label)
-            ax.set_ylabel("effect (95% interval over pairs)")
+            ax.set_ylabel("effect (95% interval)")
             ax.legend(fontsize=7, frameon=False)
     if reading:
         figure.suptitle(textwrap.fill(reading, width=int(width * 11)), fontsize=10)
