@@ -459,36 +459,24 @@ def _pair_rows(
     sigma: float,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The rows of one pair (every cell of every corrupt run, and the floor), its record."""
-    import numpy as np
-
-    from residual_trace.tracer.patching import (
-        MetricSpec,
-        cells_per_pass,
-        metric_values,
-        needed_hooks,
-        normalised,
-        position_kinds,
-        read_positions,
-        run_cells,
-        source_states,
-    )
+    from residual_trace.tracer import patching as tp
 
     metric = options.chosen_metric
     n = len(pair.clean)
-    hooks = needed_hooks(model, options.sites)
-    clean_states, clean_final = source_states(model, pair.clean, hooks)
+    hooks = tp.needed_hooks(model, options.sites)
+    clean_states, clean_final = tp.source_states(model, pair.clean, hooks)
     position = _read_position(options.at, n, pair.pair_id)
-    spec = MetricSpec(metric, position, pair.answer, pair.wrong, clean_final)  # type: ignore[arg-type]
+    spec = tp.MetricSpec(metric, position, pair.answer, pair.wrong, clean_final)  # type: ignore[arg-type]
     cells, floor_cells = pair_cells(model, options, n)
-    per_pass = cells_per_pass(model, n, options.cells_per_pass)
-    reads = sorted(set(read_positions(spec, cells, n)))
+    per_pass = tp.cells_per_pass(model, n, options.cells_per_pass)
+    reads = sorted(set(tp.read_positions(spec, cells, n)))
 
     def metric_at(final: Any) -> dict[int, float]:
-        values = metric_values(model, final[None].expand(len(reads), -1, -1), spec, reads, head)
+        values = tp.metric_values(model, final[None].expand(len(reads), -1, -1), spec, reads, head)
         return dict(zip(reads, (float(v) for v in values), strict=True))
 
     clean_at = metric_at(clean_final)
-    kinds = position_kinds(pair.clean, pair.corrupt, pair.subject)
+    kinds = tp.position_kinds(pair.clean, pair.corrupt, pair.subject)
     tokens = model.token_strings(pair.clean)
     denoise = options.direction == "denoising"
     rows: list[dict[str, Any]] = []
@@ -501,37 +489,46 @@ def _pair_rows(
             floor_source = second if second is not None else states
         else:  # corrupt states into the clean run; floor: the clean run's own
             target, base, source, floor_source = pair.clean, None, states, clean_states
-        patched = run_cells(model, target, cells, source, spec, head, per_pass, bar.update, base)
-        floored = run_cells(model, target, floor_cells, floor_source, spec, head, per_pass,
+        patched = tp.run_cells(model, target, cells, source, spec, head, per_pass, bar.update, base)
+        floored = tp.run_cells(model, target, floor_cells, floor_source, spec, head, per_pass,
                             bar.update, base)  # fmt: skip
         for condition, group, values in (
             ("patch", cells, patched),
             ("floor", floor_cells, floored),
         ):
-            at = read_positions(spec, group, n)
-            for cell, value, read in zip(group, values, at, strict=True):
+            for cell, value, read in zip(
+                group, values, tp.read_positions(spec, group, n), strict=True
+            ):
                 clean, corrupt = clean_at[read], corrupt_at[read]
-                effect = float(normalised(value[None], clean, corrupt)[0])
+                effect = float(tp.normalised(value[None], clean, corrupt)[0])
                 rows.append(_row(model, pair.pair_id, sample, condition, cell, n, kinds, tokens,
                                  effect, float(value), clean, corrupt, options.window))  # fmt: skip
         last = n - 1 if position == -2 else position
         corrupt_metrics.append(corrupt_at.get(last, corrupt_at[reads[-1]]))
     last = n - 1 if position == -2 else position
-    record = {
+    clean_metric = clean_at.get(last, clean_at[reads[-1]])
+    return rows, _record(pair, metric, position, clean_metric, corrupt_metrics)
+
+
+def _record(
+    pair: _Encoded, metric: str, position: int, clean: float, corrupt: list[float]
+) -> dict[str, Any]:
+    """One pair's line of ``pairs.csv`` (its metrics at the read position)."""
+    import numpy as np
+
+    differing = sum(a != b for a, b in zip(pair.clean, pair.corrupt, strict=True))
+    return {
         "pair_id": pair.pair_id,
-        "n_tokens": n,
+        "n_tokens": len(pair.clean),
         "answer_id": pair.answer,
         "wrong_id": pair.wrong,
         "metric": metric,
         "metric_position": "same" if position == -2 else position,
-        "metric_clean": clean_at.get(last, clean_at[reads[-1]]),
-        "metric_corrupt": float(np.mean(corrupt_metrics)),
-        "n_samples": len(corrupt_metrics),
-        "n_differing": len(pair.subject)
-        if pair.subject is not None
-        else sum(a != b for a, b in zip(pair.clean, pair.corrupt, strict=True)),
+        "metric_clean": clean,
+        "metric_corrupt": float(np.mean(corrupt)),
+        "n_samples": len(corrupt),
+        "n_differing": len(pair.subject) if pair.subject is not None else differing,
     }
-    return rows, record
 
 
 def pair_cells(
@@ -639,8 +636,6 @@ def run_patch(
         options: :class:`PatchOptions` (the pairs among them).
         warn: receives one-line warnings and notes.
     """
-    import pandas as pd
-
     from residual_trace.experiments.engine import run_shards
     from residual_trace.tracer.patch_summary import patch_summary
 
@@ -669,24 +664,7 @@ def run_patch(
     table = shards.tables["patch"]
     records = shards.tables["records"].to_dict("records")
     summary = patch_summary(table, seed=options.seed)
-    pair_table = pd.DataFrame(
-        [
-            {
-                "pair_id": k,
-                "clean": p.clean,
-                "corrupt": p.corrupt,
-                "subject": p.subject,
-                "answer": p.answer,
-                "wrong": p.wrong,
-                **{key: v for key, v in r.items() if key != "pair_id"},
-            }
-            for k, (p, r) in enumerate(zip(pairs, records, strict=True))
-        ]
-    )
-    for record in records:
-        if abs(record["metric_clean"] - record["metric_corrupt"]) < 1e-6:
-            note(f"warning: pair {record['pair_id']}: the clean and corrupt runs score the same "
-                 f"({record['metric_clean']:.4g}): its effects are undefined (empty)")  # fmt: skip
+    pair_table = _pair_table(pairs, records, note)
     return PatchResult(
         model=traced,
         options=options,
@@ -728,6 +706,22 @@ def shard_rows(traced: TracedModel, encoded: Sequence[Any], options: PatchOption
     for column in ("layer", "block", "position"):
         table[column] = table[column].astype("Int64")
     return ShardPart({"patch": table, "records": pd.DataFrame(records)})
+
+
+def _pair_table(pairs: list[TextPair], records: list[dict[str, Any]], note: Warn) -> pd.DataFrame:
+    """``pairs.csv``: each pair as given, then its record; a warning for a pair with no span."""
+    import pandas as pd
+
+    for record in records:
+        if abs(record["metric_clean"] - record["metric_corrupt"]) < 1e-6:
+            note(f"warning: pair {record['pair_id']}: the clean and corrupt runs score the same "
+                 f"({record['metric_clean']:.4g}): its effects are undefined (empty)")  # fmt: skip
+    rows = []
+    for k, (p, r) in enumerate(zip(pairs, records, strict=True)):
+        given = {"pair_id": k, "clean": p.clean, "corrupt": p.corrupt, "subject": p.subject,
+                 "answer": p.answer, "wrong": p.wrong}  # fmt: skip
+        rows.append({**given, **{key: v for key, v in r.items() if key != "pair_id"}})
+    return pd.DataFrame(rows)
 
 
 def _run(model: ModelArg, inputs: Any, options: PatchOptions, warn: Warn) -> PatchResult:

@@ -11,7 +11,7 @@ experiment modules import nothing heavy, so neither does this one.
 
 Examples:
     >>> [e.name for e in EXPERIMENTS]
-    ['layers', 'decompose', 'perturb', 'probe', 'lens', 'train-lens']
+    ['layers', 'decompose', 'perturb', 'probe', 'lens', 'train-lens', 'patch']
     >>> experiment("probe").inputs, experiment_of(layers) is experiment("layers")
     ('model', True)
 """

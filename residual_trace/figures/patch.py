@@ -10,6 +10,7 @@ there are several pairs. ``format_patch_summary`` is the console table.
 from __future__ import annotations
 
 import textwrap
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -163,22 +164,26 @@ def patch_summary_figure(
         ax.set_title(f"{_TITLES[site]}: mean over {over}", fontsize=9)
         figure.colorbar(image, ax=ax, shrink=0.9).set_label("mean effect", fontsize=8)
         if lines:
-            ax = axes[1, k]
-            for kind, colour in (("subject_last", "C3"), ("last", "C0")):
-                line = rows[rows["position_kind"] == kind].sort_values(index)
-                if line.empty:
-                    continue
-                x = line[index].astype(float)
-                ax.plot(x, line["effect"], color=colour, marker=".", label=_KIND_LABELS[kind])
-                ax.fill_between(x, line["effect_lo"].astype(float), line["effect_hi"].astype(float),
-                                color=colour, alpha=0.2, lw=0)  # fmt: skip
-            ax.axhline(0.0, color="0.5", lw=0.7)
-            ax.set_xlabel(label)
-            ax.set_ylabel("effect (95% interval)")
-            ax.legend(fontsize=7, frameon=False)
+            _role_lines(axes[1, k], rows, index, label)
     if reading:
         figure.suptitle(textwrap.fill(reading, width=int(width * 11)), fontsize=10)
     return figure
+
+
+def _role_lines(ax: Any, rows: pd.DataFrame, index: str, label: str) -> None:
+    """The last subject token's and the last token's mean effect, with their intervals."""
+    for kind, colour in (("subject_last", "C3"), ("last", "C0")):
+        line = rows[rows["position_kind"] == kind].sort_values(index)
+        if line.empty:
+            continue
+        x = line[index].astype(float)
+        ax.plot(x, line["effect"], color=colour, marker=".", label=_KIND_LABELS[kind])
+        ax.fill_between(x, line["effect_lo"].astype(float), line["effect_hi"].astype(float),
+                        color=colour, alpha=0.2, lw=0)  # fmt: skip
+    ax.axhline(0.0, color="0.5", lw=0.7)
+    ax.set_xlabel(label)
+    ax.set_ylabel("effect (95% interval)")
+    ax.legend(fontsize=7, frameon=False)
 
 
 def format_patch_summary(

@@ -130,6 +130,7 @@ def test_every_verb_is_a_command_an_api_function_and_in_all():
         "probe",
         "lens",
         "train-lens",
+        "patch",
     ]
     for experiment, name in zip(EXPERIMENTS, VERB_NAMES, strict=True):
         assert name in rt.__all__

@@ -85,6 +85,26 @@ def save_skipped(directory: Path, fingerprint: str, part: Part) -> None:
     write_atomic(directory / "fingerprint.txt", fingerprint + "\n")
 
 
+def _left_out(
+    name: str,
+    experiment: str,
+    model: TracedModel,
+    options: Any,
+    directory: Path | None,
+    fingerprint: str,
+) -> Part | None:
+    """The part, left out and recorded, when its experiment cannot run on ``model``."""
+    skip = registered(experiment).skip
+    reason = skip(model, options) if skip is not None else None
+    if reason is None:
+        return None
+    part = Part(name, experiment, {}, model_record(model), skipped=reason)
+    if directory is not None:
+        save_skipped(directory, fingerprint, part)
+        part.directory = directory
+    return part
+
+
 def _read_part(model: str, experiment: str, directory: Path) -> Part:
     tables = {name: pd.read_csv(directory / f"{name}.csv") for name in READS[experiment]}
     info = json.loads((directory / "run.json").read_text())["model"]
@@ -132,15 +152,10 @@ def run_parts(
                 progress(f"report: {experiment} on {name}")
             # each options class runs its own experiment (`options.run`), on texts or not
             part_options: Any = options.options_for(experiment, model.n_blocks, model=name)
-            skip = registered(experiment).skip
-            reason = skip(model, part_options) if skip is not None else None
-            if reason is not None:
-                warn(f"note: report: no {experiment} part for {name}: {reason}")
-                part = Part(name, experiment, {}, model_record(model), skipped=reason)
-                if directory is not None:
-                    save_skipped(directory, fingerprint, part)
-                    part.directory = directory
-                parts.append(part)
+            left_out = _left_out(name, experiment, model, part_options, directory, fingerprint)
+            if left_out is not None:
+                warn(f"note: report: no {experiment} part for {name}: {left_out.skipped}")
+                parts.append(left_out)
                 continue
             result: Result
             if registered(experiment).inputs == "texts":
