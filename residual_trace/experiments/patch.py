@@ -479,6 +479,7 @@ def _pair_rows(
     kinds = tp.position_kinds(pair.clean, pair.corrupt, pair.subject)
     tokens = model.token_strings(pair.clean)
     denoise = options.direction == "denoising"
+    last = n - 1 if position == tp.SAME else position  # where pairs.csv reads the metrics
     rows: list[dict[str, Any]] = []
     corrupt_metrics = []
     for sample, ids, noise, states, final, second in _corruptions(model, pair, options, hooks,
@@ -503,9 +504,7 @@ def _pair_rows(
                 effect = float(tp.normalised(value[None], clean, corrupt)[0])
                 rows.append(_row(model, pair.pair_id, sample, condition, cell, n, kinds, tokens,
                                  effect, float(value), clean, corrupt, options.window))  # fmt: skip
-        last = n - 1 if position == -2 else position
         corrupt_metrics.append(corrupt_at.get(last, corrupt_at[reads[-1]]))
-    last = n - 1 if position == -2 else position
     clean_metric = clean_at.get(last, clean_at[reads[-1]])
     return rows, _record(pair, metric, position, clean_metric, corrupt_metrics)
 
@@ -516,6 +515,8 @@ def _record(
     """One pair's line of ``pairs.csv`` (its metrics at the read position)."""
     import numpy as np
 
+    from residual_trace.tracer.patching import SAME
+
     differing = sum(a != b for a, b in zip(pair.clean, pair.corrupt, strict=True))
     return {
         "pair_id": pair.pair_id,
@@ -523,7 +524,7 @@ def _record(
         "answer_id": pair.answer,
         "wrong_id": pair.wrong,
         "metric": metric,
-        "metric_position": "same" if position == -2 else position,
+        "metric_position": "same" if position == SAME else position,
         "metric_clean": clean,
         "metric_corrupt": float(np.mean(corrupt)),
         "n_samples": len(corrupt),
