@@ -43,10 +43,12 @@ docs-serve: $(STAMP)
 docs-figures: $(STAMP)
 	$(BIN)/python docs/make_figures.py
 
-# The report test opens report.html in headless Chromium (Debian's package).
+# The report and viewer tests open pages in headless Chromium, the viewer's through selenium
+# and chromedriver (Debian's packages).
 browser:
-	@command -v chromium >/dev/null 2>&1 || apt-get install -y -qq --no-install-recommends chromium \
-		|| (apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium)
+	@(command -v chromium && command -v chromedriver) >/dev/null 2>&1 \
+		|| apt-get install -y -qq --no-install-recommends chromium chromium-driver \
+		|| (apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium chromium-driver)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_layers.py $(ARGS)

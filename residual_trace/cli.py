@@ -237,8 +237,15 @@ def _measure_and_save(
         out, figure_format=output.figure_format, overwrite=output.overwrite, warn=_echo_err
     )
     if not getattr(options, "quiet", False):
-        click.echo(result.describe())
-        click.echo(f"wrote {out}/: " + ", ".join(p.name for p in files))
+        _print(result.describe(), output.wide)
+        _print(f"wrote {out}/: " + ", ".join(p.name for p in files), output.wide)
+
+
+def _print(text: str, wide: bool) -> None:
+    """A summary on stdout: within 100 columns (tables split, prose wrapped) unless ``wide``."""
+    from residual_trace.console import fit_width
+
+    click.echo(text if wide else fit_width(text))
 
 
 def _fields(options_type: type[Options], raw: dict[str, Any]) -> dict[str, Any]:
@@ -299,6 +306,7 @@ Examples:
     help="Start afresh in --out, removing an earlier report there (default: resume it).",
 )
 @click.option("--quiet", "-q", is_flag=True, help="No progress, no verdicts printed.")
+@click.option("--wide", is_flag=True, help="Print at full width (default: fit to 100 columns).")
 @click_options(ReportOptions, only_given=True)
 def report(**raw: Any) -> None:
     """Every experiment on several models, side by side, as one report.
@@ -311,7 +319,7 @@ def report(**raw: Any) -> None:
     from residual_trace.experiments.report.result import check_report_out, run_report
     from residual_trace.runs import claim_out
 
-    config_path, quiet = raw.pop("config_path"), raw.pop("quiet")
+    config_path, quiet, wide = raw.pop("config_path"), raw.pop("quiet"), raw.pop("wide")
     out = OutputOptions(out=raw.pop("out")).out_path  # an empty --out: the verbs' one line
     overwrite = raw.pop("overwrite")
     given = {k: v for k, v in raw.items() if v is not None and v != ()}
@@ -338,10 +346,9 @@ def report(**raw: Any) -> None:
         if claim is not None:
             claim.release()
     if not quiet:
-        click.echo(result.describe())
-        click.echo(
-            f"wrote {root}/: " + ", ".join(sorted({p.relative_to(root).parts[0] for p in files}))
-        )
+        _print(result.describe(), wide)
+        written = sorted({p.relative_to(root).parts[0] for p in files})
+        _print(f"wrote {root}/: " + ", ".join(written), wide)
 
 
 def _report_kept(root: Path) -> str:

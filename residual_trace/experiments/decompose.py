@@ -46,8 +46,16 @@ class DecomposeOptions(CorpusOptions):
     mixing_text: int = option(
         0, "text_id whose per-pair mixing map is kept (mixing_pairs, mixing_heatmap)."
     )
+    viewer_texts: int = option(
+        2,
+        "How many texts (from text 0) viewer.html shows; their per-pair maps join "
+        "mixing_text's in mixing_pairs (0: no viewer).",
+        metavar="N",
+    )
     per_head: bool = option(
-        False, "Also split the attention part by head (heads, head_summary, heads figure)."
+        False,
+        "Also split the attention part by head (heads, head_summary, heads figure) and keep "
+        "the viewer texts' attention weights head by head (attention_heads).",
     )
     mixing_block: int | None = option(
         None, "Block drawn in mixing_heatmap (from 0; default: the middle block)."
@@ -67,6 +75,8 @@ class DecomposeOptions(CorpusOptions):
             raise self.fail("mixing_text", f"must be a text id >= 0, got {self.mixing_text}")
         if self.mixing_block is not None and self.mixing_block < 0:
             raise self.fail("mixing_block", f"blocks count from 0, got {self.mixing_block}")
+        if self.viewer_texts < 0:
+            raise self.fail("viewer_texts", f"must be 0 or more, got {self.viewer_texts}")
         if self.vz_max_tokens < 0:
             raise self.fail("vz_max_tokens", f"must be 0 or more, got {self.vz_max_tokens}")
 
@@ -97,6 +107,12 @@ class DecomposeResult(Result):
         """``tables["summary"]``: one row per block."""
         return self.tables["summary"]
 
+    @property
+    def mixing_text_pairs(self) -> pd.DataFrame:
+        """``mixing_pairs``'s rows of ``mixing_text`` (the text the heatmap draws)."""
+        pairs = self.tables["mixing_pairs"]
+        return pairs[pairs["text_id"] == self.options.mixing_text]  # type: ignore[attr-defined]
+
     def figures(self) -> dict[str, Figure]:
         """sublayers, cumulative, mixing, mixing_heatmap (and heads with ``per_head``)."""
         from residual_trace.figures.decompose import (
@@ -111,11 +127,30 @@ class DecomposeResult(Result):
             "sublayers": sublayer_figure(self.summary),
             "cumulative": cumulative_figure(self.tables["cumulative"]),
             "mixing": mixing_figure(self.summary),
-            "mixing_heatmap": mixing_heatmap_figure(self.tables["mixing_pairs"], self.mixing_block),
+            "mixing_heatmap": mixing_heatmap_figure(self.mixing_text_pairs, self.mixing_block),
         }
         if "head_summary" in self.tables:
             figures["heads"] = heads_figure(self.tables["head_summary"])
         return figures
+
+    def viewer_sections(self) -> list[str]:
+        """Token x token maps of the viewer's texts (``mixing_pairs``, ``attention_heads``)."""
+        from residual_trace.viewer import decompose_view
+
+        options = self.options
+        assert isinstance(options, DecomposeOptions)
+        pairs = self.tables["mixing_pairs"]
+        wanted = [t for t in range(options.viewer_texts) if t in set(pairs["text_id"])]
+        if not wanted:
+            return []
+        return [
+            decompose_view(
+                self.tables["mixing_pairs"],
+                self.texts,
+                wanted,
+                self.tables.get("attention_heads"),
+            )
+        ]
 
     def headline(self) -> str:
         """The largest reconstruction error and AttnRes-N per block, on one line."""
@@ -126,7 +161,7 @@ class DecomposeResult(Result):
 
     def describe(self) -> str:
         """The per-block table ``trace decompose`` prints, with what its columns mean."""
-        from residual_trace.stats import format_interval
+        from residual_trace.console import table
         from residual_trace.tracer.mixing_measures import DISPLAYED
 
         model, summary = self.model, self.summary
@@ -135,20 +170,18 @@ class DecomposeResult(Result):
             f"({model.spec.norm_placement}-norm), {model.n_blocks} blocks, {len(self.texts)} "
             "texts; parts reconstruct every block output (max relative error "
             f"{summary['max_recon_error'].max():.1e})",
-            f"{'block':>5}  {'|attn|/|x|':>10}  {'|mlp|/|x|':>10}  {'attn → token':>19}  "
-            f"{'mlp → token':>19}  {'carried':>8}  {'net change':>10}  "
-            + "  ".join(f"{m.short:>{m.width}}" for m in DISPLAYED),
         ]
-        for row in summary.itertuples(index=False):
-            lines.append(
-                f"{row.block:>5}  {row.attn_norm_rel:>10.3f}  {row.mlp_norm_rel:>10.3f}  "
-                f"{row.proj_attn:>+7.3f} "
-                f"{format_interval(row.proj_attn_lo, row.proj_attn_hi, '+.2f'):<12}  "
-                f"{row.proj_mlp:>+7.3f} "
-                f"{format_interval(row.proj_mlp_lo, row.proj_mlp_hi, '+.2f'):<12}  "
-                f"{row.proj_carried_change:>+8.3f}  {row.proj_change:>+10.3f}  "
-                + "  ".join(f"{_ratio(getattr(row, m.column)):>{m.width}}" for m in DISPLAYED)
-            )
+        headers = ["block", "|attn|/|x|", "|mlp|/|x|", "attn → token", "mlp → token", "carried",
+                   "net change", *(m.short for m in DISPLAYED)]  # fmt: skip
+        rows = [
+            [str(row.block), f"{row.attn_norm_rel:.3f}", f"{row.mlp_norm_rel:.3f}",
+             _signed(row.proj_attn, row.proj_attn_lo, row.proj_attn_hi),
+             _signed(row.proj_mlp, row.proj_mlp_lo, row.proj_mlp_hi),
+             f"{row.proj_carried_change:+.3f}", f"{row.proj_change:+.3f}",
+             *(_ratio(getattr(row, m.column)) for m in DISPLAYED)]
+            for row in summary.itertuples(index=False)
+        ]  # fmt: skip
+        lines += table(headers, rows)
         lines += [
             "block b's output is layer b+1. x → token: signed change of the state's projection "
             "on the unit input-token direction (+ restores identity, − erodes it), mean with "
@@ -164,9 +197,10 @@ class DecomposeResult(Result):
         return "\n".join(lines)
 
 
-#: The per-pair map of ``mixing_text`` keeps every block while it has at most this many rows
-#: (tokens^2 x blocks); beyond, only the block drawn (``mixing_block``), so that a long text
-#: does not turn one table into gigabytes.
+#: ``mixing_pairs`` keeps a text's map at every block while all kept maps have at most this
+#: many rows (tokens^2 x blocks); beyond, ``mixing_text`` keeps only the block drawn
+#: (``mixing_block``) and a viewer text none, so that long texts do not turn one table into
+#: gigabytes.
 MAX_PAIR_ROWS = 2_000_000
 
 
@@ -175,6 +209,25 @@ def pair_blocks(model: TracedModel, n_tokens: int, options: DecomposeOptions) ->
     if n_tokens * n_tokens * model.n_blocks <= MAX_PAIR_ROWS:
         return tuple(range(model.n_blocks))
     return (_mixing_block(model, options),)
+
+
+def pair_maps(
+    model: TracedModel, lengths: dict[int, int], options: DecomposeOptions
+) -> dict[int, tuple[int, ...]]:
+    """The texts whose per-pair map ``mixing_pairs`` keeps, each with its blocks.
+
+    ``lengths`` maps every ``text_id`` to its length in tokens; ``mixing_text`` comes
+    first, then the viewer's texts in order while the rows stay within ``MAX_PAIR_ROWS``.
+    """
+    kept = {options.mixing_text: pair_blocks(model, lengths[options.mixing_text], options)}
+    rows = lengths[options.mixing_text] ** 2 * len(kept[options.mixing_text])
+    for text_id in range(min(options.viewer_texts, len(lengths))):
+        cost = lengths[text_id] ** 2 * model.n_blocks
+        if text_id in kept or rows + cost > MAX_PAIR_ROWS:
+            continue
+        kept[text_id] = tuple(range(model.n_blocks))
+        rows += cost
+    return kept
 
 
 def _mixing_block(model: TracedModel, options: DecomposeOptions) -> int:
@@ -193,18 +246,18 @@ def shard_rows(
 
     from residual_trace.tracer.decompose_batches import iter_decompose_encoded
 
-    lengths = {item.text_id: len(item.ids) for item in encoded}
-    blocks = None
-    if options.mixing_text in lengths:
-        blocks = pair_blocks(traced, lengths[options.mixing_text], options)
-    local, pooled, mixes, pair_frames, head_frames = [], [], [], [], []
+    here = {item.text_id: len(item.ids) for item in encoded}
+    every = options.context.get("pair_maps")  # over all texts, from run_decompose
+    if every is None:
+        every = pair_maps(traced, here, options) if options.mixing_text in here else {}
+    maps = {text_id: blocks for text_id, blocks in every.items() if text_id in here}
+    local, pooled, mixes, pair_frames, head_frames, weights = [], [], [], [], [], []
     for rows in iter_decompose_encoded(
         traced,
         encoded,
         batch_size=options.batch_size,
         per_head=options.per_head,
-        pair_text=options.mixing_text,
-        pair_blocks=blocks,
+        pair_text=maps,
         vz_max_tokens=options.vz_max_tokens,
         progress=options.progress,
     ):
@@ -215,6 +268,8 @@ def shard_rows(
             head_frames.append(rows.heads)
         if rows.pairs is not None:
             pair_frames.append(rows.pairs)
+        if rows.attention_heads is not None:
+            weights.append(rows.attention_heads)
     tables = {
         "decompose": pd.concat(local, ignore_index=True),
         "mixing": pd.concat(mixes, ignore_index=True),
@@ -224,6 +279,8 @@ def shard_rows(
         tables["mixing_pairs"] = pd.concat(pair_frames, ignore_index=True)
     if head_frames:
         tables["heads"] = pd.concat(head_frames, ignore_index=True)
+    if weights:
+        tables["attention_heads"] = pd.concat(weights, ignore_index=True)
     return ShardPart(tables)
 
 
@@ -231,20 +288,38 @@ def _ratio(value: float) -> str:
     return "n/a" if value != value else f"{value:.3f}"
 
 
+def _signed(value: float, low: float, high: float) -> str:
+    """A signed mean with its interval, e.g. ``+0.469 [+0.23, +0.76]`` (``n/a`` if missing)."""
+    from residual_trace.stats import format_interval
+
+    if value != value:
+        return "n/a"
+    return f"{value:+.3f} {format_interval(low, high, '+.2f')}"
+
+
 def _note_sizes(
     traced: TracedModel, encoded: Sequence[EncodedText], options: DecomposeOptions, note: Warn
-) -> None:
-    """Warn, before the run, where the texts' lengths will cut a result short.
+) -> dict[int, tuple[int, ...]]:
+    """Warn, before the run, where the texts' lengths will cut a result short; the pair maps.
 
-    The results that lengths can cut short are the mixing text's map and Value Zeroing.
+    The results that lengths can cut short are the per-pair maps and Value Zeroing. Returns
+    :func:`pair_maps` over all the texts.
     """
     n_pair = len(encoded[options.mixing_text].ids)
-    kept = pair_blocks(traced, n_pair, options)
+    maps = pair_maps(traced, {item.text_id: len(item.ids) for item in encoded}, options)
+    kept = maps[options.mixing_text]
     if len(kept) < traced.n_blocks:
         note(
             f"warning: mixing_pairs: text {options.mixing_text} has {n_pair} tokens, so its map "
             f"at every block would take {n_pair * n_pair * traced.n_blocks:,} rows; kept at "
             f"block {kept[0]} only (--mixing-block)"
+        )
+    wanted = min(options.viewer_texts, len(encoded))
+    left_out = [t for t in range(wanted) if t not in maps]
+    if left_out:
+        note(
+            f"warning: viewer: text(s) {', '.join(map(str, left_out))} left out of "
+            f"mixing_pairs and viewer.html: the kept maps would exceed {MAX_PAIR_ROWS:,} rows"
         )
     too_long = sum(len(item.ids) > options.vz_max_tokens for item in encoded)
     if too_long and options.vz_max_tokens > 0:
@@ -252,6 +327,7 @@ def _note_sizes(
             f"warning: value zeroing: {too_long} of {len(encoded)} texts have more than "
             f"{options.vz_max_tokens} tokens (--vz-max-tokens); their mix_vz columns are NaN"
         )
+    return maps
 
 
 def run_decompose(
@@ -288,8 +364,8 @@ def run_decompose(
     texts_list, source, traced, encoded, notes, note = open_run(
         model, texts, options, warn, check_model
     )
-    _note_sizes(traced, encoded, options, note)
-    rows = run_shards(EXPERIMENT, traced, encoded, options)
+    maps = _note_sizes(traced, encoded, options, note)
+    rows = run_shards(EXPERIMENT, traced, encoded, options.with_context(pair_maps=maps))
     table, mixing_table = rows.tables["decompose"], rows.tables["mixing"]
     seed, special = options.seed, options.include_special
     tables = {
@@ -299,11 +375,10 @@ def run_decompose(
         "cumulative": pool_cumulative([rows.tables["pooled"]], traced.name),
         "mixing_pairs": rows.tables["mixing_pairs"],
     }
+    tables.update({k: rows.tables[k] for k in ("attention_heads",) if k in rows.tables})
     if "heads" in rows.tables:
-        heads = rows.tables["heads"]
-        tables["heads"] = heads
-        tables["head_summary"] = head_summary(heads, special, seed)
-    mixing_block = _mixing_block(traced, options)
+        tables["heads"] = rows.tables["heads"]
+        tables["head_summary"] = head_summary(rows.tables["heads"], special, seed)
     return DecomposeResult(
         model=traced,
         options=options,
@@ -312,7 +387,7 @@ def run_decompose(
         source=source,
         notes=notes,
         record={"max_recon_error": float(table["recon_error"].max()), "engine": rows.engine},
-        mixing_block=mixing_block,
+        mixing_block=_mixing_block(traced, options),
     )
 
 

@@ -155,6 +155,12 @@ class LensResult(Result):
             )
         return figures
 
+    def viewer_sections(self) -> list[str]:
+        """The grid of top tokens of every text and lens (``lens.csv``, site ``post``)."""
+        from residual_trace.viewer import lens_view
+
+        return [lens_view(self.lens, self.texts)]
+
     def headline(self) -> str:
         """The first lens's KL to the model's output at layer 0 and one layer below the top."""
         s = self.summary

@@ -255,6 +255,9 @@ class OutputOptions(Options):
         "earlier run survives). Without it, a non-empty --out is refused.",
     )
     figure_format: FigureFormat = figure_format_option()
+    wide: bool = option(
+        False, "Print the summary at full width (default: tables split to fit 100 columns)."
+    )
 
     def validate(self) -> None:
         """Refuse an empty ``--out``."""

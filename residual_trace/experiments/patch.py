@@ -307,6 +307,12 @@ class PatchResult(Result):
         )
         return figures
 
+    def viewer_sections(self) -> list[str]:
+        """The map of every pair, site and sample (``patch.csv``, condition ``patch``)."""
+        from residual_trace.viewer import patch_view
+
+        return [patch_view(self.patch, self.tables["pairs"])]
+
     def headline(self) -> str:
         """The strongest cell of each site (mean effect over pairs)."""
         s = self.summary

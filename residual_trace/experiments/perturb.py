@@ -178,11 +178,19 @@ class PerturbResult(Result):
         if self.example is not None:
             options = self.options
             assert isinstance(options, PerturbOptions)
-            chosen = list(self.example.original)  # the heads run for the example
+            chosen = [key for key in self.shown_heads if key in self.example.original]
             figures["attention"] = attention_pairs_figure(
                 self.example, chosen, self.model.name, options.show_text
             )
         return figures
+
+    def viewer_sections(self) -> list[str]:
+        """The grid of indices and each kept head's patterns on ``show_text``."""
+        from residual_trace.viewer import perturb_view
+
+        if self.example is None:
+            return []
+        return [perturb_view(self.tables["heads"], self.example, self.mode)]
 
     def headline(self) -> str:
         """The number of perturbations and the heads' verdicts, on one line."""
@@ -310,7 +318,6 @@ def run_perturb(
         warn: receives one-line warnings (skipped texts, truncation).
     """
     from residual_trace.experiments.engine import run_shards
-    from residual_trace.tracer.perturb import attention_example
 
     config = options or PerturbOptions()
     shown_heads: list[tuple[int, int]] = []
@@ -329,10 +336,9 @@ def run_perturb(
     rows = run_shards(EXPERIMENT, traced, encoded, config)
     extra: _ShardFacts = rows.extra
     _refuse_or_note_skipped(config, len(texts_list), extra, echo)
-    skipped = extra.skipped
     tables = _tables(traced.name, rows.tables["perturbations"], rows.tables["resid"], config)
     shown_heads = shown_heads or _default_heads(tables["heads"], config.mode)
-    example = attention_example(traced, config, encoded[config.show_text], shown_heads)
+    example = _example(traced, config, encoded[config.show_text], tables, shown_heads)
     return PerturbResult(
         model=traced,
         options=config,
@@ -342,14 +348,51 @@ def run_perturb(
         notes=notes,
         record={
             "n_perturbations": extra.n_perturbations,
-            "skipped_texts": skipped,
+            "skipped_texts": extra.skipped,
             "engine": rows.engine,
         },
         n_perturbations=extra.n_perturbations,
-        skipped=skipped,
+        skipped=extra.skipped,
         example=example,
         shown_heads=shown_heads,
     )
+
+
+def _example(
+    traced: TracedModel,
+    config: PerturbOptions,
+    item: EncodedText,
+    tables: dict[str, pd.DataFrame],
+    shown: list[tuple[int, int]],
+) -> AttentionExample | None:
+    """``item``'s patterns (the figure's heads, and the viewer's within bounds)."""
+    from residual_trace.tracer.perturb import attention_example
+
+    heads = _viewer_heads(tables["heads"], config.mode, shown, len(item.ids))
+    return attention_example(traced, config, item, heads)
+
+
+#: The viewer keeps the drawn text's patterns of at most this many values (heads x 2 x n^2).
+VIEWER_PATTERN_VALUES = 8_000_000
+
+
+def _viewer_heads(
+    heads: pd.DataFrame, kind: str, shown: list[tuple[int, int]], n_tokens: int
+) -> list[tuple[int, int]]:
+    """The heads whose patterns the run keeps: the drawn ones, then by |index|, within bounds."""
+    rows = heads[heads["perturbation"] == kind]
+    order = rows.assign(size=rows["follow_index"].abs().fillna(-1.0)).sort_values(
+        ["size", "block", "head"], ascending=[False, True, True], kind="stable"
+    )
+    most = max(len(shown), VIEWER_PATTERN_VALUES // max(1, 2 * n_tokens * n_tokens))
+    kept = list(shown)
+    for block, head in zip(order["block"], order["head"], strict=True):
+        key = (int(block), int(head))
+        if len(kept) >= most:
+            break
+        if key not in kept:
+            kept.append(key)
+    return kept
 
 
 def _default_heads(heads: pd.DataFrame, kind: str) -> list[tuple[int, int]]:
@@ -378,12 +421,18 @@ def _interval(low: float, high: float, digits: int = 2) -> str:
     return format_interval(low, high, f"+.{digits}f")
 
 
+def _mass(value: float) -> str:
+    """An attention mass, or ``n/a`` (the next token of a causal model)."""
+    return "n/a" if value != value else f"{value:.2f}"
+
+
 def _head_line(row: Any) -> str:
     return (
         f"  {row.head_name}: index {row.follow_index:+.3f} "
         f"{_interval(row.follow_index_lo, row.follow_index_hi)} {row.verdict}, "
         f"token sim {row.sim_token:.3f} vs position sim {row.sim_position:.3f}, "
-        f"previous/next-token mass {row.prev_mass:.2f}/{row.next_mass:.2f}, n_obs={row.n_obs}"
+        f"previous/next-token mass {_mass(row.prev_mass)}/{_mass(row.next_mass)}, "
+        f"n_obs={row.n_obs}"
     )
 
 

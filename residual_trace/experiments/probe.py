@@ -454,6 +454,7 @@ _SHORT = {
 
 def describe(result: ProbeResult) -> str:
     """The paper-style table (mean and 95% interval per condition) and a verdict per line."""
+    from residual_trace.console import table
     from residual_trace.stats import format_interval
 
     summary = result.tables["summary"]
@@ -463,24 +464,23 @@ def describe(result: ProbeResult) -> str:
         + ", ".join(f"{k} ({v} concepts)" for k, v in result.n_concepts.items())
     ]
     conditions = [c for c in CONDITIONS if c in set(summary["condition"])]
-    header = f"{'norms':<12} {'layer':>5} {'mapper':<6} {'metric':<16}" + "".join(
-        f" {_SHORT[c]:>17}" for c in conditions
-    )
-    lines.append(header)
+    rows = []
     for key, part in summary.groupby(
         ["norms", "embedding", "layer", "mapper", "metric"], sort=False
     ):
         norms, _, layer, mapper, metric = key
         by = part.set_index("condition")
-        cells = []
+        cells = [f"{norms} layer {layer} {mapper} {metric}"]
         for condition in conditions:
             if condition not in by.index:
-                cells.append(f" {'—':>17}")
+                cells.append("n/a")
                 continue
             row = by.loc[condition]
             interval = format_interval(row["score_lo"], row["score_hi"], ".2f")
-            cells.append(f" {row['score']:>6.3f} {interval}")
-        lines.append(f"{norms:<12} {layer:>5} {mapper:<6} {metric:<16}" + "".join(cells))
+            cells.append(f"{row['score']:.3f} {interval}")
+        rows.append(cells)
+    headers = ["norms, layer, mapper, metric", *(_SHORT[c] for c in conditions)]
+    lines += table(headers, rows, left=1)
     lines.append("verdicts (system vs shuffled and structured nonsense, 95% intervals):")
     for row in result.tables["verdicts"].itertuples(index=False):
         claim = "beats" if row.beats_controls else "does NOT beat"

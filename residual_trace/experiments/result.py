@@ -66,6 +66,50 @@ class Result:
         """Write anything that is not a table or a figure; return the names written."""
         return []
 
+    def viewer_sections(self) -> list[str]:
+        """The interactive views of ``viewer.html`` (HTML sections; none for most verbs)."""
+        return []
+
+    # -- the viewer -------------------------------------------------------------------------
+    def viewer_html(self) -> str | None:
+        """``viewer.html``'s page: self-contained, offline (``None`` when the verb has none)."""
+        from residual_trace.viewer import viewer_page
+
+        sections = self.viewer_sections()
+        if not sections:
+            return None
+        return viewer_page(
+            f"{self.command}: {self.model.name}",
+            sections,
+            "Hover a cell for its value; the controls choose what is drawn. Nothing here "
+            "loads from the network.",
+        )
+
+    def show(self) -> None:
+        """Display the viewer inline in a notebook (Jupyter, VS Code), with no network.
+
+        The page goes into an ``<iframe srcdoc>``, so several viewers in one notebook do not
+        disturb each other. Raises :class:`UserError` outside IPython or for a verb without
+        a viewer.
+        """
+        import html
+
+        page = self.viewer_html()
+        if page is None:
+            raise UserError(f"{self.command} has no viewer (decompose, perturb, lens and patch do)")
+        try:
+            from IPython.display import HTML, display
+        except ImportError:
+            raise UserError(
+                "show() displays the viewer in a notebook and needs IPython; "
+                "save() writes it as viewer.html instead"
+            ) from None
+        frame = (
+            f'<iframe srcdoc="{html.escape(page, quote=True)}" style="width:100%;height:900px;'
+            'border:1px solid #ddd" sandbox="allow-scripts"></iframe>'
+        )
+        display(HTML(frame))
+
     # -- shared ---------------------------------------------------------------------------
     def __repr__(self) -> str:
         name = type(self).__name__
@@ -102,6 +146,10 @@ class Result:
             for key, frame in self.tables.items():
                 names += [p.name for p in write_table(frame, run.tmp / f"{key}.csv")]
             names += self._save_extra(run.tmp)
+            page = self.viewer_html()
+            if page is not None:
+                (run.tmp / "viewer.html").write_text(page, encoding="utf-8")
+                names.append("viewer.html")
             for key, figure in self.figures().items():
                 filename = f"{key}.{figure_format}"
                 save_figure(figure, run.tmp / filename, figure_format)

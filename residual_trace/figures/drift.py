@@ -14,6 +14,7 @@ import seaborn as sns
 from matplotlib.figure import Figure
 
 from residual_trace.defaults import DEFAULT_SEED
+from residual_trace.figures.tokens import clean_token
 
 LAYER_LABEL = "layer (0 = embeddings, input of block 0; k = output of block k-1)"
 
@@ -68,8 +69,9 @@ def token_drift_figure(
         keys = keys.sample(MAX_TOKEN_LINES, random_state=seed)
     sample = data.merge(keys, on=["text_id", "position"])
     for ax, suffix in zip(axes, variants, strict=True):
-        for _, token in sample.groupby(["text_id", "position"], sort=False):
-            ax.plot(token["layer"], token[f"cos_input{suffix}"], color="0.55", lw=0.4, alpha=0.25)
+        for n, (_, token) in enumerate(sample.groupby(["text_id", "position"], sort=False)):
+            ax.plot(token["layer"], token[f"cos_input{suffix}"], color="0.55", lw=0.4, alpha=0.25,
+                    label="one token" if n == 0 else None)  # fmt: skip
         layers, mean, lo, hi = _band(summary, f"cos_input{suffix}")
         ax.fill_between(layers, lo, hi, color="C0", alpha=0.35, lw=0)
         ax.plot(layers, mean, color="C0", lw=2.2, marker="o", ms=3.5, label="mean cos_input")
@@ -102,26 +104,37 @@ def drift_heatmap_figure(
         raise ValueError(f"text_id {text_id} is not in the table")
     grid = data.pivot_table(index="position", columns="layer", values=column, sort=True)
     tokens = data.drop_duplicates("position").set_index("position")["token"]
-    labels = [f"{p}: {tokens[p]}" for p in grid.index]
+    labels = [f"{p}: {clean_token(str(tokens[p]))}" for p in grid.index]
     # a long text keeps a readable, bounded canvas: at most MAX_LABELLED_ROWS labels (every
     # k-th position) on a figure no taller than MAX_HEATMAP_INCHES
     step = max(1, math.ceil(len(labels) / MAX_LABELLED_ROWS))
-    height = min(MAX_HEATMAP_INCHES, 1.2 + 0.28 * grid.shape[0])
-    fig = Figure(figsize=(1.2 + 0.42 * grid.shape[1], height), layout="constrained")
+    height = min(MAX_HEATMAP_INCHES, 1.4 + 0.28 * grid.shape[0])
+    fig = Figure(figsize=(2.4 + 0.3 * grid.shape[1], height), layout="constrained")
     ax = fig.subplots()
+    values = grid.to_numpy(dtype=float)
+    # the colour scale fits the layers after the embedding (layer 0 is 1 by construction)
+    later = np.abs(values[:, 1:]) if values.shape[1] > 1 else np.abs(values)
+    bound = float(np.nanmax(later)) if np.isfinite(later).any() else 1.0
+    bound = min(1.0, max(0.05, bound))
     sns.heatmap(
         grid,
         ax=ax,
-        vmin=-1.0,
-        vmax=1.0,
+        vmin=-bound,
+        vmax=bound,
         cmap="vlag",
         center=0.0,
         yticklabels=False,
-        cbar_kws={"label": f"{column} (cosine)"},
+        cbar_kws={"label": f"{column} (cosine; clipped at ±{bound:.2f})", "extend": "both"},
     )
+    for row, col in zip(*np.nonzero(np.abs(np.nan_to_num(values)) > bound), strict=True):
+        ax.text(col + 0.5, row + 0.5, f"{values[row, col]:.2f}", ha="center", va="center",
+                fontsize=6, color="white")  # fmt: skip
     shown = list(range(0, len(labels), step))
     ax.set_yticks([i + 0.5 for i in shown], [labels[i] for i in shown], rotation=0)
-    ax.set_xlabel("layer")
+    layer_step = max(1, math.ceil(grid.shape[1] / 16))
+    ax.set_xticks([i + 0.5 for i in range(0, grid.shape[1], layer_step)],
+                  [str(c) for c in grid.columns[::layer_step]], rotation=0)  # fmt: skip
+    ax.set_xlabel("layer (clipped cells show their value)")
     ax.set_ylabel("position: token")
     ax.set_title(f"{_model_name(table)}: {column}, text {text_id}", fontsize=9)
     return fig

@@ -15,6 +15,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from residual_trace.figures.drift import LAYER_LABEL
+from residual_trace.figures.tokens import clean_token
 
 #: The grid draws at most this many positions (the first ones) ...
 MAX_GRID_POSITIONS = 32
@@ -24,21 +25,6 @@ MAX_GRID_LAYERS = 40
 MAX_CELL_CHARS = 7
 
 _COLOURS = {"logit": "#1f77b4", "tuned": "#d62728", "mlm": "#2ca02c"}
-
-
-def clean_token(token: str) -> str:
-    r"""A tokenizer's token string as text: markers of spaces and word pieces removed.
-
-    Byte-level BPE's ``Ġ`` (space) and ``Ċ`` (newline), SentencePiece's ``▁`` and
-    WordPiece's ``##`` continuation prefix; an empty result is shown as ``␣``.
-
-    Examples:
-        >>> clean_token("Ġthe"), clean_token("##ing"), clean_token("▁Paris"), clean_token("Ċ")
-        ('the', 'ing', 'Paris', '\\n')
-    """
-    text = token.replace("Ġ", " ").replace("▁", " ").replace("Ċ", "\\n")
-    text = text.removeprefix("##").strip()
-    return text or "␣"
 
 
 def _short(text: str) -> str:

@@ -17,7 +17,7 @@ import pandas as pd
 from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
 
-from residual_trace.figures.lens import clean_token
+from residual_trace.figures.tokens import clean_token
 from residual_trace.tracer.patch_summary import POSITION_KINDS
 
 _TITLES = {
@@ -72,7 +72,7 @@ def patch_grid_figure(table: pd.DataFrame, site: str, pair_id: int = 0) -> Figur
     ]
     values = grid.to_numpy(dtype=float)
     height = 1.2 + 0.28 * len(grid)
-    width = min(14.0, 2.6 + 0.22 * grid.shape[1])
+    width = min(14.0, max(4.4, 2.6 + 0.22 * grid.shape[1]))
     figure = Figure(figsize=(width, height), layout="constrained")
     ax = figure.subplots()
     image = ax.imshow(values, aspect="auto", cmap="RdBu_r", norm=_norm(values),
@@ -87,7 +87,8 @@ def patch_grid_figure(table: pd.DataFrame, site: str, pair_id: int = 0) -> Figur
     shown = (
         f", last {MAX_GRID_POSITIONS} of {n_positions} positions" if n_positions > len(grid) else ""
     )
-    ax.set_title(f"pair {pair_id}: restoring the {_TITLES[site]}{shown}", fontsize=10)
+    title = f"pair {pair_id}: restoring the {_TITLES[site]}{shown}"
+    ax.set_title(textwrap.fill(title, max(28, int(width * 7))), fontsize=9.5)
     bar = figure.colorbar(image, ax=ax, shrink=0.9)
     bar.set_label("effect: (patched − corrupt) / (clean − corrupt)", fontsize=8)
     return figure
@@ -112,7 +113,8 @@ def _head_grid(rows: pd.DataFrame, pair_id: int) -> Figure:
     ax.set_yticks(range(0, len(grid), step), [str(b) for b in grid.index[::step]])
     ax.set_xlabel("head")
     ax.set_ylabel("block")
-    ax.set_title(f"pair {pair_id}: restoring each head's output {where}", fontsize=10)
+    title = f"pair {pair_id}: restoring each head's output {where}"
+    ax.set_title(textwrap.fill(title, max(28, int(figure.get_figwidth() * 7))), fontsize=9.5)
     bar = figure.colorbar(image, ax=ax, shrink=0.9)
     bar.set_label("effect", fontsize=8)
     return figure

@@ -6,6 +6,7 @@ Some also take one text's patterns. No model, no pyplot state, no I/O.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -14,6 +15,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from residual_trace.defaults import MOVING_MODES
+from residual_trace.figures.tokens import clean_token
 
 #: Perturbations that move tokens: their heads have a token-following index.
 _MOVING = MOVING_MODES
@@ -61,7 +63,11 @@ def index_heatmap_figure(heads: pd.DataFrame, kind: str) -> Figure:
                 mark = {"token": "T", "position": "P"}.get(verdicts.get((block, head), ""), "")
                 colour = "white" if abs(values[y, x]) > 0.6 else "0.15"
                 ax.text(x, y, mark, ha="center", va="center", fontsize=6, color=colour)
-        title = f"{kind}: does each head follow tokens or positions? (T/P: 95% CI clear)"
+        marked = data["verdict"].isin(["token", "position"]).any()
+        several = int(data["n_texts"].max()) > 1 if "n_texts" in data else True
+        title = f"{kind}: does each head follow tokens or positions?" + (
+            " (T/P: 95% CI clear of 0)" if marked else "" if several else " (one text: no verdicts)"
+        )
     else:
         image = ax.imshow(grid.to_numpy(), cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
         label = "pattern kept (1 − JS distance)"
@@ -93,10 +99,14 @@ def layers_figure(summary: pd.DataFrame, resid_summary: pd.DataFrame, kind: str)
     )
     left.plot(heads["block"], heads[column], marker="o", ms=3, label=f"mean over heads ({kind})")
     if moving:
-        floor = heads["noise_floor"]
-        left.fill_between(
-            heads["block"], -floor, floor, color="0.5", alpha=0.3, lw=0, label="noise floor"
-        )
+        floor = heads["noise_floor"].to_numpy(dtype=float)
+        largest = float(np.nanmax(floor)) if np.isfinite(floor).any() else float("nan")
+        if largest >= 0.01:
+            left.fill_between(heads["block"], -floor, floor, color="0.5", alpha=0.3, lw=0,
+                              label="noise floor")  # fmt: skip
+        elif largest == largest:
+            left.text(0.02, 0.02, f"noise floor: at most {largest:.1g} (too small to draw)",
+                      transform=left.transAxes, fontsize=7, color="0.3")  # fmt: skip
         left.axhline(0.0, color="0.4", lw=0.8)
         left.set_ylim(-1.02, 1.02)
         left.set_ylabel("token-following index (+1 tokens, −1 positions)")
@@ -120,7 +130,9 @@ def layers_figure(summary: pd.DataFrame, resid_summary: pd.DataFrame, kind: str)
     right.set_title("residual stream", fontsize=9)
     right.legend(fontsize=7.5, frameon=False)
     name = ", ".join(map(str, heads["model"].unique()))
-    fig.suptitle(f"{name}: {kind}, mean with 95% bootstrap interval over texts", fontsize=9.5)
+    spread = (heads[f"{column}_hi"] - heads[f"{column}_lo"]).abs().max()
+    what = "mean with 95% bootstrap interval over texts" if spread > 0 else "one text: no interval"
+    fig.suptitle(f"{name}: {kind}, {what}", fontsize=9.5)
     return fig
 
 
@@ -176,15 +188,15 @@ def attention_pairs_figure(
     fig = Figure(figsize=(columns * size + 1.0, len(heads) * size + 0.6), layout="constrained")
     axes = fig.subplots(len(heads), columns, squeeze=False)
     order = np.asarray(example.permutation)
+    label = re.sub(r" seed \d+", "", example.label)  # the seed is in run.json, not the title
+    tokens = [clean_token(t) for t in example.tokens]
+    moved_tokens = [clean_token(t) for t in example.perturbed_tokens]
     for row, (block, head) in enumerate(heads):
         original = example.original[(block, head)]
         perturbed = example.perturbed[(block, head)]
-        panels = [
-            (original, example.tokens, "original"),
-            (perturbed, example.perturbed_tokens, example.label),
-        ]
+        panels = [(original, tokens, "original"), (perturbed, moved_tokens, label)]
         if moved:
-            panels.append((perturbed[order][:, order], example.tokens, "perturbed, token order"))
+            panels.append((perturbed[order][:, order], tokens, "perturbed, token order"))
         for ax, (grid, labels, title) in zip(axes[row], panels, strict=True):
             image = ax.imshow(grid, cmap="viridis", vmin=0.0, vmax=1.0)
             ax.set_xticks(shown, [labels[i] for i in shown], rotation=90, fontsize=6.5)

@@ -64,65 +64,64 @@ def conditions_figure(summary: pd.DataFrame) -> Figure:
         ax.set_ylabel(_METRIC.get(metric, metric))
         ax.set_title(f"{norms}: {_METRIC.get(metric, metric)}", fontsize=9)
         ax.axhline(0.0, color="0.3", lw=0.6)
-    axes[0].legend(title="mapper (dark, light)", fontsize=7, title_fontsize=7, frameon=False)
     name = ", ".join(map(str, data["model"].unique()))
+    shades = ["dark", "light"]
+    which = (
+        f"mapper {mappers[0]}"
+        if len(mappers) == 1
+        else "mappers " + ", ".join(f"{m} ({shades[k]})" for k, m in enumerate(mappers[:2]))
+    )
     fig.suptitle(
-        f"{name}, layer {layer}: the probe next to its controls (95% intervals)", fontsize=9.5
+        f"{name}, layer {layer}: the probe (system) next to its controls, {which}; "
+        "bars: mean over folds with 95% intervals",
+        fontsize=9.5,
     )
     return fig
 
 
 def layers_figure(summary: pd.DataFrame) -> Figure:
-    """Probe score per layer over the control conditions drawn as bands.
+    """Probe score per layer against each control, one small panel per control.
 
-    The system is drawn as a line with its interval; one panel per norm set and metric, the
+    Rows: norm set and metric; columns: the control conditions. Each panel draws the system
+    (solid, with its 95% interval) and that control (dashed, with its interval), for the
     first mapper.
     """
     mapper = str(summary["mapper"].iloc[0])
     data = summary[summary["mapper"] == mapper]
     panels = list(data.groupby(["norms", "metric"], sort=False))
-    fig = Figure(figsize=(4.4 * len(panels), 3.8), layout="constrained")
-    axes = np.atleast_1d(fig.subplots(1, len(panels), squeeze=False)[0])
-    for ax, ((norms, metric), part) in zip(axes, panels, strict=True):
-        for condition in CONDITIONS:
-            rows = part[part["condition"] == condition].sort_values("layer")
-            if rows.empty:
-                continue
-            colour = _COLOURS[condition]
-            if condition == "system":
-                ax.plot(
-                    rows["layer"],
-                    rows["score"],
-                    color=colour,
-                    marker="o",
-                    ms=3,
-                    lw=2,
-                    label=condition,
-                )
-                ax.fill_between(
-                    rows["layer"],
-                    rows["score_lo"],
-                    rows["score_hi"],
-                    color=colour,
-                    alpha=0.25,
-                    lw=0,
-                )
-            else:
-                ax.fill_between(
-                    rows["layer"],
-                    rows["score_lo"],
-                    rows["score_hi"],
-                    color=colour,
-                    alpha=0.18,
-                    lw=0,
-                )
-                ax.plot(
-                    rows["layer"], rows["score"], color=colour, lw=0.8, ls="--", label=condition
-                )
-        ax.set_xlabel("layer (0 = embeddings)")
-        ax.set_ylabel(_METRIC.get(metric, metric))
-        ax.set_title(f"{norms}: {_METRIC.get(metric, metric)} ({mapper})", fontsize=9)
-    axes[0].legend(fontsize=7, frameon=False)
+    controls = [c for c in CONDITIONS if c != "system" and c in set(data["condition"])]
+    fig = Figure(figsize=(2.3 * max(1, len(controls)) + 0.8, 2.3 * len(panels) + 0.7),
+                 layout="constrained")  # fmt: skip
+    axes = fig.subplots(len(panels), max(1, len(controls)), squeeze=False, sharex=True,
+                        sharey="row")  # fmt: skip
+    layers = sorted({int(layer) for layer in data["layer"]})
+    for row, ((norms, metric), part) in enumerate(panels):
+        system = part[part["condition"] == "system"].sort_values("layer")
+        for col, condition in enumerate(controls or ["system"]):
+            ax = axes[row, col]
+            _line(ax, system, _COLOURS["system"], "-", "system (the probe)")
+            if condition != "system":
+                rows = part[part["condition"] == condition].sort_values("layer")
+                _line(ax, rows, _COLOURS[condition], "--", "the control named above the panel")
+            ax.set_xticks(layers)
+            if row == 0:
+                ax.set_title(condition, fontsize=8.5, color=_COLOURS[condition])
+            if col == 0:
+                ax.set_ylabel(f"{norms}\n{_METRIC.get(metric, metric)}", fontsize=8)
+            if row == len(panels) - 1:
+                ax.set_xlabel("layer")
+    handles, labels = axes[0, 0].get_legend_handles_labels()
     name = ", ".join(map(str, data["model"].unique()))
-    fig.suptitle(f"{name}: probe score per layer, controls as bands", fontsize=9.5)
+    fig.suptitle(f"{name}: probe score per layer ({mapper}) against each control; "
+                 "bands: 95% intervals", fontsize=9.5)  # fmt: skip
+    fig.legend(handles, labels, loc="outside lower center", ncol=2, fontsize=8, frameon=False)
     return fig
+
+
+def _line(ax, rows: pd.DataFrame, colour: str, style: str, label: str) -> None:
+    if rows.empty:
+        return
+    ax.fill_between(rows["layer"], rows["score_lo"], rows["score_hi"], color=colour, alpha=0.2,
+                    lw=0)  # fmt: skip
+    ax.plot(rows["layer"], rows["score"], color=colour, ls=style, marker="o", ms=2.5, lw=1.4,
+            label=label)  # fmt: skip

@@ -11,7 +11,7 @@ block's attention patterns are all that is ever held) and splits every block's u
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import pandas as pd
@@ -36,8 +36,9 @@ class DecomposeRows:
         cumulative: the per-batch sums that
             :func:`~residual_trace.tracer.decompose.pool_cumulative` pools.
         mixing: the per-token mixing rows (``mixing.csv``'s rows).
-        pairs: the mixing text's per-pair map, when this batch holds it.
+        pairs: the per-pair maps of the kept texts this batch holds.
         heads: the per-head split, with ``per_head``.
+        attention_heads: with ``per_head``, the kept texts' attention weights head by head.
     """
 
     local: pd.DataFrame
@@ -45,6 +46,7 @@ class DecomposeRows:
     mixing: pd.DataFrame
     pairs: pd.DataFrame | None
     heads: pd.DataFrame | None
+    attention_heads: pd.DataFrame | None = None
 
 
 def iter_decompose_encoded(
@@ -53,7 +55,7 @@ def iter_decompose_encoded(
     *,
     batch_size: int = DEFAULT_BATCH_SIZE,
     per_head: bool = False,
-    pair_text: int | None = None,
+    pair_text: int | Mapping[int, Collection[int] | None] | None = None,
     pair_blocks: Collection[int] | None = None,
     vz_max_tokens: int = VZ_MAX_TOKENS,
     progress: bool = False,
@@ -65,8 +67,10 @@ def iter_decompose_encoded(
         encoded: texts as :func:`~residual_trace.tracer.prepare_texts` encodes them.
         batch_size: texts per forward pass (the rows do not depend on it).
         per_head: also split the attention part by head.
-        pair_text: the ``text_id`` whose target x source mixing map is kept.
-        pair_blocks: the blocks at which that map is kept (``None``: every block).
+        pair_text: the ``text_id`` whose target x source mixing map is kept, or a mapping
+            from several ``text_id`` to their blocks (``None``: every block).
+        pair_blocks: with one ``pair_text``, the blocks at which its map is kept
+            (``None``: every block).
         vz_max_tokens: Value Zeroing runs on texts of at most this many tokens (NaN beyond).
         progress: show a progress bar on stderr.
     """
@@ -80,8 +84,12 @@ def iter_decompose_encoded(
     )
     with torch.inference_mode():
         for batch in batches:
-            stream = MixingStream(model, batch, pair_text, pair_blocks, vz_max_tokens)
+            stream = MixingStream(
+                model, batch, pair_text, pair_blocks, vz_max_tokens, head_pairs=per_head
+            )
             store = model.run_hooks(batch.ids, batch.mask, names, stream=stream)
             split = decompose_batch(model, batch, store, per_head=per_head)
             mixing, pairs = stream.frames()
-            yield DecomposeRows(split.local, split.cumulative, mixing, pairs, split.heads)
+            yield DecomposeRows(
+                split.local, split.cumulative, mixing, pairs, split.heads, stream.head_frame()
+            )

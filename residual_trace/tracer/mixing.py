@@ -21,7 +21,7 @@ Measures per layer and position, each a share in [0, 1] (0 = no mixing):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -472,17 +472,27 @@ class MixingStream:
         self,
         model: TracedModel,
         batch: Batch,
-        pair_text: int | None = None,
+        pair_text: int | Mapping[int, Collection[int] | None] | None = None,
         pair_blocks: Collection[int] | None = None,
         vz_max_tokens: int = VZ_MAX_TOKENS,
+        head_pairs: bool = False,
     ) -> None:
         """``pair_text``: the text whose per-pair map is kept, at the blocks in ``pair_blocks``.
 
-        Every block when ``pair_blocks`` is ``None``. Value Zeroing runs on texts of at most
-        ``vz_max_tokens`` tokens (NaN beyond).
+        Every block when ``pair_blocks`` is ``None``. Several texts: a mapping from each
+        ``text_id`` to its blocks (``None``: every block). With ``head_pairs``, those texts'
+        attention weights are also kept head by head (:meth:`head_frame`). Value Zeroing runs
+        on texts of at most ``vz_max_tokens`` tokens (NaN beyond).
         """
-        self.model, self.batch, self.pair_text = model, batch, pair_text
-        self.pair_blocks = pair_blocks
+        self.model, self.batch = model, batch
+        if pair_text is None:
+            self.pair_maps: dict[int, Collection[int] | None] = {}
+        elif isinstance(pair_text, int):
+            self.pair_maps = {pair_text: pair_blocks}
+        else:
+            self.pair_maps = dict(pair_text)
+        self.head_pairs = head_pairs
+        self.head_rows: list[pd.DataFrame] = []
         self.vz_max_tokens = vz_max_tokens
         self.rests = [model.block_rest(block) for block in range(model.n_blocks)]
         self.width = max(model.d_model, int(getattr(model.bridge.cfg, "d_mlp", 0) or 0))
@@ -531,9 +541,15 @@ class MixingStream:
             if second is None
             else tensors[f"{second}.hook_scale"].reshape(*self.shape, 1),
         )
-        wanted = self.pair_blocks is None or block in self.pair_blocks
         for row, item in enumerate(self.batch.texts):
-            self._reduce_text(block, row, item, inputs, tensors, wanted)
+            self._reduce_text(block, row, item, inputs, tensors, self._wanted(item.text_id, block))
+
+    def _wanted(self, text_id: int, block: int) -> bool:
+        """Whether text ``text_id``'s per-pair map is kept at ``block``."""
+        if text_id not in self.pair_maps:
+            return False
+        blocks = self.pair_maps[text_id]
+        return blocks is None or block in blocks
 
     def _term_norms(
         self, block: int, row: int, n: int, inputs: _BlockTensors
@@ -601,10 +617,12 @@ class MixingStream:
         self.globenc_rollouts[row] = rollout_product(self.globenc_rollouts[row], found.globenc)
         vz = self._value_zeroing(block, row, n, tensors, pattern, values)
         self.rows.append(self._text_frame(block, row, item, mixing, vz))
-        if item.text_id == self.pair_text and wanted:
+        if wanted:
             self.pairs.append(
                 self._pairs(item.text_id, block, found, vz, pattern, self.tokens[row])
             )
+            if self.head_pairs:
+                self.head_rows.append(_head_weights(self.model.name, item.text_id, block, pattern))
 
     def _text_frame(
         self, block: int, row: int, item: EncodedText, mixing: LayerMixing, vz: Tensor | None
@@ -710,6 +728,10 @@ class MixingStream:
             }
         )
 
+    def head_frame(self) -> pd.DataFrame | None:
+        """With ``head_pairs``: the kept texts' attention weights, one row per head and pair."""
+        return pd.concat(self.head_rows, ignore_index=True) if self.head_rows else None
+
     def frames(self) -> tuple[pd.DataFrame, pd.DataFrame | None]:
         """The mixing rows (sorted by text, position, block) and the pair map, if any."""
         frame = pd.concat(self.rows, ignore_index=True)
@@ -718,11 +740,28 @@ class MixingStream:
         return frame.reset_index(drop=True)[list(MIXING_COLUMNS)], pairs
 
 
+def _head_weights(model: str, text_id: int, block: int, pattern: Tensor) -> pd.DataFrame:
+    """``attention_heads.csv``'s rows: each head's weight a_ij of every target i on source j."""
+    h, n, _ = pattern.shape
+    head, target, source = np.meshgrid(np.arange(h), np.arange(n), np.arange(n), indexing="ij")
+    return pd.DataFrame(
+        {
+            "model": model,
+            "text_id": text_id,
+            "block": block,
+            "head": head.ravel(),
+            "target": target.ravel(),
+            "source": source.ravel(),
+            "attention": pattern.float().cpu().numpy().ravel(),
+        }
+    )
+
+
 def mixing_batch(
     model: TracedModel,
     batch: Batch,
     store: dict[str, Tensor],
-    pair_text: int | None = None,
+    pair_text: int | Mapping[int, Collection[int] | None] | None = None,
     vz_max_tokens: int = VZ_MAX_TOKENS,
 ) -> tuple[pd.DataFrame, pd.DataFrame | None]:
     """Per-token mixing rows for one batch, and the per-pair map of text ``pair_text``.
@@ -746,7 +785,7 @@ def mixing_table(
     model: TracedModel,
     texts: list[str],
     batch_size: int = DEFAULT_BATCH_SIZE,
-    pair_text: int | None = None,
+    pair_text: int | Mapping[int, Collection[int] | None] | None = None,
     vz_max_tokens: int = VZ_MAX_TOKENS,
 ) -> tuple[pd.DataFrame, pd.DataFrame | None]:
     """Mixing rows for ``texts`` (and the pair map of ``pair_text``)."""

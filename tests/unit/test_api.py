@@ -85,7 +85,7 @@ def test_results_have_tables_figures_and_a_short_repr(kind, tiny_models, norms_f
     expected = {
         "layers": {"drift", "summary", "texts"},
         "decompose": {"decompose", "mixing", "summary", "cumulative", "mixing_pairs", "heads",
-                      "head_summary"},
+                      "head_summary", "attention_heads"},
         "perturb": {"perturbations", "resid", "heads", "summary", "resid_summary"},
         "probe": {"scores", "summary", "verdicts", "concepts"},
     }  # fmt: skip

@@ -84,15 +84,21 @@ def test_a_long_mixing_text_keeps_its_pair_map_at_the_drawn_block_only(tiny_mode
     import residual_trace.experiments.decompose as decompose
 
     model = tiny_models["llama"]
-    full = rt.decompose(model, TEXTS, mixing_block=1, quiet=True).tables["mixing_pairs"]
+    one = {"mixing_block": 1, "viewer_texts": 1, "quiet": True}  # text 0's map alone
+    full = rt.decompose(model, TEXTS, **one).tables["mixing_pairs"]
     n = int(np.sqrt((full["block"] == 0).sum()))
     assert sorted(full["block"].unique()) == list(range(model.n_blocks))
     # a row budget below the map of every block, above the map of one
     monkeypatch.setattr(decompose, "MAX_PAIR_ROWS", n * n * model.n_blocks - 1)
     with pytest.warns(UserWarning, match=r"mixing_pairs: text 0 has \d+ tokens.*block 1 only"):
-        result = rt.decompose(model, TEXTS, mixing_block=1, quiet=True)
+        result = rt.decompose(model, TEXTS, **one)
     kept = result.tables["mixing_pairs"]
     assert set(kept["block"]) == {1}
     expected = full[full["block"] == 1].reset_index(drop=True)
     pd.testing.assert_frame_equal(kept.reset_index(drop=True), expected, check_exact=True)
     assert "mixing_heatmap" in result.figures()
+    # a viewer text whose map does not fit is left out, with a warning
+    monkeypatch.setattr(decompose, "MAX_PAIR_ROWS", n * n)
+    with pytest.warns(UserWarning, match=r"viewer: text\(s\) 1 left out"):
+        result = rt.decompose(model, TEXTS, mixing_block=1, viewer_texts=2, quiet=True)
+    assert set(result.tables["mixing_pairs"]["text_id"]) == {0}

@@ -343,6 +343,7 @@ def test_readme_documents_every_output_column(tiny_models):
         "mixing_pairs",
         "heads",
         "head_summary",
+        "attention_heads",
     }
     readme = docs_page("layers") + docs_page("decompose")
     columns = [
@@ -392,6 +393,8 @@ def test_decompose_writes_every_output(tiny_dirs, tmp_path):
         "heads.csv",
         "head_summary.csv",
         "heads.png",
+        "attention_heads.csv",
+        "viewer.html",
     ):
         assert (out / name).is_file(), name
     table = pd.read_csv(out / "decompose.csv")
@@ -417,7 +420,11 @@ def test_decompose_writes_every_output(tiny_dirs, tmp_path):
     assert mixing[columns].notna().all().all()
     assert mixing[columns].stack().between(0, 1).all()
     pairs = pd.read_csv(out / "mixing_pairs.csv")
-    assert set(pairs["text_id"]) == {0}
+    assert set(pairs["text_id"]) == {0, 1}  # mixing_text 0 and the viewer's two texts
+    weights = pd.read_csv(out / "attention_heads.csv")  # each head's weights; mean = attention
+    mean = weights.groupby(["text_id", "block", "target", "source"])["attention"].mean()
+    merged = pairs.set_index(["text_id", "block", "target", "source"])["attention"]
+    np.testing.assert_allclose(mean.sort_index(), merged.sort_index(), atol=1e-6)
     summary = pd.read_csv(out / "summary.csv")
     assert summary["block"].tolist() == list(range(n_blocks))
     for column in columns:

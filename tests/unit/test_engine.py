@@ -84,7 +84,9 @@ def test_decompose_on_ray_equals_one_process(local_ray, tiny_models):
     local = _one_thread(lambda: rt.decompose(model, TEXTS, **options))
     sharded = rt.decompose(model, TEXTS, **options, engine="ray", workers=2)
     _assert_same_tables(local, sharded)
-    assert set(sharded.tables["mixing_pairs"]["text_id"]) == {4}
+    # mixing_text 4 and the viewer's texts 0 and 1, per head too, from the shards that hold them
+    assert set(sharded.tables["mixing_pairs"]["text_id"]) == {0, 1, 4}
+    assert set(sharded.tables["attention_heads"]["text_id"]) == {0, 1, 4}
 
 
 def test_lens_on_ray_equals_one_process(local_ray, tiny_models):

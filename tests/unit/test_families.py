@@ -526,7 +526,7 @@ def test_value_zeroing_matches_brute_force(name, family_model, family_dirs):
     hf = _hf(family_dirs[name], family)
     v_name, _ = MIXING[name]
     result = rt.decompose(model, TEXTS, quiet=True)
-    mixing, pairs = result.tables["mixing"], result.tables["mixing_pairs"]
+    mixing, pairs = result.tables["mixing"], result.mixing_text_pairs  # text 0
     ids = model.encode(TEXTS[0])  # the default mixing_text
     n = len(ids)
     rollout = torch.eye(n, dtype=torch.float64)

@@ -254,8 +254,10 @@ def test_streamed_mixing_equals_mixing_from_a_full_store(kind, tiny_models, sent
     import residual_trace as rt
 
     model = tiny_models[kind]
-    full, full_pairs = mixing_table(model, sentences, batch_size=4, pair_text=1)
+    # mixing_text 1 and the viewer's texts 0 and 1, every block
+    full, full_pairs = mixing_table(model, sentences, batch_size=4, pair_text={0: None, 1: None})
     streamed = rt.decompose(model, sentences, batch_size=4, mixing_text=1, quiet=True)
+    assert sorted(set(streamed.tables["mixing_pairs"]["text_id"])) == [0, 1]
     pd.testing.assert_frame_equal(full, streamed.tables["mixing"], check_exact=True)
     assert full_pairs is not None
     pd.testing.assert_frame_equal(full_pairs, streamed.tables["mixing_pairs"], check_exact=True)

@@ -473,7 +473,10 @@ def test_attention_figure_shows_the_models_own_patterns(kind, tiny_dirs):
         model, [TEXTS[0]], warn=_quiet
     )
     example = result.example
-    assert example is not None and sorted(example.original) == [(0, 1), (1, 0)]
+    # the figure draws the heads asked for; the viewer keeps every head's patterns
+    assert example is not None and result.shown_heads == [(0, 1), (1, 0)]
+    every = [(b, h) for b in range(model.n_blocks) for h in range(model.n_heads)]
+    assert sorted(example.original) == every
     hf = AutoModel.from_pretrained(tiny_dirs[kind], attn_implementation="eager").eval()
     swapped = TEXTS[0].replace("dog", "@").replace("cat", "dog").replace("@", "cat")
     for text, patterns in ((TEXTS[0], example.original), (swapped, example.perturbed)):

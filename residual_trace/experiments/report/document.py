@@ -11,7 +11,8 @@ import base64
 import html
 import io
 import json
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ from residual_trace.figures.report import (
 from residual_trace.probes import CONDITIONS
 from residual_trace.runs import package_versions, write_atomic
 from residual_trace.tracer.mixing_measures import MIXING
+from residual_trace.viewer import embedded_sections
 
 #: Columns gathered from each experiment's summary table. Per-block measures are placed at
 #: the layer their block writes (layer = block + 1).
@@ -369,6 +371,7 @@ h2 { font-size: 1.25rem; margin-top: 2.2rem; border-bottom: 1px solid #ddd; }
 img { max-width: 100%; border: 1px solid #eee; }
 table { border-collapse: collapse; font-size: 0.8rem; margin: 0.6rem 0; }
 td, th { border: 1px solid #ccc; padding: 2px 6px; text-align: right; }
+.wide { overflow-x: auto; max-width: 100%; }
 th { background: #f4f4f4; } .verdicts li { margin: 0.35rem 0; }
 .note { color: #555; font-size: 0.85rem; }
 """
@@ -457,6 +460,7 @@ class _Page:
     depth: pd.DataFrame
     parts: str
     versions: str
+    views: list[str] = field(default_factory=list)
 
 
 def _markdown(page: _Page) -> str:
@@ -501,6 +505,11 @@ def _html(page: _Page) -> str:
             f"<h2>{html.escape(title)}</h2>",
             f"<img alt='{html.escape(title)}' src='data:image/png;base64,{encoded}'>",
         ]
+    if page.views:
+        body += [
+            "<h2>Interactive views (hover a cell for its value)</h2>",
+            embedded_sections(page.views),
+        ]
     if not page.grid.empty:
         body += [
             "<h2>Probe scores and their controls (mean [95% interval])</h2>",
@@ -511,7 +520,9 @@ def _html(page: _Page) -> str:
     body += [
         "<h2>Per-layer measures (relative depth = layer / blocks; layer k is the output of "
         "block k-1)</h2>",
-        page.depth.to_html(index=False, float_format=lambda v: f"{v:.3f}", na_rep=""),
+        "<div class='wide'>"
+        + page.depth.to_html(index=False, float_format=lambda v: f"{v:.3f}", na_rep="n/a")
+        + "</div>",
         "<p class='note'>Reproduce with <code>trace report --config config.toml</code>. "
         + html.escape(f"Versions: {page.versions}")
         + "</p>",
@@ -521,6 +532,24 @@ def _html(page: _Page) -> str:
         f"<title>residual-trace report: {models}</title>"
         f"<style>{_STYLE}</style></head><body>" + "\n".join(body) + "</body></html>\n"
     )
+
+
+_SECTION = re.compile(r'<section class="rt-view".*?</section>', re.DOTALL)
+
+
+def viewer_sections(parts: list[Part]) -> list[str]:
+    """Each part's interactive views, titled with its model: from the run, or its viewer.html."""
+    sections = []
+    for part in parts:
+        if part.result is not None:
+            found = part.result.viewer_sections()
+        elif part.directory is not None and (part.directory / "viewer.html").is_file():
+            found = _SECTION.findall((part.directory / "viewer.html").read_text("utf-8"))
+        else:
+            found = []
+        prefix = f"<h3>{html.escape(part.model)}: "
+        sections += [section.replace("<h3>", prefix, 1) for section in found]
+    return sections
 
 
 def write_documents(
@@ -554,6 +583,7 @@ def write_documents(
         depth=tables["depth"],
         parts=", ".join(f"{p.model}/{p.experiment}" for p in parts),
         versions=json.dumps(package_versions()),
+        views=viewer_sections(parts),
     )
     for text, name in ((_markdown(page), "report.md"), (_html(page), "report.html")):
         target = root / name
