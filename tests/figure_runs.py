@@ -29,7 +29,7 @@ def verb_runs(name: str) -> dict[str, Any]:
     runs: dict[str, Any] = {
         "layers": rt.layers(model, TEXTS, quiet=True),
         "decompose": rt.decompose(model, TEXTS, per_head=True, quiet=True),
-        "perturb": rt.perturb(model, TEXTS, quiet=True),
+        "perturb": rt.perturb(model, TEXTS, mode="shuffle", quiet=True),  # the report's mode
         "probe": rt.probe(
             model, mappers=("ridge",), folds=3, max_concepts=120, layers=(0, 2, 4), quiet=True
         ),

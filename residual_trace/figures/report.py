@@ -9,6 +9,8 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from residual_trace.figures.decompose import clipped_limits
+
 from residual_trace.probes import CONDITIONS
 from residual_trace.tracer.mixing_measures import measure
 
@@ -92,7 +94,15 @@ def sublayer_figure(depth: pd.DataFrame) -> Figure:
         ax.axhline(0.0, color="0.4", lw=0.7)
         ax.set_title("attention" if part == "proj_attn" else "MLP", fontsize=9)
         ax.set_xlabel(DEPTH_LABEL)
-    axes[0].set_ylabel("Δ projection on the input token (+ restores, − erodes)")
+    later = depth[depth["layer"] > 0]
+    low = np.concatenate([later[f"{p}_lo"].to_numpy(float) for p in ("proj_attn", "proj_mlp")])
+    high = np.concatenate([later[f"{p}_hi"].to_numpy(float) for p in ("proj_attn", "proj_mlp")])
+    label = "Δ projection on the input token\n(+ restores, − erodes)"
+    if clipped_limits(np.minimum(low, 0), high) is not None:
+        # one model's spike would flatten the others: linear within ±1, logarithmic beyond
+        axes[0].set_yscale("symlog", linthresh=1.0)
+        label += "; symlog axis,\nlinear within ±1"
+    axes[0].set_ylabel(label)
     axes[0].legend(fontsize=7.5, frameon=False)
     return fig
 
@@ -103,8 +113,8 @@ def mixing_figure(depth: pd.DataFrame) -> Figure:
     The measures are raw attention, norm-based (AttnRes-N: residual included, defined for
     every family), attention rollout, GlobEnc, ALTI and Value Zeroing.
     """
-    fig = Figure(figsize=(18, 3.8), layout="constrained")
-    axes = fig.subplots(1, 6, sharey=True)
+    fig = Figure(figsize=(11, 6.6), layout="constrained")
+    axes = fig.subplots(2, 3, sharey=True, sharex=True).ravel()
     # one measure of each kind, defined for every family; names from the table of measures
     shown = ("mix_raw", "mix_attnres_n", "mix_rollout", "mix_globenc", "mix_alti", "mix_vz")
     titles = {column: measure(column).legend for column in shown}
@@ -130,10 +140,13 @@ def mixing_figure(depth: pd.DataFrame) -> Figure:
                     lw=0,
                 )
         ax.set_title(title, fontsize=9)
-        ax.set_xlabel(DEPTH_LABEL)
         ax.set_ylim(-0.02, 1.02)
-    axes[0].set_ylabel("share of the update from other tokens")
+    for ax in axes[3:]:
+        ax.set_xlabel(DEPTH_LABEL)
+    for ax in axes[::3]:
+        ax.set_ylabel("share from other tokens")
     axes[0].legend(fontsize=7.5, frameon=False)
+    fig.suptitle("context mixing per block (band: 95% interval, AttnRes-N)", fontsize=9.5)
     return fig
 
 
@@ -219,7 +232,7 @@ def lens_figure(lens: pd.DataFrame) -> Figure:
     """
     decoders = lens[lens["family"] != "encoder"]
     panels = ["kl_final", "identifiable"] + (["next_top1"] if len(decoders) else [])
-    fig = Figure(figsize=(4.6 * len(panels), 3.9), layout="constrained")
+    fig = Figure(figsize=(3.9 * len(panels), 3.9), layout="constrained")
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     lens_styles = {"logit": "-", "mlm": "-", "tuned": "--"}
     nulls = {"kl_final": "kl_unigram", "next_top1": "next_top1_null"}

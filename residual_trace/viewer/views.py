@@ -9,6 +9,7 @@ which the run keeps for its figure.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -185,7 +186,7 @@ def perturb_view(
     fitted = fit(units, budget - _OVERHEAD)
     data = {
         "kind": "perturb",
-        "label": str(example.label),
+        "label": re.sub(r" seed \d+", "", str(example.label)),  # the seed is in run.json
         "tokens": [clean_token(t) for t in example.tokens],
         "perturbed_tokens": [clean_token(t) for t in example.perturbed_tokens],
         "blocks": sorted({int(b) for b in rows["block"]}),

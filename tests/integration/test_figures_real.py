@@ -183,3 +183,32 @@ def test_the_checks_catch_what_they_look_for():
     for fault in ("size", "labelled lines", "'invisible' has nothing drawn", "not centred",
                   "overlap", "missing value", "tokenizer marker"):  # fmt: skip
         assert fault in found, fault
+
+
+def test_the_report_figures_of_both_models_pass_the_checks(packaged_runs):
+    """The report's figures, assembled from the same runs as `trace report` assembles them."""
+    from residual_trace.experiments.common import model_record
+    from residual_trace.experiments.report.config import ReportOptions
+    from residual_trace.experiments.report.document import assemble, report_figures
+    from residual_trace.experiments.report.parts import READS, Part
+
+    experiments = ("layers", "decompose", "perturb", "probe", "lens")
+    options = ReportOptions(models=("minilm", "smollm2"), experiments=experiments)
+    parts = [
+        Part(
+            name,
+            verb,
+            {k: runs[verb].tables[k] for k in READS[verb]},
+            model_record(runs[verb].model),
+            result=runs[verb],
+        )
+        for name, runs in packaged_runs.items()
+        for verb in experiments
+        if verb in runs
+    ]
+    tables, verdicts = assemble(options, parts)
+    assert verdicts and not any(MISSING.search(v) for v in verdicts)
+    drawn = report_figures(options, tables)
+    assert len(drawn) >= 6
+    problems = {name: sorted(set(_problems(figure))) for name, _, figure in drawn}
+    assert {k: v for k, v in problems.items() if v} == {}

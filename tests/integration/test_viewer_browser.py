@@ -16,6 +16,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+import residual_trace as rt
+
 pytestmark = pytest.mark.slow
 
 #: Display rounding (4 decimals) plus the 16-bit step of a range of at most 1.
@@ -220,3 +222,27 @@ def test_perturb_lens_and_patch_cells_equal_their_tables(runs, driver):
     cell = patch[(patch.site == "mlp") & (patch.condition == "patch") & (patch.block == 5)
                  & (patch.position == 3)]  # fmt: skip
     assert abs(_value(_hover(driver, section, "patch", 3, 5)) - cell["effect"].item()) < 1e-3
+
+
+def test_two_texts_of_128_tokens_on_minilm_stay_within_5_mb(packaged_runs, driver, tmp_path):
+    """The budget the pages promise: decompose with every head's weights and perturb with every
+    head's patterns, on two texts truncated to 128 tokens; the pages load and draw."""
+    from residual_trace.experiments import bundled_sentences
+    from residual_trace.viewer import PAGE_BUDGET
+
+    model = packaged_runs["minilm"]["decompose"].model
+    sentences = bundled_sentences()
+    texts = [" ".join(sentences[:40]), " ".join(sentences[40:80])]
+    options = {"max_length": 128, "quiet": True}  # the truncation warnings are expected
+    decompose = rt.decompose(model, texts, per_head=True, **options)
+    perturb = rt.perturb(model, texts, **options)
+    assert set(decompose.tables["mixing"].groupby("text_id").size() // model.n_blocks) == {128}
+    for name, result in (("decompose", decompose), ("perturb", perturb)):
+        page = result.viewer_html()
+        assert page is not None and len(page.encode()) <= PAGE_BUDGET, (name, len(page))
+        assert "not drawn" not in page  # everything fits: nothing was left out
+        path = tmp_path / f"{name}.html"
+        path.write_text(page, encoding="utf-8")
+        assert _open(driver, path) == {"requests": [], "errors": []}
+        section = driver.find_element("css selector", "section.rt-view")
+        assert section.get_attribute("data-ready") == "1"

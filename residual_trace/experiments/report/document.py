@@ -319,7 +319,10 @@ def verdict_lines(
     for model in config.models:
         lines += _depth_lines(model, depth[depth["model"] == model].sort_values("layer"))
     for row in heads.itertuples(index=False):
-        share = row.n_heads_position / row.n_heads if row.n_heads else float("nan")
+        if not row.n_heads:
+            lines.append(f"{row.model}: no head was measured under {config.perturb_mode}.")
+            continue
+        share = row.n_heads_position / row.n_heads
         lines.append(
             f"{row.model}: {row.n_heads_position} of {row.n_heads} heads ({share:.0%}) follow "
             f"positions and {row.n_heads_token} follow tokens under {config.perturb_mode} (95% "
@@ -356,7 +359,9 @@ def _markdown_table(frame: pd.DataFrame) -> str:
     shown = frame.copy()
     for column in shown.columns:
         if shown[column].dtype.kind == "f":
-            shown[column] = shown[column].map(lambda v: "" if pd.isna(v) else f"{v:.3f}")
+            shown[column] = shown[column].map(lambda v: "n/a" if pd.isna(v) else f"{v:.3f}")
+        else:
+            shown[column] = shown[column].map(lambda v: "n/a" if v is pd.NA or v != v else v)
     header = "| " + " | ".join(map(str, shown.columns)) + " |"
     rule = "|" + "|".join("---" for _ in shown.columns) + "|"
     body = ["| " + " | ".join(map(str, row)) + " |" for row in shown.itertuples(index=False)]
@@ -520,9 +525,14 @@ def _html(page: _Page) -> str:
     body += [
         "<h2>Per-layer measures (relative depth = layer / blocks; layer k is the output of "
         "block k-1)</h2>",
-        "<div class='wide'>"
-        + page.depth.to_html(index=False, float_format=lambda v: f"{v:.3f}", na_rep="n/a")
-        + "</div>",
+        *(
+            "<div class='wide'>"
+            + display_depth(page.depth, columns).to_html(index=False)
+            + "</div>"
+            for columns in _PAGE_COLUMNS
+        ),
+        "<p class='note'>Intervals are 95% bootstrap intervals; <code>tables/depth.csv</code> "
+        "has every column, the bounds apart.</p>",
         "<p class='note'>Reproduce with <code>trace report --config config.toml</code>. "
         + html.escape(f"Versions: {page.versions}")
         + "</p>",
@@ -532,6 +542,35 @@ def _html(page: _Page) -> str:
         f"<title>residual-trace report: {models}</title>"
         f"<style>{_STYLE}</style></head><body>" + "\n".join(body) + "</body></html>\n"
     )
+
+
+#: The per-layer tables on the page (two, to fit a window), each value with its interval.
+_PAGE_COLUMNS = (
+    ("cos_input", "baseline", "identifiable", "proj_attn", "proj_mlp"),
+    ("mix_raw", "mix_attnres_n", "mix_rollout", "mix_alti", "mix_vz", "follow_index"),
+)
+
+
+def display_depth(depth: pd.DataFrame, columns: tuple[str, ...]) -> pd.DataFrame:
+    """The per-layer table as the page shows it: ``mean [lo, hi]`` cells, ``n/a`` if missing."""
+    from residual_trace.stats import format_interval
+
+    def cell(row: Any, column: str) -> str:
+        value = row[column]
+        if value != value or value is None or value is pd.NA:
+            return "n/a"
+        if f"{column}_lo" not in depth:
+            return f"{value:.3f}"
+        return f"{value:.3f} {format_interval(row[f'{column}_lo'], row[f'{column}_hi'], '.2f')}"
+
+    rows = []
+    for _, row in depth.iterrows():
+        block = row.get("block")
+        shown = {"model": row["model"], "depth": f"{row['depth']:.2f}", "layer": int(row["layer"]),
+                 "block": "n/a" if block is None or block is pd.NA or block != block else int(block)}  # fmt: skip
+        shown.update({c: cell(row, c) for c in columns if c in depth})
+        rows.append(shown)
+    return pd.DataFrame(rows)
 
 
 _SECTION = re.compile(r'<section class="rt-view".*?</section>', re.DOTALL)
