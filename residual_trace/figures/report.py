@@ -10,7 +10,6 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from residual_trace.figures.decompose import clipped_limits
-
 from residual_trace.probes import CONDITIONS
 from residual_trace.tracer.mixing_measures import measure
 
