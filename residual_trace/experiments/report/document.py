@@ -361,7 +361,9 @@ def _markdown_table(frame: pd.DataFrame) -> str:
         if shown[column].dtype.kind == "f":
             shown[column] = shown[column].map(lambda v: "n/a" if pd.isna(v) else f"{v:.3f}")
         else:
-            shown[column] = shown[column].map(lambda v: "n/a" if v is pd.NA or v != v else v)
+            shown[column] = shown[column].map(
+                lambda v: "n/a" if pd.api.types.is_scalar(v) and pd.isna(v) else v
+            )
     header = "| " + " | ".join(map(str, shown.columns)) + " |"
     rule = "|" + "|".join("---" for _ in shown.columns) + "|"
     body = ["| " + " | ".join(map(str, row)) + " |" for row in shown.itertuples(index=False)]
@@ -557,7 +559,7 @@ def display_depth(depth: pd.DataFrame, columns: tuple[str, ...]) -> pd.DataFrame
 
     def cell(row: Any, column: str) -> str:
         value = row[column]
-        if value != value or value is None or value is pd.NA:
+        if pd.isna(value):
             return "n/a"
         if f"{column}_lo" not in depth:
             return f"{value:.3f}"
@@ -566,8 +568,12 @@ def display_depth(depth: pd.DataFrame, columns: tuple[str, ...]) -> pd.DataFrame
     rows = []
     for _, row in depth.iterrows():
         block = row.get("block")
-        shown = {"model": row["model"], "depth": f"{row['depth']:.2f}", "layer": int(row["layer"]),
-                 "block": "n/a" if block is None or block is pd.NA or block != block else int(block)}  # fmt: skip
+        shown = {
+            "model": row["model"],
+            "depth": f"{row['depth']:.2f}",
+            "layer": int(row["layer"]),
+            "block": "n/a" if pd.isna(block) else int(block),
+        }
         shown.update({c: cell(row, c) for c in columns if c in depth})
         rows.append(shown)
     return pd.DataFrame(rows)
