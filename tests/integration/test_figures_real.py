@@ -86,6 +86,9 @@ def _problems(figure: Figure) -> list[str]:
             ticks = [t for t in axis.get_ticklabels() if t.get_visible() and t.get_text()]
             if _overlapping(ticks, renderer, axis.axis_name):
                 found.append(f"tick labels overlap on the {axis.axis_name} axis")
+    for ax in figure.axes:
+        if _legend_covers_data(ax, renderer):
+            found.append("a legend covers drawn data")
     for legend in [ax.get_legend() for ax in figure.axes] + list(figure.legends):
         if legend is None:
             continue
@@ -109,6 +112,32 @@ def _problems(figure: Figure) -> list[str]:
         ):
             found.append(f"text {content[:40]!r} leaves the canvas")
     return found
+
+
+def _legend_covers_data(ax, renderer) -> bool:
+    """Whether a legend inside the axes sits on a plotted point of a line."""
+    legend = ax.get_legend()
+    if legend is None:
+        return False
+    box = legend.get_window_extent(renderer)
+    if not ax.bbox.overlaps(box):
+        return False  # placed outside the axes
+    for line in ax.lines:
+        x, y = (np.asarray(v, dtype=float) for v in line.get_data())
+        if x.size < 3:
+            continue  # reference lines (axhline, axvline)
+        points = line.get_transform().transform(
+            np.column_stack([x, y])[np.isfinite(x) & np.isfinite(y)]
+        )
+        inside = (
+            (points[:, 0] > box.x0)
+            & (points[:, 0] < box.x1)
+            & (points[:, 1] > box.y0)
+            & (points[:, 1] < box.y1)
+        )
+        if inside.any():
+            return True
+    return False
 
 
 def _overlapping(ticks: list, renderer, axis: str) -> bool:
@@ -183,6 +212,13 @@ def test_the_checks_catch_what_they_look_for():
     for fault in ("size", "labelled lines", "'invisible' has nothing drawn", "not centred",
                   "overlap", "missing value", "tokenizer marker"):  # fmt: skip
         assert fault in found, fault
+    # a legend placed on the data
+    covered = Figure(figsize=(5, 4))
+    ax = covered.subplots()
+    ax.plot(np.linspace(0, 1, 50), np.full(50, 0.95), label="along the top")
+    ax.set_ylim(0, 1)
+    ax.legend(loc="upper center")
+    assert "a legend covers drawn data" in _problems(covered)
 
 
 def test_the_report_figures_of_both_models_pass_the_checks(packaged_runs):
