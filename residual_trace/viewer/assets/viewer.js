@@ -107,7 +107,8 @@
     const cellW = spec.cellW || cell;
     const labelW = 8 + 6.5 * Math.min(16, Math.max(...spec.rowLabels.map((s) => s.length), 1));
     const labelH = 8 + 6.5 * Math.min(16, Math.max(...spec.colLabels.map((s) => s.length), 1));
-    const everyR = Math.max(1, Math.ceil(11 / cell)), everyC = Math.max(1, Math.ceil(11 / cellW));
+    // labels at least a line apart: rows 11 px, slanted columns 13 px across their slant
+    const everyR = Math.max(1, Math.ceil(11 / cell)), everyC = Math.max(1, Math.ceil(13 / (0.87 * cellW)));
     const width = labelW + 20 + spec.cols * cellW + 10, height = labelH + 20 + spec.rows * cell + 10;
     const x0 = labelW + 20, y0 = 10, midY = y0 + (spec.rows * cell) / 2;
     const parts = [];
