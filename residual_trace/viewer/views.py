@@ -70,6 +70,16 @@ def _tokens(frame: pd.DataFrame, position: str, token: str) -> list[str]:
     return [clean_token(str(t)) for t in rows[token]]
 
 
+def _text_entries(
+    table: pd.DataFrame, texts: Sequence[str], kept: list[int], position: str, token: str
+) -> list[dict[str, Any]]:
+    """``{id, text, tokens}`` of each kept text, its tokens read from ``table``."""
+    groups = dict(iter(table[table["text_id"].isin(kept)].groupby("text_id")))
+    return [
+        {"id": t, "text": texts[t], "tokens": _tokens(groups[t], position, token)} for t in kept
+    ]
+
+
 def decompose_view(
     pairs: pd.DataFrame,
     texts: Sequence[str],
@@ -97,14 +107,7 @@ def decompose_view(
     kept = sorted({m["text"] for m in maps})
     data = {
         "kind": "decompose",
-        "texts": [
-            {
-                "id": t,
-                "text": texts[t],
-                "tokens": _tokens(pairs[pairs["text_id"] == t], "target", "target_token"),
-            }
-            for t in kept
-        ],
+        "texts": _text_entries(pairs, texts, kept, "target", "target_token"),
         "blocks": sorted({int(b) for b in pairs["block"]}),
         "heads": [] if head_weights is None else sorted({int(h) for h in head_weights["head"]}),
         "measures": [
@@ -257,14 +260,7 @@ def lens_view(lens: pd.DataFrame, texts: Sequence[str], budget: int = PAGE_BUDGE
     kept = sorted({g["text"] for g in fitted.payloads})
     data = {
         "kind": "lens",
-        "texts": [
-            {
-                "id": t,
-                "text": texts[t],
-                "tokens": _tokens(lens[lens["text_id"] == t], "position", "token"),
-            }
-            for t in kept
-        ],
+        "texts": _text_entries(lens, texts, kept, "position", "token"),
         "layers": layers,
         "vocab": list(vocab),
         "grids": fitted.payloads,
