@@ -34,19 +34,19 @@ def verb_runs(name: str) -> dict[str, Any]:
             model, mappers=("ridge",), folds=3, max_concepts=120, layers=(0, 2, 4), quiet=True
         ),
     }
-    # the perturbation that keeps the structure and drops the tokens has figures of its own
-    runs["perturb-random-token"] = rt.perturb(model, TEXTS, mode="random-token", quiet=True)
     if decoder:
+        # the perturbation that keeps the structure and drops the tokens has figures of its own
+        runs["perturb-random-token"] = rt.perturb(model, TEXTS, mode="random-token", quiet=True)
         clean, corrupt, answer, wrong = FACT_PAIRS[0]
         runs["lens"] = rt.lens(model, TEXTS, quiet=True)
-        runs["train-lens"] = rt.train_lens(model, TEXTS, steps=2, tokens_per_step=16, quiet=True)
+        runs["train-lens"] = rt.train_lens(model, TEXTS, steps=1, tokens_per_step=16, quiet=True)
         runs["patch"] = rt.patch(
             model,
             clean=[clean],
             corrupt=[corrupt],
             answer=answer,
             wrong=wrong,
-            sites=("resid", "attn", "mlp", "head"),
+            sites=("resid", "mlp", "head"),  # attn draws as mlp does (one function)
             quiet=True,
         )
     else:
