@@ -46,7 +46,7 @@ def verb_runs(name: str) -> dict[str, Any]:
             corrupt=[corrupt],
             answer=answer,
             wrong=wrong,
-            sites=("resid", "mlp", "head"),  # attn draws as mlp does (one function)
+            sites=("resid", "head"),  # attn and mlp draw as resid does (one function)
             quiet=True,
         )
     else:

@@ -358,7 +358,7 @@ def _head_grid(frame: pd.DataFrame) -> tuple[np.ndarray, list[str], list[str], t
         grid[rows_of[(int(p), int(b))], heads.index(int(h))] = e
     tokens = dict(zip(where.tolist(), frame["token"].fillna("").astype(str), strict=True))
     rows = [
-        f"block {b}" if p < 0 else f"{p} {clean_token(tokens[p])}, block {b}"
+        str(b) if p < 0 else f"{p} {clean_token(tokens[p])}, block {b}"
         for p in positions
         for b in blocks
     ]

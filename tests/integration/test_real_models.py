@@ -347,9 +347,16 @@ def test_probe_minilm_with_the_bundled_norms(minilm):
 
 
 def test_report_on_minilm_and_smollm2(minilm, smollm2, tmp_path):
-    """The packaged encoder and decoder side by side (small settings to stay fast)."""
+    """The packaged encoder and decoder side by side (small settings to stay fast).
+
+    The parts this test asserts on; the probe and lens parts of the same two models, and the
+    report's figures over all five, are checked in ``test_figures_real``.
+    """
     options = ReportOptions(
-        max_texts=8, perturb_samples=3, probe_max_concepts=80, probe_folds=4, device="cpu"
+        max_texts=8,
+        perturb_samples=3,
+        experiments=("layers", "decompose", "perturb"),
+        device="cpu",
     )
     assert tuple(options.models) == ("minilm", "smollm2")  # the default pair
     result = run_report(options, warn=lambda m: None, models={"minilm": minilm, "smollm2": smollm2})

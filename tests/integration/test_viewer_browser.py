@@ -137,7 +137,7 @@ def test_pages_load_offline_without_errors_and_every_control_draws(runs, driver,
         assert found == {"requests": [], "errors": []}, name
         section = driver.find_element("css selector", "section.rt-view")
         assert section.get_attribute("data-ready") == "1"
-        assert _every_control_changes_the_drawing(section) >= 2, name
+        assert _every_control_changes_the_drawing(section) >= 1, name
         urls = set(re.findall(r"https?://[^\s\"']+", page.read_text()))
         assert urls == set(), urls
     # the checks notice a page that reaches out (a refused local address)
@@ -214,14 +214,18 @@ def test_perturb_lens_and_patch_cells_equal_their_tables(runs, driver):
     tip = _hover(driver, section, "lens", n_layers - 1 - 10, 3)
     assert abs(_value(tip) - cell["top_prob"].item()) < TOLERANCE
     assert "layer 10" in tip
-    # patch: the MLP site of block 5 at position 3
+    # patch: head 3 of block 5 (every position at once), then the residual stream
     _open(driver, out / "patch" / "viewer.html")
     section = driver.find_element("css selector", "section.rt-view")
-    _choose(section, "site", "mlp")
     patch = pd.read_csv(out / "patch" / "patch.csv")
-    cell = patch[(patch.site == "mlp") & (patch.condition == "patch") & (patch.block == 5)
-                 & (patch.position == 3)]  # fmt: skip
-    assert abs(_value(_hover(driver, section, "patch", 3, 5)) - cell["effect"].item()) < 1e-3
+    patched = patch[patch["condition"] == "patch"]
+    _choose(section, "site", "head")
+    cell = patched[(patched.site == "head") & (patched.block == 5) & (patched["head"] == 3)]
+    tip = _hover(driver, section, "patch", 5, 3)
+    assert "block 5, head 3" in tip and abs(_value(tip) - cell["effect"].item()) < 1e-3
+    _choose(section, "site", "resid")
+    cell = patched[(patched.site == "resid") & (patched.layer == 12) & (patched.position == 3)]
+    assert abs(_value(_hover(driver, section, "patch", 3, 12)) - cell["effect"].item()) < 1e-3
 
 
 def test_two_texts_of_128_tokens_on_minilm_stay_within_5_mb(packaged_runs, driver, tmp_path):
