@@ -583,13 +583,16 @@ _SECTION = re.compile(r'<section class="rt-view".*?</section>', re.DOTALL)
 
 
 def viewer_sections(parts: list[Part]) -> list[str]:
-    """Each part's interactive views, titled with its model: from the run, or its viewer.html."""
+    """Each part's interactive views, titled with its model.
+
+    From the viewer.html the part saved (not built a second time), else from its run.
+    """
     sections = []
     for part in parts:
-        if part.result is not None:
-            found = part.result.viewer_sections()
-        elif part.directory is not None and (part.directory / "viewer.html").is_file():
+        if part.directory is not None and (part.directory / "viewer.html").is_file():
             found = _SECTION.findall((part.directory / "viewer.html").read_text("utf-8"))
+        elif part.result is not None:
+            found = part.result.viewer_sections()
         else:
             found = []
         prefix = f"<h3>{html.escape(part.model)}: "
