@@ -320,6 +320,7 @@
         hover: (r, c) => title + ": query " + r + " '" + tokens[r] + "' \u2192 key " + c + " '" + tokens[c] +
           "': weight " + fmt(map.values[r * n + c]),
       }, tip);
+      legend(box, { kind: "seq", lo: 0, hi: 1 }, "attention weight");
     }
 
     function drawHead() {
